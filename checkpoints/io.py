@@ -1,0 +1,236 @@
+"""Weight I/O. Nothing is pickled and loading never runs code.
+
+A model folder is diffusers' layout: `config.json` (with `_class_name`) + `diffusion_pytorch_model.safetensors`,
+so `MAETok.from_pretrained(folder)` works too. A run folder is a model folder plus `sigma.json` (kind, step,
+training config), `metrics.jsonl`, pictures, and `checkpoint/` (training state: raw and EMA weights,
+optimiser tensors in safetensors, counters in JSON). Every file is written to a temporary name and renamed;
+the `checkpoint/` folder is swapped as a whole, so a run killed mid-save keeps its previous checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.errors import CheckpointError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CONFIG = "config.json"
+RUN_META = "sigma.json"
+CHECKPOINT = "checkpoint"
+
+# kind -> model class; `_class_name` in config.json tells the kind of a folder
+MODEL_CLASSES = {
+    "tokenizer": "pipelines.maetok.model:MAETok",
+}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _class_for(kind: str):
+    module, name = MODEL_CLASSES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def kind_of_class(class_name: str) -> str | None:
+    return next((k for k, v in MODEL_CLASSES.items() if v.split(":")[1] == class_name), None)
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------------
+def _fsync_replace(tmp: Path, path: Path):
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path | str, text: str):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    _fsync_replace(tmp, path)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    _fsync_replace(tmp, path)
+
+
+# ---- reading without loading tensors ---------------------------------------------------------------------
+def read_safetensors_header(path: Path | str) -> dict:
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, "__metadata__"),
+    validated against the file size. Raises CheckpointError for a truncated or corrupt file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            n = struct.unpack("<Q", raw)[0]
+            if n > MAX_HEADER or 8 + n > size:
+                raise ValueError("header length points past the end of the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = info["data_offsets"]
+            end = max(end, stop)
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
+        return header
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any defect of the file is the same user-facing problem
+        raise CheckpointError(f"'{path}' is not a valid safetensors file ({e})") from None
+
+
+def count_parameters(path: Path | str) -> int:
+    header = read_safetensors_header(path)
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def read_json(path: Path | str, what: str = "file") -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} '{path}' is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} '{path}' is not a JSON object")
+    return data
+
+
+def folder_kind(folder: Path | str) -> str:
+    """The kind of a sigma model or run folder ("tokenizer", ...), from config.json only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder '{folder}' does not exist")
+    if not (folder / CONFIG).exists():
+        raise CheckpointError(f"'{folder}' is not a sigma model folder (no {CONFIG})")
+    config = read_json(folder / CONFIG, "model config")
+    kind = kind_of_class(str(config.get("_class_name")))
+    if kind is None:
+        raise CheckpointError(f"'{folder}' holds a {config.get('_class_name')!r} model, which sigma does not know")
+    return kind
+
+
+# ---- model folders -----------------------------------------------------------------------------------------
+def save_model(model: torch.nn.Module, folder: Path | str, state_dict: dict | None = None):
+    """Write config.json + weights (default: the model's own; pass `state_dict` for e.g. EMA weights)."""
+    folder = Path(folder)
+    config = dict(model.config)
+    config["_class_name"] = type(model).__name__
+    atomic_save_tensors(state_dict if state_dict is not None else model.state_dict(), folder / WEIGHTS)
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_state_checked(model: torch.nn.Module, path: Path | str):
+    """Load safetensors weights into `model`, with a one-line error for missing/extra/mis-shaped tensors."""
+    header = read_safetensors_header(path)
+    expected = model.state_dict()
+    names = set(header) - {"__metadata__"}
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"'{path}' does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in expected.items():
+        if list(tensor.shape) != header[name]["shape"]:
+            raise CheckpointError(f"'{path}': tensor {name} has shape {header[name]['shape']}, "
+                                  f"the model expects {list(tensor.shape)}")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"'{path}' could not be read ({e})") from None
+    model.load_state_dict(state)
+
+
+def load_model(folder: Path | str, kind: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build the model from config.json and load its weights. Wrong kind, bad config or weights that do not
+    fit raise CheckpointError with one line."""
+    folder = Path(folder)
+    found = folder_kind(folder)
+    if found != kind:
+        raise CheckpointError(f"'{folder}' is a {found} folder, but a {kind} is needed here")
+    cls = _class_for(kind)
+    config = read_json(folder / CONFIG, "model config")
+    try:
+        model = cls.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"'{folder / CONFIG}' is not a valid {kind} config ({e})") from None
+    load_state_checked(model, folder / WEIGHTS)
+    return model.to(device).eval()
+
+
+# ---- training state ----------------------------------------------------------------------------------------
+def save_training_state(run_dir: Path | str, *, model_state: dict, ema_state: dict | None, optimizer, counters: dict):
+    """Write run_dir/checkpoint/ as a whole: a complete new folder is swapped in by two renames; a reader
+    that finds only `checkpoint.old` (killed between them) uses that."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_save_tensors(model_state, tmp / "model.safetensors")
+    if ema_state is not None:
+        atomic_save_tensors(ema_state, tmp / "ema.safetensors")
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    atomic_save_tensors(tensors, tmp / "optimizer.safetensors")
+    meta = {"counters": counters, "param_groups": opt["param_groups"], "scalars": scalars}
+    atomic_write_text(tmp / "state.json", json.dumps(meta, indent=2))
+    final, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run_dir: Path | str) -> Path | None:
+    run_dir = Path(run_dir)
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        if (run_dir / name / "state.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_training_state(run_dir: Path | str, model, ema, optimizer) -> dict:
+    """Restore weights, EMA and optimiser in place; return the counters saved with them."""
+    ckpt = checkpoint_dir(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"no training checkpoint to resume in '{run_dir}'")
+    meta = read_json(ckpt / "state.json", "training state")
+    load_state_checked(model, ckpt / "model.safetensors")
+    if ema is not None:
+        load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+    read_safetensors_header(ckpt / "optimizer.safetensors")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the optimiser state in '{ckpt}' does not fit this run ({e})") from None
+    return meta["counters"]

@@ -1,0 +1,119 @@
+"""Training and evaluating the MAETok tokenizer: the Task the shared loop runs, and reconstruction metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.maetok.model import PRESETS, MAETok, maetok_loss
+
+# schedule per preset (the model sizes are in model.PRESETS); tuned for 32x32 shapes on a 2-core CPU
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema=0.999),
+    "small": dict(steps=10000, batch_size=64, lr=1e-3, warmup=500, ema=0.9995),
+    "base": dict(steps=100000, batch_size=256, lr=3e-4, warmup=2000, ema=0.9999),
+}
+
+
+def build_config(preset: str, image_size: int, frames: int, patch_size: int | None, tubelet: int | None,
+                 bottleneck: str) -> dict:
+    """MAETok config from a preset and the CLI's overrides; impossible sizes raise SigmaError."""
+    from pipelines.errors import SigmaError
+
+    config = dict(PRESETS[preset], image_size=image_size, frames=frames, bottleneck=bottleneck)
+    if patch_size is not None:
+        config["patch_size"] = patch_size
+    config["tubelet"] = tubelet if tubelet is not None else (2 if frames > 1 and frames % 2 == 0 else 1)
+    if image_size < 1 or frames < 1 or config["patch_size"] < 1 or config["tubelet"] < 1:
+        raise SigmaError("--image-size, --frames, --patch-size and --tubelet must be positive")
+    if image_size % config["patch_size"]:
+        raise SigmaError(f"--image-size {image_size} is not divisible by the patch size {config['patch_size']}")
+    if config["patch_size"] % 2:
+        raise SigmaError(f"the patch size must be even (HOG uses 2x2 cells per patch), not {config['patch_size']}")
+    if frames % config["tubelet"]:
+        raise SigmaError(f"--frames {frames} is not divisible by the tubelet length {config['tubelet']}")
+    if bottleneck not in ("ae", "vae"):
+        raise SigmaError(f"--bottleneck must be ae or vae, not {bottleneck!r}")
+    return config
+
+
+@dataclass
+class TokenizerStage:
+    """What is trained, with which loss weights (saved in sigma.json beside the weights)."""
+
+    finetune_decoder: bool = False  # MAETok's last stage: encoder frozen, no masking
+    hog_weight: float = 1.0
+    kl_weight: float = 1e-6
+    init_from: str | None = None  # the tokenizer folder a fine-tuning stage started from
+
+
+class TokenizerTask:
+    kind = "tokenizer"
+
+    def __init__(self, model: MAETok, data, heldout, stage: TokenizerStage, batch_size: int, seed: int,
+                 data_spec: str, num_pictures: int = 16):
+        self.model, self.data, self.heldout, self.stage, self.data_spec = model, data, heldout, stage, data_spec
+        self.batch_size, self.seed = batch_size, seed
+        self.samples_per_step = batch_size
+        self.picture_batch = heldout.get_batch(torch.arange(min(num_pictures, len(heldout))))[0]
+
+    def trainable(self, model: MAETok):
+        model.requires_grad_(True)
+        if self.stage.finetune_decoder:
+            for p in model.encoder_parameters():
+                p.requires_grad_(False)
+        if self.stage.finetune_decoder or self.stage.hog_weight == 0:  # the HOG decoder gets no gradient
+            for module in (model.hog_from_latent, model.hog_decoder, model.to_hog):
+                module.requires_grad_(False)
+            model.hog_pos.requires_grad_(False)
+
+    def loss(self, net, model: MAETok, step: int, generator: torch.Generator, rank: int, world: int):
+        # masks are drawn for the GLOBAL batch and sliced, so N ranks compute exactly what one process would
+        indices = self.data.indices_for_step(step, self.batch_size, self.seed)
+        x, _ = self.data.get_batch(indices[rank::world])
+        x = x.to(model.device)
+        keep = None
+        if not self.stage.finetune_decoder:
+            ratio = model.sample_mask_ratio(generator)
+            keep = model.random_keep(self.batch_size, ratio, generator)[rank::world]
+        return maetok_loss(net, model, x, keep, generator, self.stage.hog_weight, self.stage.kl_weight)
+
+    @torch.no_grad()
+    def pictures(self, model: MAETok, step: int, run_dir: Path) -> Path:
+        from pipelines.visual import save_media, side_by_side
+
+        was_training = model.training
+        model.eval()
+        x = self.picture_batch.to(model.device)
+        recon = reconstruct(model, x)
+        model.train(was_training)
+        grid = side_by_side(x.cpu(), recon.cpu())
+        save_media(grid, run_dir / "samples" / f"recon_{step:06d}.png", nrow=8)
+        return save_media(grid, run_dir / "recon.png", nrow=8)
+
+    def metadata(self) -> dict:
+        from dataclasses import asdict
+
+        return {"data": self.data.name, "data_spec": self.data_spec, "image_size": self.data.image_size, "frames": self.data.frames,
+                "stage": asdict(self.stage)}
+
+
+@torch.no_grad()
+def reconstruct(model: MAETok, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Encode every patch (no masking) and decode; [B, C, T, H, W] -> same, clamped to [-1, 1]."""
+    out = [model.decode(model.encode(chunk)[0]).clamp(-1, 1) for chunk in x.split(batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: MAETok, heldout, num: int, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """PSNR / SSIM over the first `num` held-out samples. Returns (metrics, originals, reconstructions)."""
+    from pipelines.metrics import psnr, ssim
+
+    num = min(num, len(heldout))
+    x, _ = heldout.get_batch(torch.arange(num))
+    recon = reconstruct(model, x.to(device)).cpu()
+    p, s = psnr(recon, x), ssim(recon, x)
+    metrics = {"psnr": p.mean().item(), "ssim": s.mean().item(), "psnr_min": p.min().item(), "num": num}
+    return metrics, x, recon

@@ -1,0 +1,155 @@
+"""Shared transformer layers: 3D RoPE, attention (dispatching by `attn` kind), MLP, pre-norm block.
+
+Axis legend: B batch, N tokens, D model width, H heads, K head dim, P patch pixels (C * t * p * p).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_KINDS = ("dense",)  # `nsa` and `mta` plug in here (kernels/), without changes to the models
+
+
+def rope_3d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for tokens at 3D grid positions.
+
+    positions: [..., N, 3] (t, h, w), integer or float. Returns cos, sin: [..., N, head_dim // 2].
+    The head_dim // 2 rotation pairs are split over the axes: a quarter to t (images spend few on it),
+    the rest evenly to h and w.
+    """
+    pairs = head_dim // 2
+    n_t = pairs // 4
+    n_h = (pairs - n_t) // 2
+    n_w = pairs - n_t - n_h
+    angles = []
+    for axis, n in zip(range(3), (n_t, n_h, n_w)):
+        if n == 0:
+            continue
+        freqs = theta ** (-torch.arange(n, dtype=torch.float32) / n)  # [n]
+        angles.append(positions[..., axis : axis + 1].float() * freqs)  # [..., N, n]
+    angle = torch.cat(angles, dim=-1)  # [..., N, pairs]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [B, H, N, K] by tables [N, K/2] or [B, N, K/2] (per-sample positions, e.g. after masking)."""
+    if cos.dim() == 3:  # per-sample tables: broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # pairs (x[2i], x[2i+1])
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional RoPE and QK-norm (stable at high learning rates).
+
+    `attn` picks the kernel: "dense" is torch SDPA. Tokens that carry no position (e.g. latent tokens)
+    get the identity rotation (cos = 1, sin = 0) in the tables passed as `rope`.
+    """
+
+    def __init__(self, dim: int, heads: int, attn: str = "dense", qk_norm: bool = True):
+        super().__init__()
+        if attn not in ATTN_KINDS:
+            raise ValueError(f"attention kind {attn!r} is not available (have: {', '.join(ATTN_KINDS)})")
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.head_dim, self.attn = heads, dim // heads, attn
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B,H,N,K]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, K]
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With `cond_dim`, adaLN-zero modulation by a conditioning vector
+    (DiT): shift/scale/gate per branch from `cond`, gates initialised to zero so the block starts as identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "dense", cond_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
+        self.attn = Attention(dim, heads, attn)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.ada = None
+        if cond_dim is not None:
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+            nn.init.zeros_(self.ada[1].weight)
+            nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, rope=None, cond=None):
+        if self.ada is None:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # [B,1,D] each
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+def init_transformer(module: nn.Module, residual_out_zero: bool = True):
+    """Xavier-uniform linears, zero biases; the residual output projections start at zero so each block
+    begins as the identity (faster, steadier early training of deep stacks)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if residual_out_zero:
+        for m in module.modules():
+            if isinstance(m, Block):
+                nn.init.zeros_(m.attn.proj.weight)
+                nn.init.zeros_(m.mlp.fc2.weight)
+                if m.ada is not None:  # re-zero adaLN after the generic init above
+                    nn.init.zeros_(m.ada[1].weight)
+
+
+def grid_positions(t: int, h: int, w: int) -> torch.Tensor:
+    """[t*h*w, 3] integer (t, h, w) positions in row-major order (t slowest, w fastest)."""
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack((tt, hh, ww), dim=-1).reshape(-1, 3)
+
+
+def patchify(x: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, N, C*tubelet*patch*patch], tokens in row-major (t', h', w') order."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // patch, patch, W // patch, patch)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, T', H', W', C, t, p, p]
+    return x.reshape(B, (T // tubelet) * (H // patch) * (W // patch), C * tubelet * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int, tubelet: int, patch: int) -> torch.Tensor:
+    """Inverse of `patchify`: [B, N, P] -> [B, C, T, H, W]."""
+    B = tokens.shape[0]
+    t, h, w = grid
+    x = tokens.reshape(B, t, h, w, channels, tubelet, patch, patch)
+    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C, T', t, H', p, W', p]
+    return x.reshape(B, channels, t * tubelet, h * patch, w * patch)

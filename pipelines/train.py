@@ -1,0 +1,246 @@
+"""The one training loop every trainer shares (tokenizer, IMM, LM).
+
+One process or many under torchrun (`"RANK" in os.environ`): DistributedDataParallel over gloo (CPU) or
+nccl (CUDA); rank 0 logs and saves. A method plugs in as a `Task` (its model, its loss on a step's batch,
+its pictures). Exact resume: the batch of step k and every random draw of step k are pure functions of
+(seed, k), so a resumed run needs only weights, EMA, optimiser tensors and the step counter.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from checkpoints.io import RUN_META, atomic_write_text, checkpoint_dir, load_training_state, save_model, save_training_state
+from pipelines.errors import SigmaError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global: split over ranks
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr: float = 0.0  # cosine decays to this
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema: float = 0.999  # 0 disables; the saved model holds EMA weights when on
+    save_every: int = 500
+    sample_every: int = 500  # 0 disables periodic pictures
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+
+
+class Task(Protocol):
+    kind: str  # "tokenizer", "imm", "lm": written to sigma.json
+    model: nn.Module
+    samples_per_step: int  # global images (or tokens) per step, for throughput
+
+    def trainable(self, model: nn.Module) -> None: ...  # set requires_grad for this stage
+    def loss(self, net: nn.Module, model: nn.Module, step: int, generator: torch.Generator, rank: int, world: int) -> tuple[torch.Tensor, dict]: ...
+    def pictures(self, model: nn.Module, step: int, run_dir: Path) -> Path | None: ...
+    def metadata(self) -> dict: ...
+
+
+class NonFiniteLoss(SigmaError):
+    pass
+
+
+class Interrupted(SigmaError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SigmaError("--device cuda was asked for, but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise SigmaError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed 63-bit seed for (seed, step): every random draw of a step comes from it."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 29)) & (2**63 - 1)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases) and on learned tokens/positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+class _Distributed:
+    def __init__(self, device: torch.device):
+        self.enabled = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.rank = int(os.environ.get("RANK", 0)) if self.enabled else 0
+        self.world = int(os.environ.get("WORLD_SIZE", 1)) if self.enabled else 1
+        if self.enabled and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra: dict | None = None):
+    meta = {"kind": task.kind, "step": step, "train": asdict(cfg), **task.metadata(), **(extra or {})}
+    atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))
+
+
+def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, quiet: bool = False) -> dict:
+    """Train `task.model` for cfg.steps (global) steps into run_dir. Returns a summary dict.
+
+    Raises NonFiniteLoss (nothing saved past the last good checkpoint) and Interrupted (after saving).
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    ddp = _Distributed(device)
+    if cfg.batch_size % ddp.world:
+        raise SigmaError(f"batch size {cfg.batch_size} is not divisible by {ddp.world} processes")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SigmaError("--steps and --batch-size must be at least 1")
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", torch.cuda.current_device())
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    model = task.model.to(device)
+    task.trainable(model)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        if checkpoint_dir(run_dir) is None:
+            raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
+        start = load_training_state(run_dir, model, ema, optimizer)["step"]
+    elif checkpoint_dir(run_dir) is not None:
+        raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    net = model
+    if ddp.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int):
+        if ddp.rank != 0:
+            return
+        save_training_state(run_dir, model_state=model.state_dict(), ema_state=ema.state_dict() if ema else None,
+                            optimizer=optimizer, counters={"step": step, "world": ddp.world})
+        save_model(model, run_dir, state_dict=(ema or model).state_dict())
+        write_run_meta(run_dir, task, cfg, step)
+
+    # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
+    stop = {"asked": False}
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if ddp.rank == 0 else None
+    progress = None
+    if ddp.rank == 0 and not quiet:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
+        bar = progress.add_task(task.kind, total=cfg.steps, completed=start, info="")
+        progress.start()
+    step, last = start, {}
+    t_start = time.time()
+    try:
+        model.train()
+        for step in range(start, cfg.steps):
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
+            # one all-reduce carries the loss (for logs and the finite check) and any rank's stop request
+            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"])], dtype=torch.float64, device=device))
+            if not math.isfinite(shared[0].item()):
+                raise NonFiniteLoss(f"loss is not finite at step {step}; training stopped, last good checkpoint "
+                                    f"kept in '{run_dir}'")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            if ema is not None:
+                decay = min(cfg.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), model.parameters()):
+                        e.lerp_(p, 1 - decay)
+            done = step + 1
+            last = {"step": done, "loss": shared[0].item(), "lr": lr, **logs}
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            if metrics_file and (done % cfg.log_every == 0 or done == cfg.steps):
+                last["samples_per_s"] = (done - start) * task.samples_per_step / (time.time() - t_start)
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            if progress:
+                progress.update(bar, completed=done, info=f"loss {last['loss']:.4f}")
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+                save(done)
+            if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and ddp.rank == 0:
+                task.pictures(ema or model, done, run_dir)
+            if shared[1].item() > 0:
+                save(done)
+                raise Interrupted(f"interrupted at step {done}; saved, continue with --resume")
+        step = cfg.steps
+        save(step)
+        pictures = task.pictures(ema or model, step, run_dir) if ddp.rank == 0 else None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if progress:
+            progress.stop()
+        if metrics_file:
+            metrics_file.close()
+        ddp.close()
+    elapsed = time.time() - t_start
+    return {"run_dir": str(run_dir), "steps": step, "resumed_from": start, "final_loss": last.get("loss"),
+            "seconds": round(elapsed, 2), "samples_per_s": round((step - start) * task.samples_per_step / max(elapsed, 1e-9), 2),
+            "pictures": str(pictures) if pictures else None, "rank": ddp.rank}

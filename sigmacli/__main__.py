@@ -1,0 +1,3 @@
+from sigmacli.app import main
+
+main()

@@ -1,0 +1,54 @@
+"""The `sigma` Typer app: one module per command group, thin wrappers over pipelines/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sigmacli import __version__
+from sigmacli.common import JsonOpt, command, emit
+
+app = typer.Typer(
+    name="sigma",
+    help="sigma: train and sample tokenizers, few-step diffusion transformers and sparse-attention kernels.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"sigma {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None):
+    """sigma: generative-vision research from the command line."""
+
+
+@app.command()
+@command
+def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.")], as_json: JsonOpt = False):
+    """Kind, config, parameter count and training step of a model or run folder (reads metadata only)."""
+    from checkpoints.io import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, read_json
+
+    kind = folder_kind(path)
+    config = {k: v for k, v in read_json(path / CONFIG).items() if not k.startswith("_")}
+    run = read_json(path / RUN_META) if (path / RUN_META).exists() else {}
+    result = {"path": str(path), "kind": kind, "parameters": count_parameters(path / WEIGHTS),
+              "step": run.get("step"), "data": run.get("data"), "config": config}
+    lines = [f"{path}: {kind}, {result['parameters']:,} parameters"
+             + (f", trained {result['step']} steps on {result['data']}" if run else "")]
+    lines += [f"  {k} = {v}" for k, v in config.items()]
+    emit(result, as_json, lines)
+
+
+from sigmacli import tokenizer  # noqa: E402,F401  (registers its commands on `app`)
+
+
+def main():
+    app()

@@ -1,0 +1,54 @@
+"""What every command shares: the --json/--device/--seed options, one-line errors, result printing.
+
+Heavy imports (torch, diffusers) happen inside commands so `sigma --help` stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object of the results on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, masks, sampling).")]
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def command(fn):
+    """Run a command body; a SigmaError (bad input, data, checkpoint) becomes one line on stderr + exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipelines.errors import SigmaError
+
+        try:
+            return fn(*args, **kwargs)
+        except SigmaError as e:
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def emit(result: dict, as_json: bool, lines: list[str]):
+    """Print results: one JSON object on stdout with --json, else readable lines. Rank 0 only."""
+    if not is_main_rank():
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        for line in lines:
+            typer.echo(line)

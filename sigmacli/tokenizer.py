@@ -1,0 +1,134 @@
+"""`sigma train-tokenizer` and `sigma reconstruct`: the MAETok tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sigmacli.app import app
+from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
+                   "cifar100:PATH, mnist:PATH, fashion-mnist:PATH")]
+
+
+@app.command("train-tokenizer")
+@command
+def train_tokenizer(
+    preset: Annotated[str, typer.Option(help="Model and schedule size: tiny (2-core CPU, minutes) | small | base (GPU).")] = "tiny",
+    data: DataOpt = None,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels (resize + centre-crop).")] = 32,
+    frames: Annotated[int, typer.Option(help="Frames per clip (1 = images).")] = 1,
+    patch_size: Annotated[Optional[int], typer.Option(help="Patch side (default: the preset's).")] = None,
+    tubelet: Annotated[Optional[int], typer.Option(help="Frames per tubelet (default 2 for even clips, else 1).")] = None,
+    bottleneck: Annotated[str, typer.Option(help="ae (plain, the paper's choice) | vae")] = "ae",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
+    hog_weight: Annotated[float, typer.Option(help="Weight of the auxiliary HOG loss on masked patches.")] = 1.0,
+    finetune_decoder: Annotated[bool, typer.Option("--finetune-decoder", help="Last stage: freeze the encoder of --init, no masking, train the pixel decoder.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from (with --finetune-decoder).")] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
+    sample_every: Annotated[int, typer.Option(help="Write a reconstruction grid every N steps (0 = only at the end).")] = 500,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/tokenizer, or runs/tokenizer-ft).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Train a MAETok tokenizer (masked ViT autoencoder with 1D latent tokens) on images or clips."""
+    import torch
+
+    from checkpoints.io import CONFIG, RUN_META, load_model, read_json
+    from pipelines.data import make_dataset
+    from pipelines.errors import SigmaError
+    from pipelines.maetok.model import MAETok
+    from pipelines.maetok.trainer import TRAIN_PRESETS, TokenizerStage, TokenizerTask, build_config
+    from pipelines.train import TrainConfig, train
+
+    if out is None:
+        out = Path("runs/tokenizer-ft" if finetune_decoder else "runs/tokenizer")
+    if resume:  # everything but --steps comes from the run itself
+        if not (out / RUN_META).exists():
+            raise SigmaError(f"--resume: '{out}' holds no run to continue")
+        meta = read_json(out / RUN_META)
+        cfg = TrainConfig(**meta["train"])
+        if steps is not None:
+            cfg.steps = steps
+        stage = TokenizerStage(**meta["stage"])
+        model_config = read_json(out / CONFIG)
+        data, image_size, frames = meta["data_spec"], model_config["image_size"], model_config["frames"]
+        model = MAETok.from_config(model_config)
+    else:
+        if preset not in TRAIN_PRESETS:
+            raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
+        cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device,
+                             "save_every": save_every, "sample_every": sample_every})
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+            if value is not None:
+                setattr(cfg, name, value)
+        data = data or ("moving-shapes" if frames > 1 else "shapes")
+        stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight)
+        if finetune_decoder:
+            init = init or Path("runs/tokenizer")
+            model = load_model(init, "tokenizer")
+            stage.init_from = str(init)
+            image_size, frames = model.config.image_size, model.config.frames
+        else:
+            model = MAETok.from_config(build_config(preset, image_size, frames, patch_size, tubelet, bottleneck))
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SigmaError("--steps and --batch-size must be at least 1")
+    torch.manual_seed(cfg.seed)
+    train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
+    heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
+    task = TokenizerTask(model, train_set, heldout, stage, cfg.batch_size, cfg.seed, data_spec=data)
+    result = train(task, cfg, out, resume=resume, quiet=as_json)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    emit(result, as_json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"final loss {result['final_loss']:.4f}",
+        f"weights: {out}/    reconstructions: {result['pictures']}",
+        f"evaluate: sigma reconstruct --model {out}",
+    ])
+
+
+@app.command()
+@command
+def reconstruct(
+    model: Annotated[Path, typer.Option(help="A tokenizer folder (from sigma train-tokenizer).")] = Path("runs/tokenizer"),
+    data: DataOpt = None,
+    num: Annotated[int, typer.Option(help="Held-out samples to evaluate (the first `--grid` are drawn).")] = 256,
+    grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
+    out: Annotated[Path, typer.Option(help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Reconstruct held-out samples with a tokenizer; report PSNR and SSIM and write a picture."""
+    from checkpoints.io import RUN_META, load_model, read_json
+    from pipelines.data import make_dataset
+    from pipelines.errors import SigmaError
+    from pipelines.maetok.trainer import evaluate_reconstruction
+    from pipelines.train import resolve_device
+    from pipelines.visual import save_media, side_by_side
+
+    if num < 1 or grid < 0:
+        raise SigmaError("--num must be at least 1 and --grid at least 0")
+    dev = resolve_device(device)
+    tokenizer = load_model(model, "tokenizer", dev)
+    if data is None:
+        data = read_json(model / RUN_META).get("data_spec", "shapes") if (model / RUN_META).exists() else "shapes"
+    c = tokenizer.config
+    heldout = make_dataset(data, image_size=c.image_size, frames=c.frames, split="heldout", seed=seed)
+    metrics, x, recon = evaluate_reconstruction(tokenizer, heldout, num, dev)
+    written = None
+    if grid:
+        n = min(grid, num)
+        written = save_media(side_by_side(x[:n], recon[:n]), out, nrow=8)
+    result = {"model": str(model), "data": heldout.name, **metrics, "picture": str(written) if written else None}
+    emit(result, as_json, [
+        f"{metrics['num']} held-out samples of {heldout.name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
+        *([f"picture: {written} (originals left, reconstructions right)"] if written else []),
+    ])
