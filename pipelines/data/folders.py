@@ -1,0 +1,271 @@
+"""Data on disk: an image folder, a video folder, or a torchvision data set (never downloaded).
+
+All three decode everything once at construction into an in-memory uint8 cache [N, C, T, H, W]
+(C = 3, or 1 for grayscale torchvision sets, expanded to RGB per batch), so `get_batch` is a gather.
+
+Folder layout and splits:
+- Hidden files and folders (names starting with ".", e.g. macOS "._x.png") are ignored.
+- Class of an item = the first-level sub-folder it lies under; items directly in the root are class "all".
+  So a folder with no sub-folders has the one class ["all"]; class names are sorted.
+- Held-out split: the items, sorted by relative path; with N >= 10 items every 10th (i % 10 == 9) is
+  held out and left out of training. With N < 10 there is nothing to spare: both splits use all items.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from pipelines.data.base import Dataset, as_index_tensor
+from pipelines.errors import DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+class CachedDataset(Dataset):
+    """A finite data set held in memory: data uint8 [N, C, T, H, W] (C = 1 or 3), labels int64 [N]."""
+
+    def __init__(self, name: str, data: torch.Tensor, labels: torch.Tensor, class_names: list[str], split: str):
+        self.name, self.data, self.labels, self.class_names, self.split = name, data, labels, class_names, split
+        self.channels, self.frames, self.image_size = 3, data.shape[2], data.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """indices: int64 [B] -> (x: float32 [B, 3, T, H, W] in [-1, 1], y: int64 [B])."""
+        idx = as_index_tensor(indices)
+        x = self.data[idx].float() / 127.5 - 1  # 0 -> -1, 255 -> 1 exactly
+        return x.expand(-1, 3, -1, -1, -1).contiguous(), self.labels[idx]
+
+
+# ---- decoding one picture ---------------------------------------------------------------------------
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; 16-bit gray is scaled, not clipped
+    ("I"/"F" modes are read as 16-bit when any value exceeds 255, else as 8-bit)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def _square(img: Image.Image, size: int) -> np.ndarray:
+    """RGB picture -> uint8 [size, size, 3]: short side resized to `size` (bicubic, antialiased when
+    shrinking), then the centre cropped."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """One still picture (a GIF's first frame) -> uint8 [size, size, 3]. Raises on unreadable files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.draft(None, (size, size))  # JPEG: decode at a reduced scale when the picture is much larger
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)  # photos taken sideways
+            except Exception:  # a broken EXIF block should not cost us the picture
+                pass
+            return _square(_to_rgb(img), size)
+
+
+def load_gif_frames(path: Path, size: int, frames: int) -> np.ndarray | None:
+    """The first `frames` frames of an animated GIF -> uint8 [frames, size, size, 3]; None if it has fewer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) < frames:
+                return None
+            out = []
+            for t in range(frames):
+                img.seek(t)
+                out.append(_square(_to_rgb(img), size))
+            return np.stack(out)
+
+
+# ---- scanning folders ---------------------------------------------------------------------------------
+
+
+def _natural_key(name: str) -> list:
+    """Sort "f2.png" before "f10.png" (numbers compare as numbers)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path):
+    """os.walk over non-hidden folders in sorted order, following links but never the same folder twice."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(dirpath), sorted(filenames, key=_natural_key)
+
+
+def _check_folder(root: Path) -> Path:
+    if not root.exists():
+        raise DataError(f"data folder '{root}' does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path '{root}' is a file, not a folder")
+    return root.resolve()
+
+
+def _class_of(rel: Path) -> str:
+    """First-level sub-folder of an item's path relative to the root; "all" for items in the root."""
+    return rel.parts[0] if len(rel.parts) > 1 else "all"
+
+
+def _split(items: list, split: str) -> list:
+    """Every 10th item is held out when there are at least 10; otherwise both splits use all of them."""
+    if len(items) < 10:
+        return items
+    keep = (lambda i: i % 10 == 9) if split == "heldout" else (lambda i: i % 10 != 9)
+    return [item for i, item in enumerate(items) if keep(i)]
+
+
+def _warn_skipped(skipped: int, what: str, root: Path) -> None:
+    if skipped:
+        print(f"warning: skipped {skipped} {what} in {root}", file=sys.stderr)
+
+
+def _build(name, root, arrays, labels, class_names, split) -> CachedDataset:
+    """arrays: list of uint8 [T, H, W, 3] -> the cache [N, 3, T, H, W]."""
+    data = torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()
+    ds = CachedDataset(name, data, torch.tensor(labels, dtype=torch.int64), class_names, split)
+    ds.root = root
+    return ds
+
+
+def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedDataset:
+    """A folder of pictures (searched recursively): each file is one sample, T = 1.
+
+    Also sets `.paths` (relative paths of the loaded files, in index order) for inspection.
+    """
+    root = _check_folder(Path(path).expanduser())
+    files = [(d / f).relative_to(root) for d, names in _walk(root) for f in names if _is_image(f)]
+    files.sort(key=lambda p: p.as_posix())
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in '{root}'")
+    class_names = sorted({_class_of(f) for f in files})  # from all files, so both splits agree
+
+    arrays, labels, paths, skipped = [], [], [], 0
+    for rel in _split(files, split):
+        try:
+            arrays.append(load_image(root / rel, image_size)[None])
+        except Exception:  # PIL raises many types for corrupt, truncated, bomb or exotic files
+            skipped += 1
+            continue
+        labels.append(class_names.index(_class_of(rel)))
+        paths.append(rel.as_posix())
+    _warn_skipped(skipped, "unreadable files", root)
+    if not arrays:
+        raise DataError(f"no readable images in '{root}' ({split} split: {skipped} files, all unreadable)")
+    ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
+    ds.paths = paths
+    return ds
+
+
+def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) -> CachedDataset:
+    """A folder of clips, searched recursively. A clip is either
+    - a folder that directly holds still pictures (not GIFs): its frames, in natural name order
+      ("f2" before "f10"); the root itself counts if it holds pictures; or
+    - a GIF file anywhere: its frames.
+    The first `frames` frames are kept; shorter or unreadable clips are skipped (one warning line).
+    Class = the first-level sub-folder holding the clip (e.g. "walk/clip1/", "walk/a.gif" -> "walk");
+    clips at the first level ("clip1/", "a.gif") are class "all".
+
+    Also sets `.paths` (relative paths of the loaded clips, in index order).
+    """
+    root = _check_folder(Path(path).expanduser())
+    clips = []  # (relative path, list of frame files or None for a GIF)
+    for d, names in _walk(root):
+        stills = [d / f for f in names if _is_image(f) and not f.lower().endswith(".gif")]
+        if stills:
+            clips.append((d.relative_to(root), stills))
+        clips += [((d / f).relative_to(root), None) for f in names if _is_image(f) and f.lower().endswith(".gif")]
+    clips.sort(key=lambda c: c[0].as_posix())
+    if not clips:
+        raise DataError(f"no clips in '{root}' (a clip is a sub-folder of frame pictures, or a GIF)")
+    class_names = sorted({_class_of(rel) for rel, _ in clips})
+
+    arrays, labels, paths, skipped = [], [], [], 0
+    for rel, stills in _split(clips, split):
+        try:
+            if stills is None:
+                clip = load_gif_frames(root / rel, image_size, frames)
+            else:
+                clip = np.stack([load_image(f, image_size) for f in stills[:frames]]) if len(stills) >= frames else None
+        except Exception:  # any unreadable frame spoils the clip
+            clip = None
+        if clip is None:
+            skipped += 1
+            continue
+        arrays.append(clip)
+        labels.append(class_names.index(_class_of(rel)))
+        paths.append(rel.as_posix())
+    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root)
+    if not arrays:
+        raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
+    ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
+    ds.paths = paths
+    return ds
+
+
+def torchvision_set(kind: str, path: str | Path, *, image_size: int, split: str) -> CachedDataset:
+    """CIFAR-10/100, MNIST or Fashion-MNIST as torchvision stores them under `path` (download=False).
+
+    split "train" -> the official training set, "heldout" -> the official test set. Pictures are resized
+    to image_size (bicubic, antialiased) when their size differs; grayscale stays 1-channel in the cache.
+    """
+    import torchvision.datasets  # slow to import: only when asked for
+
+    root = Path(path).expanduser()
+    cls = getattr(torchvision.datasets, TORCHVISION_SETS[kind])
+    try:
+        tv = cls(root=str(root), train=split == "train", download=False)
+    except RuntimeError:
+        raise DataError(
+            f"{kind} not found under '{root}' (sigma never downloads; place torchvision's {cls.__name__} files there)"
+        ) from None
+    except Exception as e:  # corrupt files: the parsers raise assorted errors
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{kind} under '{root}' could not be read: {first_line}") from None
+
+    x = torch.as_tensor(np.asarray(tv.data))
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # [N, C, H, W]: MNIST is [N, H, W], CIFAR [N, H, W, 3]
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = torch.cat([
+            F.interpolate(part.float(), size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+            .round().clamp(0, 255).to(torch.uint8)
+            for part in x.split(4096)  # bounded float memory
+        ])
+    labels = torch.as_tensor(np.asarray(tv.targets), dtype=torch.int64)
+    return CachedDataset(kind, x[:, :, None].contiguous(), labels, list(tv.classes), split)

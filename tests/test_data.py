@@ -1,0 +1,309 @@
+"""Tests for pipelines.data: procedural shapes, image and video folders, torchvision sets on disk."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.data import SHAPE_CLASSES, Dataset, make_dataset
+from pipelines.data import shapes as shapes_mod
+from pipelines.errors import DataError
+
+# ---- procedural shapes ---------------------------------------------------------------------------------
+
+
+def test_shapes_deterministic_and_batch_independent():
+    ds = make_dataset("shapes", seed=3)
+    x, y = ds.get_batch(torch.arange(40))
+    assert torch.equal(ds.get_batch(torch.tensor([3, 4, 5]))[0][2], ds.get_batch(torch.tensor([5]))[0][0])
+    for i in (0, 7, 17, 39):  # alone, the same bits as inside a batch of 40
+        xi, yi = ds.get_batch(torch.tensor([i]))
+        assert torch.equal(xi[0], x[i]) and yi[0] == y[i]
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    xp, yp = ds.get_batch(perm)
+    assert torch.equal(xp, x[perm]) and torch.equal(yp, y[perm])
+    again = make_dataset("shapes", seed=3).get_batch(torch.arange(40))  # a fresh object: same data
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    other = make_dataset("shapes", seed=4).get_batch(torch.arange(40))[0]
+    assert not torch.equal(other, x)
+
+
+def test_shapes_train_and_heldout_differ():
+    idx = torch.arange(64)
+    train = make_dataset("shapes", split="train").get_batch(idx)[0]
+    held = make_dataset("shapes", split="heldout").get_batch(idx)[0]
+    same = (train == held).flatten(1).all(1)
+    assert not same.any()  # no held-out sample repeats its training counterpart
+
+
+@pytest.mark.parametrize("size", [8, 32, 48])
+def test_shapes_range_and_shapes(size):
+    ds = make_dataset("shapes", image_size=size)
+    assert isinstance(ds, Dataset) and len(ds) == 2**31 - 1
+    assert (ds.name, ds.class_names, ds.num_classes, ds.channels, ds.frames, ds.image_size) == (
+        "shapes", SHAPE_CLASSES, 6, 3, 1, size)
+    x, y = ds.get_batch(torch.arange(100, 132))
+    assert x.shape == (32, 3, 1, size, size) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
+    assert ((y >= 0) & (y < 6)).all()
+    assert torch.equal(ds.indices_for_step(3, 4, seed=9), torch.arange(12, 16))
+
+
+def test_shapes_classes_balanced():
+    y = make_dataset("shapes").get_batch(torch.arange(600))[1]
+    counts = torch.bincount(y, minlength=6)
+    assert len(counts) == 6 and counts.min() >= 60 and counts.max() <= 140, counts
+
+
+def test_shapes_contrast():
+    x = make_dataset("shapes").get_batch(torch.arange(300))[0][:, :, 0]  # [B, 3, H, W]
+    corner = x[:, :, :1, :1]  # the shape never reaches a corner pixel, so this is background
+    diff = ((x - corner).abs() / 2).mean(1).flatten(1).amax(1)  # mean |RGB diff| in [0, 1] units
+    assert diff.min() >= 0.34, diff.min()
+
+
+def test_shapes_geometry():
+    """Each class covers the area its drawing promises (so a square is not drawn as a triangle, etc.),
+    and the centre pixel is shape-coloured, except for the ring's hole."""
+    r_unit_area = {  # area / circumradius**2 of each drawing
+        "circle": math.pi * 0.85**2, "square": 2.0, "triangle": 3 * math.sqrt(3) / 4,
+        "ring": math.pi * (0.98**2 - 0.46**2), "cross": 4 * 0.95 * 0.6 - 0.36,
+        "star": 5 * 0.48 * math.sin(math.pi / 5),
+    }
+    size, n = 64, 240
+    u = shapes_mod.hash_uniforms(0, "train", np.arange(n), shapes_mod.N_PARAMS)
+    p = shapes_mod._clip_params(u, size, 1)
+    p["bg0"][:] = 0.0  # flat black background and white shapes: the image is the coverage
+    p["bg1"][:] = 0.0
+    p["fg"][:] = 1.0
+    cover = (shapes_mod.render(p, size)[:, 0, 0] + 1) / 2  # [n, H, W] in [0, 1]
+    area = cover.flatten(1).sum(1).double().numpy() / p["radius"] ** 2
+    cx, cy = p["cx"][:, 0].astype(int), p["cy"][:, 0].astype(int)
+    for k, name in enumerate(SHAPE_CLASSES):
+        m = p["cls"] == k
+        assert m.sum() > 10
+        assert np.allclose(area[m], r_unit_area[name], rtol=0.03), (name, area[m].min(), area[m].max())
+        centre = cover[torch.from_numpy(np.nonzero(m)[0]), cy[m], cx[m]]
+        assert (centre < 0.01).all() if name == "ring" else (centre > 0.99).all(), name
+
+
+def test_moving_shapes_clips():
+    T = 6
+    ds = make_dataset("moving-shapes", frames=T, seed=1)
+    assert (ds.name, ds.frames, ds.num_classes) == ("moving-shapes", T, 6)
+    x, y = ds.get_batch(torch.arange(20))
+    assert x.shape == (20, 3, T, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(ds.get_batch(torch.tensor([13]))[0][0], x[13])
+    # the shape moves: every frame differs from the next
+    step_change = (x[:, :, 1:] - x[:, :, :-1]).abs().flatten(3).amax(3).amax(1)  # [B, T-1]
+    assert (step_change > 0.1).all()
+    # the background is static: a corner pixel never changes (the shape stays off the corners)
+    assert torch.equal(x[:, :, :, 0, 0], x[:, :, :1, 0, 0].expand(-1, -1, T))
+    # frame t depends only on (index, t): a longer clip starts with the shorter one
+    longer = make_dataset("moving-shapes", frames=T + 3, seed=1).get_batch(torch.arange(20))[0]
+    assert torch.equal(longer[:, :, :T], x)
+    # frame 0 is the still `shapes` picture of the same (seed, split, index), same label
+    still, still_y = make_dataset("shapes", seed=1).get_batch(torch.arange(20))
+    assert torch.equal(x[:, :, :1], still) and torch.equal(y, still_y)
+    one = make_dataset("moving-shapes", frames=1, seed=1)
+    assert one.get_batch(torch.arange(2))[0].shape == (2, 3, 1, 32, 32)
+
+
+def test_make_dataset_errors(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (dict(spec="shapes", frames=2), "use moving-shapes for clips"),
+        (dict(spec="shapes", image_size=4), ">= 8"),
+        (dict(spec="moving-shapes", frames=0), ">= 1"),
+        (dict(spec="shapes", split="val"), "split"),
+        (dict(spec="imagenet"), "unknown data set 'imagenet'; valid: shapes, moving-shapes, .*cifar10:PATH"),
+        (dict(spec="imagenet:/data"), "unknown data set"),
+        (dict(spec="cifar10"), "cifar10:PATH"),
+        (dict(spec=str(tmp_path / "missing") + "/"), "does not exist"),
+        (dict(spec=str(tmp_path / "file.png")), "is a file"),
+        (dict(spec=str(tmp_path / "empty")), "no images"),
+    ]
+    for kwargs, pattern in cases:
+        spec = kwargs.pop("spec")
+        with pytest.raises(DataError, match=pattern) as info:
+            make_dataset(spec, **kwargs)
+        assert "\n" not in str(info.value)  # the CLI prints one line
+
+
+# ---- image folders ---------------------------------------------------------------------------------
+
+
+def _solid(path, mode, colour, size=(16, 16), **save):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, **save)
+
+
+def _pixel(ds, rel):
+    """Mean colour of the picture at relative path `rel`, in [-1, 1]: [3]."""
+    x, _ = ds.get_batch(torch.tensor([ds.paths.index(rel)]))
+    return x[0, :, 0].mean((1, 2))
+
+
+def test_image_folder_classes_and_formats(tmp_path, capsys):
+    root = tmp_path / "pics"
+    for i in range(3):
+        _solid(root / "cats" / f"c{i}.png", "RGB", (200, 30 * i, 10))
+    _solid(root / "dogs" / "cmyk.jpg", "CMYK", (255, 0, 0, 0), quality=95)  # cyan
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 = red
+    pal.save(root / "dogs" / "palette.png")
+    Image.fromarray(np.full((16, 16), 128 * 257, np.uint16)).save(root / "dogs" / "gray16.png")  # mid gray
+    _solid(root / "dogs" / "clear.png", "RGBA", (0, 0, 0, 0))  # fully transparent: white on white
+    (root / "dogs" / "broken.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (root / "dogs" / ".hidden.png").write_bytes(b"not a picture, and ignored")
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 20:] = 255  # left half black, right half white
+    Image.fromarray(wide).save(root / "loose.png")
+
+    ds = make_dataset(str(root), image_size=16)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"warning: skipped 1 unreadable files in {root.resolve()}"]
+    assert ds.name == f"folder:{root.resolve()}"
+    assert ds.class_names == ["all", "cats", "dogs"] and ds.num_classes == 3
+    assert len(ds) == 8 and ds.frames == 1 and ds.channels == 3  # 9 pictures < 10: all in both splits
+    x, y = ds.get_batch(torch.arange(len(ds)))
+    assert x.shape == (8, 3, 1, 16, 16) and x.dtype == torch.float32
+    labels = dict(zip(ds.paths, y.tolist()))
+    assert labels["loose.png"] == 0 and labels["cats/c1.png"] == 1 and labels["dogs/cmyk.jpg"] == 2
+
+    assert torch.allclose(_pixel(ds, "dogs/cmyk.jpg"), torch.tensor([-1.0, 1, 1]), atol=0.1)
+    assert torch.allclose(_pixel(ds, "dogs/palette.png"), torch.tensor([1.0, -1, -1]), atol=0.01)
+    assert torch.allclose(_pixel(ds, "dogs/gray16.png"), torch.zeros(3), atol=0.02)  # not clipped to white
+    assert torch.allclose(_pixel(ds, "dogs/clear.png"), torch.ones(3))
+    # 40x20 -> 32x16 -> centre crop 16x16: the left half of the crop is black, the right half white
+    loose = ds.get_batch(torch.tensor([ds.paths.index("loose.png")]))[0][0, 0, 0]  # red channel [H, W]
+    assert (loose[:, :7] == -1).all() and (loose[:, 9:] == 1).all()
+    assert torch.equal(ds.get_batch(torch.tensor([3, 4, 5]))[0][2], ds.get_batch(torch.tensor([5]))[0][0])
+
+
+def test_image_folder_split_and_bad_folders(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "flat"
+    for i in range(23):
+        _solid(root / f"img{i:02d}.png", "L", 10 * i)
+    train = make_dataset(str(root), split="train", image_size=8)
+    held = make_dataset(str(root), split="heldout", image_size=8)
+    assert train.class_names == held.class_names == ["all"]
+    assert held.paths == ["img09.png", "img19.png"] and len(train) == 21
+    assert not set(train.paths) & set(held.paths)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match="no readable images"):
+        make_dataset(str(bad))
+    assert "skipped 1 unreadable files" in capsys.readouterr().err
+
+    # a decompression bomb is unreadable, not a crash or a silent warning
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    bomb = tmp_path / "bomb"
+    _solid(bomb / "ok.png", "RGB", (1, 2, 3), size=(8, 8))
+    _solid(bomb / "big.png", "RGB", (1, 2, 3), size=(12, 12))  # 144 px: a warning, made an error
+    _solid(bomb / "huge.png", "RGB", (1, 2, 3), size=(20, 20))  # 400 px: PIL's own error
+    ds = make_dataset(str(bomb), image_size=8)
+    assert ds.paths == ["ok.png"]
+    assert "skipped 2 unreadable files" in capsys.readouterr().err
+
+
+# ---- video folders ---------------------------------------------------------------------------------
+
+
+def _gif(path, colours):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def test_video_folder(tmp_path, capsys):
+    root = tmp_path / "clips"
+    for name, level in [("f10.png", 250), ("f1.png", 10), ("f2.png", 20), ("f3.png", 30)]:
+        _solid(root / "clip_a" / name, "L", level)
+    for i in range(2):
+        _solid(root / "clip_b" / f"{i}.png", "RGB", (0, 0, 0))  # too short for 3 frames
+    _gif(root / "spin.gif", [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)])
+
+    ds = make_dataset(str(root), frames=3, image_size=8)
+    assert "skipped 1 unreadable or too-short clips" in capsys.readouterr().err
+    assert ds.paths == ["clip_a", "spin.gif"] and ds.class_names == ["all"] and ds.frames == 3
+    x, y = ds.get_batch(torch.arange(2))
+    assert x.shape == (2, 3, 3, 8, 8) and torch.equal(y, torch.zeros(2, dtype=torch.int64))
+    levels = ((x[0, 0, :, 0, 0] + 1) * 127.5).round()  # frames sorted naturally: f1, f2, f3 (not f10)
+    assert levels.tolist() == [10, 20, 30]
+    gif = x[1, :, :, 0, 0].T  # [T, 3]
+    assert torch.allclose(gif, torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]]), atol=0.02)
+
+
+def test_video_folder_classes(tmp_path):
+    root = tmp_path / "actions"
+    for t in range(3):
+        _solid(root / "walk" / "c1" / f"{t}.png", "RGB", (t * 50, 0, 0))
+        _solid(root / "walk" / "c2" / f"{t}.png", "RGB", (0, t * 50, 0))
+    _gif(root / "run" / "a.gif", [(10, 10, 10), (60, 60, 60), (120, 120, 120)])
+    ds = make_dataset(str(root), frames=3, image_size=8)
+    assert ds.class_names == ["run", "walk"]
+    assert dict(zip(ds.paths, ds.labels.tolist())) == {"run/a.gif": 0, "walk/c1": 1, "walk/c2": 1}
+    with pytest.raises(DataError, match="at least 4 frames"):
+        make_dataset(str(root), frames=4, image_size=8)
+
+
+# ---- torchvision sets on disk -------------------------------------------------------------------
+
+
+def _idx(path, array):
+    """Write an IDX (MNIST raw) file: big-endian magic (0, 0, type 8 = ubyte, ndim), dims, bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    sets = {}
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        _idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        sets[prefix] = (images, labels)
+    return tmp_path, sets
+
+
+def test_fake_mnist(fake_mnist, tmp_path):
+    root, sets = fake_mnist
+    ds = make_dataset(f"mnist:{root}", image_size=28)
+    assert ds.name == "mnist" and len(ds) == 20 and ds.num_classes == 10 and ds.class_names[3] == "3 - three"
+    x, y = ds.get_batch(torch.arange(20))
+    assert x.shape == (20, 3, 1, 28, 28)
+    expected = torch.from_numpy(sets["train"][0]).float() / 127.5 - 1
+    assert torch.equal(x[:, 0, 0], expected) and torch.equal(x[:, 1], x[:, 0]) and torch.equal(x[:, 2], x[:, 0])
+    assert y.tolist() == sets["train"][1].tolist()
+    held = make_dataset(f"mnist:{root}", split="heldout", image_size=32)
+    assert len(held) == 10 and held.get_batch(torch.arange(4))[0].shape == (4, 3, 1, 32, 32)
+    assert held.get_batch(torch.arange(10))[1].tolist() == sets["t10k"][1].tolist()
+    with pytest.raises(DataError, match="fashion-mnist not found under .*never downloads"):
+        make_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
+
+
+def test_indices_for_step_epochs(fake_mnist):
+    root, _ = fake_mnist
+    ds = make_dataset(f"mnist:{root}", image_size=28)
+    B, N = 8, 20
+    stream = torch.cat([ds.indices_for_step(s, B, seed=5) for s in range(8)])  # 64 positions: 3+ epochs
+    epochs = [stream[e * N : (e + 1) * N] for e in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(N))  # each epoch is a permutation
+    assert not torch.equal(epochs[0], torch.arange(N)) and not torch.equal(epochs[0], epochs[1])
+    fresh = make_dataset(f"mnist:{root}", image_size=28)  # resuming at step 5 replays the same batch
+    assert torch.equal(fresh.indices_for_step(5, B, seed=5), stream[40:48])
+    assert not torch.equal(ds.indices_for_step(0, B, seed=6), stream[:8])
