@@ -185,9 +185,9 @@ def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedData
             continue
         labels.append(class_names.index(_class_of(rel)))
         paths.append(rel.as_posix())
-    _warn_skipped(skipped, "unreadable files", root)
-    if not arrays:
+    if not arrays:  # the error says it all: no separate warning
         raise DataError(f"no readable images in '{root}' ({split} split: {skipped} files, all unreadable)")
+    _warn_skipped(skipped, "unreadable files", root)
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
@@ -231,9 +231,9 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
         arrays.append(clip)
         labels.append(class_names.index(_class_of(rel)))
         paths.append(rel.as_posix())
-    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root)
     if not arrays:
         raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
+    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root)
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds

@@ -114,6 +114,7 @@ class MAETok(ModelMixin, ConfigMixin):
         self.hog_decoder = Stack(width, hog_depth, heads, mlp_ratio)
         self.to_hog = nn.Linear(width, self.hog_dim)
         init_transformer(self)
+        nn.init.zeros_(self.to_pixels.weight)  # start from a flat grey reconstruction, not noise
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def _rope(self, idx: torch.Tensor | None, batch: int):
@@ -130,6 +131,8 @@ class MAETok(ModelMixin, ConfigMixin):
     def sample_mask_ratio(self, generator: torch.Generator | None = None) -> float:
         """One ratio per batch from a normal(mode, std) truncated to [mask_min, mask_max] (rejection)."""
         c = self.config
+        if c.mask_max <= c.mask_min:  # a fixed ratio (e.g. 0 = no masking)
+            return c.mask_min
         while True:
             r = c.mask_mode + c.mask_std * torch.randn((), generator=generator).item()
             if c.mask_min <= r <= c.mask_max:

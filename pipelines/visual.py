@@ -1,0 +1,99 @@
+"""Pictures people look at: media tensors [B, C, T, H, W] in [-1, 1] -> PNG grids (images) or GIF grids (clips).
+
+Files are written atomically (temporary file in the same folder, then os.replace), so a viewer or a crashed run
+never leaves a half-written picture behind.
+"""
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PAD_VALUE = 235  # light grey between tiles: visible against both black and white samples
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, C, T, H, W] float in [-1, 1] -> uint8 numpy [B, T, H, W, C] (values outside [-1, 1] are clamped)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile B samples into one picture per frame.
+
+    x: [B, C, T, H, W] in [-1, 1], C = 3 (C = 1 is shown as grey). nrow: samples per row, ceil(sqrt(B)) by
+    default. Returns uint8 [T, Hg, Wg, 3] with Hg = rows * (H + pad) + pad, Wg = nrow * (W + pad) + pad; the
+    padding (also around the border) and the empty slots of the last row are light grey.
+    """
+    img = to_uint8(x)  # [B, T, H, W, C]
+    B, T, H, W, C = img.shape
+    if C == 1:
+        img = img.repeat(3, axis=-1)
+    elif C != 3:
+        raise ValueError(f"make_grid needs 1 or 3 channels, got {C}")
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(B)), B))
+    rows = math.ceil(B / nrow)
+    # fill the last row with blank tiles, pad every tile top/left, then lay the tiles out with one reshape
+    blank = np.full((rows * nrow - B, T, H, W, 3), PAD_VALUE, np.uint8)
+    tiles = np.concatenate([img, blank])
+    tiles = np.pad(tiles, ((0, 0), (0, 0), (pad, 0), (pad, 0), (0, 0)), constant_values=PAD_VALUE)
+    tiles = tiles.reshape(rows, nrow, T, H + pad, W + pad, 3).transpose(2, 0, 3, 1, 4, 5)
+    grid = tiles.reshape(T, rows * (H + pad), nrow * (W + pad), 3)
+    return np.pad(grid, ((0, 0), (0, pad), (0, pad), (0, 0)), constant_values=PAD_VALUE)  # bottom/right border
+
+
+def _write_frames(frames: np.ndarray, path: Path, fps: int) -> Path:
+    """Write uint8 [T, H, W, 3] as PNG (T = 1) or looping GIF (T > 1); fixes the suffix to match; atomic."""
+    suffix = ".png" if len(frames) == 1 else ".gif"
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        path = path.with_suffix(suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures = [Image.fromarray(f) for f in frames]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if len(pictures) == 1:
+                pictures[0].save(f, format="PNG")
+            else:
+                # Pillow merges identical consecutive frames (adding up their durations): playback is unchanged
+                pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:], loop=0,
+                                 duration=max(1, round(1000 / fps)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_media(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, fps: int = 8) -> Path:
+    """Save a grid of x [B, C, T, H, W] in [-1, 1]: a PNG if T == 1, else an animated GIF (loops, 1000/fps ms a frame).
+
+    The suffix of `path` is replaced when it does not match (clips asked for as '.png' become '.gif' and vice
+    versa); parent folders are created. Returns the path actually written.
+    """
+    return _write_frames(make_grid(x, nrow), Path(path), fps)
+
+
+def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Interleave two batches so a grid shows pairs: [B, ...] + [B, ...] -> [2B, ...] ordered a0, b0, a1, b1, ...
+
+    Typical use: a = originals, b = reconstructions. Give the grid an even nrow so that each pair stays on one row.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"side_by_side needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.stack([a, b.to(a.dtype)], dim=1).flatten(0, 1)
+
+
+def save_individual(x: torch.Tensor, folder: str | os.PathLike, prefix: str = "sample", fps: int = 8) -> list[Path]:
+    """One file per sample of x [B, C, T, H, W]: folder/{prefix}_{i:04d}.png (T == 1) or .gif (T > 1), no padding."""
+    frames = to_uint8(x)  # [B, T, H, W, C]
+    if frames.shape[-1] == 1:
+        frames = frames.repeat(3, axis=-1)
+    suffix = ".png" if frames.shape[1] == 1 else ".gif"
+    return [_write_frames(f, Path(folder) / f"{prefix}_{i:04d}{suffix}", fps) for i, f in enumerate(frames)]

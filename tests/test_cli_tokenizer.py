@@ -1,0 +1,161 @@
+"""`sigma` end to end at tiny sizes: train-tokenizer, reconstruct, info, resume, torchrun, bad inputs."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TINY = ["--image-size", "16", "--batch-size", "4", "--sample-every", "0", "--save-every", "2"]
+SIGMA = [sys.executable, "-m", "sigmacli"]
+
+
+def last_json(result):
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny tokenizer run shared by the tests below."""
+    from typer.testing import CliRunner
+
+    from sigmacli.app import app
+
+    out = tmp_path_factory.mktemp("runs") / "tok"
+    r = CliRunner().invoke(app, ["train-tokenizer", *TINY, "--steps", "3", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_train_writes_weights_pictures_and_metadata(trained):
+    out, result = trained
+    assert result["steps"] == 3
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "sigma.json", "metrics.jsonl", "recon.png"):
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+    assert Image.open(out / "recon.png").size[0] > 16
+
+
+def test_info_reads_metadata(trained, cli):
+    out, _ = trained
+    info = last_json(cli("info", out, "--json"))
+    assert info["kind"] == "tokenizer" and info["step"] == 3 and info["data"] == "shapes"
+    assert info["parameters"] > 100_000 and info["config"]["image_size"] == 16
+
+
+def test_reconstruct_reports_psnr_and_picture(trained, cli, tmp_path):
+    out, _ = trained
+    result = last_json(cli("reconstruct", "--model", out, "--num", "8", "--out", tmp_path / "r.png", "--json"))
+    assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1 and result["num"] == 8
+    assert Image.open(tmp_path / "r.png").size[0] > 32
+
+
+def test_resume_continues_the_run(trained, cli, tmp_path):
+    out, _ = trained
+    run = tmp_path / "tok"
+    shutil.copytree(out, run)
+    result = last_json(cli("train-tokenizer", "--out", run, "--resume", "--steps", "5", "--json"))
+    assert result["resumed_from"] == 3 and result["steps"] == 5
+    assert json.loads((run / "sigma.json").read_text())["step"] == 5
+
+
+def test_finetune_decoder_stage(trained, cli, tmp_path):
+    out, _ = trained
+    result = last_json(cli("train-tokenizer", "--finetune-decoder", "--init", out, "--steps", "2",
+                           "--batch-size", "4", "--sample-every", "0", "--out", tmp_path / "ft", "--json"))
+    assert result["steps"] == 2
+    meta = json.loads((tmp_path / "ft" / "sigma.json").read_text())
+    assert meta["stage"]["finetune_decoder"] and meta["stage"]["init_from"] == str(out)
+
+
+def test_video_and_image_folder_runs(cli, tmp_path):
+    clips = last_json(cli("train-tokenizer", "--data", "moving-shapes", "--frames", "4", *TINY, "--steps", "2",
+                          "--out", tmp_path / "vid", "--json"))
+    assert clips["pictures"].endswith(".gif")
+    rec = last_json(cli("reconstruct", "--model", tmp_path / "vid", "--num", "4", "--out", tmp_path / "v.png", "--json"))
+    assert rec["picture"].endswith(".gif")
+    folder = tmp_path / "imgs"
+    for cls in ("cats", "dogs"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20 + i, 24), (40 * i, 100, 200 if cls == "cats" else 20)).save(folder / cls / f"{i}.png")
+    last_json(cli("train-tokenizer", "--data", folder, *TINY, "--steps", "2", "--out", tmp_path / "fold", "--json"))
+    assert last_json(cli("reconstruct", "--model", tmp_path / "fold", "--num", "4", "--out", tmp_path / "f.png", "--json"))["psnr"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing"], "does not exist"),
+    (["--data", "{tmp}/empty"], "no images"),
+    (["--data", "{tmp}/corrupt"], "no readable"),
+    (["--image-size", "18"], "not divisible"),
+    (["--steps", "0"], "at least 1"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_training_input_is_one_line(cli, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "a.png").write_bytes(os.urandom(300))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = cli("train-tokenizer", "--steps", "1", "--batch-size", "2", *args, "--out", tmp_path / "run")
+    assert r.exit_code != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_model_folders_are_one_line(cli, trained, tmp_path, monkeypatch):
+    out, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for model, message in ((tmp_path / "nope", "does not exist"), (broken, "not a valid safetensors"),
+                           (tmp_path, "not a sigma model folder")):
+        r = cli("reconstruct", "--model", model)
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    # a folder of another sigma kind
+    from checkpoints import io
+
+    monkeypatch.setitem(io.MODEL_CLASSES, "classifier", "torch.nn:Linear")
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "_class_name": "Linear"}))
+    r = cli("reconstruct", "--model", other)
+    assert r.exit_code == 1 and "is a classifier folder, but a tokenizer is needed" in r.stderr
+
+
+def test_two_gloo_processes_through_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sigmacli",
+           "train-tokenizer", *TINY, "--steps", "2", "--out", str(out), "--device", "cpu", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["steps"] == 2  # only rank 0 reports
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["counters"]["world"] == 2
+
+
+def test_ctrl_c_saves_then_resume_works(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*SIGMA, "train-tokenizer", *TINY, "--steps", "100000", "--save-every", "0",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        time.sleep(0.2)
+        assert time.time() < deadline, "training did not start"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted at step" in err and "Traceback" not in err, err
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["counters"]["step"]
+    assert step >= 10
+    r = subprocess.run([*SIGMA, "train-tokenizer", "--out", str(out), "--resume", "--steps", str(step + 2), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from"] == step

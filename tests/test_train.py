@@ -1,0 +1,165 @@
+"""The shared training loop and checkpoint I/O: exact resume, NaN stop, atomic saves, round trips."""
+import json
+
+import pytest
+import torch
+
+from checkpoints import io
+from pipelines.errors import CheckpointError
+from pipelines.maetok.model import MAETok
+from pipelines.maetok.trainer import TokenizerStage, TokenizerTask
+from pipelines.train import NonFiniteLoss, TrainConfig, lr_at, train
+
+
+class Noise:
+    """A tiny deterministic data set: sample i is a pure function of i."""
+    name, image_size, frames = "noise", 16, 1
+
+    def __len__(self):
+        return 64
+
+    def indices_for_step(self, step, batch_size, seed):
+        return torch.arange(step * batch_size, (step + 1) * batch_size) % 64
+
+    def get_batch(self, idx):
+        g = torch.Generator().manual_seed(0)
+        bank = torch.rand(64, 3, 1, 16, 16, generator=g) * 2 - 1
+        return bank[idx], torch.zeros(len(idx), dtype=torch.long)
+
+
+def make_task(hog_weight=1.0):
+    torch.manual_seed(0)
+    model = MAETok(image_size=16, patch_size=4, width=32, enc_depth=1, dec_depth=1, heads=2, num_latents=4, latent_dim=4)
+    task = TokenizerTask(model, Noise(), Noise(), TokenizerStage(hog_weight=hog_weight), 8, 0, data_spec="noise")
+    task.pictures = lambda *a: None
+    return task
+
+
+def config(**kw):
+    return TrainConfig(**{**dict(steps=6, batch_size=8, lr=3e-3, warmup=2, save_every=0, sample_every=0, log_every=1), **kw})
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tmp_path):
+    train(make_task(), config(), tmp_path / "straight", quiet=True)
+    train(make_task(), config(steps=3), tmp_path / "resumed", quiet=True)
+    cfg = config()  # same schedule (6 steps), continued from step 3
+    train(make_task(), cfg, tmp_path / "resumed", resume=True, quiet=True)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")[:3] + losses(tmp_path / "resumed")[3:]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    a = io.load_model(tmp_path / "straight", "tokenizer").state_dict()
+    b = io.load_model(tmp_path / "resumed", "tokenizer").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(tmp_path):
+    from pipelines.errors import SigmaError
+
+    with pytest.raises(SigmaError, match="no checkpoint"):
+        train(make_task(), config(), tmp_path / "none", resume=True, quiet=True)
+    train(make_task(), config(steps=1), tmp_path / "run", quiet=True)
+    with pytest.raises(SigmaError, match="already holds a run"):
+        train(make_task(), config(steps=1), tmp_path / "run", quiet=True)
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 55) == pytest.approx(0.5)
+    assert lr_at(cfg, 100) == pytest.approx(0.0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(make_task(), config(steps=2, save_every=2), run, quiet=True)
+    saved = (run / "checkpoint" / "model.safetensors").read_bytes()
+    task = make_task()
+    real_loss = task.loss
+
+    def exploding(net, model, step, *rest):
+        loss, logs = real_loss(net, model, step, *rest)
+        return (loss * float("nan") if step >= 3 else loss), logs
+
+    task.loss = exploding
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        train(task, config(steps=6, save_every=1), run, resume=True, quiet=True)
+    # steps 2 and 3 were good and saved at step 3; nothing after the NaN was written
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["counters"]["step"] == 3
+    assert (run / "checkpoint" / "model.safetensors").read_bytes() != saved
+    io.load_model(run, "tokenizer")  # still loadable
+
+
+def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(make_task(), config(steps=2), run, quiet=True)
+    before = (run / "checkpoint" / "model.safetensors").read_bytes()
+    calls = {"n": 0}
+    real = io.atomic_save_tensors
+
+    def dies_on_second_file(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process is killed while writing the checkpoint
+        return real(*args, **kw)
+
+    monkeypatch.setattr(io, "atomic_save_tensors", dies_on_second_file)
+    model = make_task().model
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(KeyboardInterrupt):
+        io.save_training_state(run, model_state=model.state_dict(), ema_state=model.state_dict(), optimizer=opt,
+                               counters={"step": 99})
+    monkeypatch.undo()
+    assert (run / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert io.checkpoint_dir(run) == run / "checkpoint"
+    # killed between the two renames of the swap: only checkpoint.old exists, and it is used
+    (run / "checkpoint").rename(run / "checkpoint.old")
+    assert io.checkpoint_dir(run) == run / "checkpoint.old"
+    task = make_task()
+    train(task, config(steps=3), run, resume=True, quiet=True)
+
+
+def test_model_folder_round_trip_is_exact(tmp_path):
+    model = make_task().model
+    io.save_model(model, tmp_path / "m")
+    loaded = io.load_model(tmp_path / "m", "tokenizer")
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(model.config)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    # diffusers' own loader reads the same folder
+    again = MAETok.from_pretrained(tmp_path / "m", low_cpu_mem_usage=False)
+    assert torch.equal(again.to_pixels.weight, model.to_pixels.weight)
+    assert io.count_parameters(tmp_path / "m" / io.WEIGHTS) == sum(p.numel() for p in model.parameters())
+
+
+def test_bad_checkpoints_raise_one_clear_error(tmp_path):
+    model = make_task().model
+    io.save_model(model, tmp_path / "m")
+    weights = tmp_path / "m" / io.WEIGHTS
+    # truncated weights
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        io.load_model(tmp_path / "m", "tokenizer")
+    # mismatched shapes: a bigger model's config over these weights
+    io.save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / io.CONFIG).read_text())
+    cfg["width"] = 64
+    (tmp_path / "m" / io.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        io.load_model(tmp_path / "m", "tokenizer")
+    # an unknown class, and the wrong kind
+    cfg["_class_name"] = "UNet2DModel"
+    (tmp_path / "m" / io.CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not know"):
+        io.load_model(tmp_path / "m", "tokenizer")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        io.load_model(tmp_path / "nothing", "tokenizer")
+    (tmp_path / "m" / io.CONFIG).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        io.load_model(tmp_path / "m", "tokenizer")
