@@ -157,7 +157,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
     net = model
     if ddp.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
 
     def save(step: int):
         if ddp.rank != 0:

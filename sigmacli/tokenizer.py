@@ -28,6 +28,7 @@ def train_tokenizer(
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
     hog_weight: Annotated[float, typer.Option(help="Weight of the auxiliary HOG loss on masked patches.")] = 1.0,
+    finetune_tail: Annotated[Optional[float], typer.Option(help="Fraction of the steps, at the end, spent on decoder fine-tuning (encoder frozen, no masking; default: the preset's).")] = None,
     finetune_decoder: Annotated[bool, typer.Option("--finetune-decoder", help="Last stage: freeze the encoder of --init, no masking, train the pixel decoder.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from (with --finetune-decoder).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
@@ -64,13 +65,19 @@ def train_tokenizer(
     else:
         if preset not in TRAIN_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
-        cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device,
+        schedule = dict(TRAIN_PRESETS[preset])
+        tail = schedule.pop("finetune_tail")
+        tail = tail if finetune_tail is None else finetune_tail
+        if not 0 <= tail < 1:
+            raise SigmaError(f"--finetune-tail must be in [0, 1), not {tail}")
+        cfg = TrainConfig(**{**schedule, "seed": seed, "device": device,
                              "save_every": save_every, "sample_every": sample_every})
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 setattr(cfg, name, value)
         data = data or ("moving-shapes" if frames > 1 else "shapes")
-        stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight)
+        stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight,
+                               finetune_tail=0.0 if finetune_decoder else tail)
         if finetune_decoder:
             init = init or Path("runs/tokenizer")
             model = load_model(init, "tokenizer")
@@ -83,7 +90,7 @@ def train_tokenizer(
     torch.manual_seed(cfg.seed)
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
-    task = TokenizerTask(model, train_set, heldout, stage, cfg.batch_size, cfg.seed, data_spec=data)
+    task = TokenizerTask(model, train_set, heldout, stage, cfg.batch_size, cfg.seed, data_spec=data, steps=cfg.steps)
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     emit(result, as_json, [

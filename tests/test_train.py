@@ -163,3 +163,27 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path):
     (tmp_path / "m" / io.CONFIG).write_text("{not json")
     with pytest.raises(CheckpointError, match="not readable JSON"):
         io.load_model(tmp_path / "m", "tokenizer")
+
+
+def test_finetune_tail_freezes_the_encoder_and_stops_masking(tmp_path):
+    task = make_task()
+    task.stage.finetune_tail = 0.5
+    task.finetune_from = 4  # what TokenizerTask computes for steps=8, tail=0.5
+    assert TokenizerTask(task.model, Noise(), Noise(), TokenizerStage(finetune_tail=0.5), 8, 0, "noise", steps=8).finetune_from == 4
+    seen = []
+    real_loss = task.loss
+
+    def recording(net, model, step, *rest):
+        seen.append((step, model.enc_pos.detach().clone(), model.to_pixels.weight.detach().clone()))
+        loss, logs = real_loss(net, model, step, *rest)
+        assert ("mask" in logs) == (step < 4) and ("hog" in logs) == (step < 4)
+        return loss, logs
+
+    task.loss = recording
+    train(task, config(steps=8, ema=0), tmp_path / "run", quiet=True)
+    final = io.load_model(tmp_path / "run", "tokenizer")
+    enc = [s[1] for s in seen] + [final.enc_pos]
+    dec = [s[2] for s in seen] + [final.to_pixels.weight]
+    assert not torch.equal(enc[3], enc[4])  # step 3 (masked pre-training) moved the encoder
+    assert all(torch.equal(enc[4], e) for e in enc[5:])  # the tail (steps 4-7) did not
+    assert not torch.equal(dec[7], dec[8])  # but trained the decoder

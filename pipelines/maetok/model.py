@@ -72,6 +72,7 @@ class MAETok(ModelMixin, ConfigMixin):
         num_latents: int = 32,
         latent_dim: int = 16,
         bottleneck: str = "ae",  # "ae" (the paper's recommendation) or "vae"
+        latent_rope: bool = True,  # latent tokens sit at evenly spread grid positions for RoPE (see _rope)
         mask_min: float = 0.4,
         mask_max: float = 0.6,
         mask_mode: float = 0.6,
@@ -89,13 +90,21 @@ class MAETok(ModelMixin, ConfigMixin):
         patch_dim = channels * tubelet * patch_size * patch_size
         self.hog_dim = tubelet * channels * 4 * 9
 
-        # rotary tables for the patch grid; latent tokens get the identity rotation (no position)
-        cos, sin = rope_3d(grid_positions(*self.grid), width // heads)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        # rotary tables for the patch grid, then for the latent tokens
+        positions = grid_positions(*self.grid).float()  # [N, 3]
+        if latent_rope:  # latent j at the position of patch (j + 1/2) N / L: spread evenly over the grid
+            latent_positions = positions[((torch.arange(num_latents) + 0.5) * self.num_patches / num_latents).long()]
+        else:  # no position: the identity rotation
+            latent_positions = torch.zeros(num_latents, 3)
+        cos, sin = rope_3d(torch.cat([positions, latent_positions]), width // heads)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [N + L, K/2]
         self.register_buffer("rope_sin", sin, persistent=False)
 
         # encoder: tubelet embedding (a linear map of each t x p x p patch) + learnable latent tokens
         self.patch_embed = nn.Linear(patch_dim, width)
+        # RoPE moves only queries and keys; values carry no position. The latent tokens must learn WHERE
+        # things are, so patch tokens also get a learned absolute position (as in ViT/MAE).
+        self.enc_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
         self.latent_tokens = nn.Parameter(torch.randn(num_latents, width) * 0.02)
         self.encoder = Stack(width, enc_depth, heads, mlp_ratio)
         self.to_latent = nn.Linear(width, latent_dim * (2 if bottleneck == "vae" else 1))
@@ -118,15 +127,18 @@ class MAETok(ModelMixin, ConfigMixin):
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def _rope(self, idx: torch.Tensor | None, batch: int):
-        """Tables for [patch tokens (all, or the per-sample visible `idx` [B, Nv]) + latent tokens]."""
-        L = self.config.num_latents
-        cos, sin = self.rope_cos, self.rope_sin  # [N, K/2]
+        """Rotary tables for [patch tokens (all, or the per-sample visible `idx` [B, Nv]) + latent tokens].
+
+        Latent tokens stay a learnable 1D sequence, but (with `latent_rope`) each also sits at a grid position:
+        one shared relative-position pattern then teaches every latent to gather from its neighbourhood and
+        every decoder query to read from nearby latents, which a 1D tokenizer otherwise learns slowly, latent
+        by latent.
+        """
         if idx is None:
-            ones = cos.new_ones(L, cos.shape[1])
-            return torch.cat([cos, ones]), torch.cat([sin, torch.zeros_like(ones)])
-        cos, sin = cos[idx], sin[idx]  # [B, Nv, K/2]
-        ones = cos.new_ones(batch, L, cos.shape[2])
-        return torch.cat([cos, ones], 1), torch.cat([sin, torch.zeros_like(ones)], 1)
+            return self.rope_cos, self.rope_sin  # [N + L, K/2]
+        latent = torch.arange(self.num_patches, self.num_patches + self.config.num_latents, device=idx.device)
+        rows = torch.cat([idx, latent.expand(batch, -1)], dim=1)  # [B, Nv + L]
+        return self.rope_cos[rows], self.rope_sin[rows]  # [B, Nv + L, K/2]
 
     def sample_mask_ratio(self, generator: torch.Generator | None = None) -> float:
         """One ratio per batch from a normal(mode, std) truncated to [mask_min, mask_max] (rejection)."""
@@ -142,7 +154,7 @@ class MAETok(ModelMixin, ConfigMixin):
         """x: [B, C, T, H, W] in [-1, 1]; keep: [B, Nv] visible patch indices (None = all).
         Returns z [B, L, c] (VAE: the mean, or a sample if `sample`) and the KL term (VAE) or None."""
         B = x.shape[0]
-        tokens = self.patch_embed(patchify(x, self.config.tubelet, self.config.patch_size))  # [B, N, D]
+        tokens = self.patch_embed(patchify(x, self.config.tubelet, self.config.patch_size)) + self.enc_pos  # [B, N, D]
         if keep is not None:  # discard masked patches (MAE), the encoder never sees them
             tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nv, D]
         h = torch.cat([tokens, self.latent_tokens.expand(B, -1, -1)], dim=1)  # [B, Nv + L, D]
@@ -176,8 +188,10 @@ class MAETok(ModelMixin, ConfigMixin):
         noise = torch.rand(batch, self.num_patches, generator=generator)
         return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values.to(self.latent_tokens.device)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False) -> MAETokOutput:
-        z, kl = self.encode(x, keep, generator, sample=self.training)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False,
+                frozen_encoder: bool = False) -> MAETokOutput:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
+            z, kl = self.encode(x, keep, generator, sample=self.training)
         recon = self.decode(z)
         hog_pred = None
         if with_hog:
@@ -193,6 +207,7 @@ class MAETok(ModelMixin, ConfigMixin):
         for module in (self.patch_embed, self.encoder, self.to_latent):
             yield from module.parameters()
         yield self.latent_tokens
+        yield self.enc_pos
 
 
 def masked_mean(err: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -205,13 +220,14 @@ def masked_mean(err: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torc
 
 def maetok_loss(net, model: MAETok, x: torch.Tensor, keep: torch.Tensor | None, generator=None,
                 hog_weight: float = 1.0, kl_weight: float = 1e-6):
-    """The training objective. `net` is the model or its DDP wrapper; `keep` [B, Nv] the visible patches
-    (None: decoder fine-tuning, no masking). Returns (loss, logs).
+    """The training objective. `net` is the model or its DDP wrapper; `keep` [B, Nv] the visible patches,
+    or None for decoder fine-tuning (no masking, encoder frozen). Returns (loss, logs).
 
     Pre-training: pixel MSE on all pixels + hog_weight x HOG MSE on the masked patches (+ kl_weight x KL
     for the VAE). Decoder fine-tuning: pixel MSE only.
     """
-    out = net(x, keep, generator, with_hog=keep is not None and hog_weight > 0)
+    finetune = keep is None
+    out = net(x, keep, generator, with_hog=not finetune and hog_weight > 0, frozen_encoder=finetune)
     mse = F.mse_loss(out.recon.float(), x)
     loss, logs = mse, {"mse": mse.item()}
     if keep is not None:
@@ -221,7 +237,7 @@ def maetok_loss(net, model: MAETok, x: torch.Tensor, keep: torch.Tensor | None, 
         hog = masked_mean(err, keep, model.num_patches)
         loss = loss + hog_weight * hog
         logs["hog"] = hog.item()
-    if out.kl is not None:
+    if out.kl is not None and not finetune:
         loss = loss + kl_weight * out.kl
         logs["kl"] = out.kl.item()
     return loss, logs

@@ -1,6 +1,7 @@
 """Training and evaluating the MAETok tokenizer: the Task the shared loop runs, and reconstruction metrics."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,9 @@ from pipelines.maetok.model import PRESETS, MAETok, maetok_loss
 
 # schedule per preset (the model sizes are in model.PRESETS); tuned for 32x32 shapes on a 2-core CPU
 TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema=0.999),
-    "small": dict(steps=10000, batch_size=64, lr=1e-3, warmup=500, ema=0.9995),
-    "base": dict(steps=100000, batch_size=256, lr=3e-4, warmup=2000, ema=0.9999),
+    "tiny": dict(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema=0.0, finetune_tail=0.2),
+    "small": dict(steps=10000, batch_size=64, lr=1e-3, warmup=500, ema=0.0, finetune_tail=0.2),
+    "base": dict(steps=100000, batch_size=256, lr=3e-4, warmup=2000, ema=0.9999, finetune_tail=0.1),
 }
 
 
@@ -42,7 +43,8 @@ def build_config(preset: str, image_size: int, frames: int, patch_size: int | No
 class TokenizerStage:
     """What is trained, with which loss weights (saved in sigma.json beside the weights)."""
 
-    finetune_decoder: bool = False  # MAETok's last stage: encoder frozen, no masking
+    finetune_decoder: bool = False  # the whole run is MAETok's last stage: encoder frozen, no masking
+    finetune_tail: float = 0.0  # or only this last fraction of the steps (the default schedule's built-in stage)
     hog_weight: float = 1.0
     kl_weight: float = 1e-6
     init_from: str | None = None  # the tokenizer folder a fine-tuning stage started from
@@ -50,11 +52,19 @@ class TokenizerStage:
 
 class TokenizerTask:
     kind = "tokenizer"
+    ddp_find_unused_parameters = True  # the encoder and HOG decoder get no gradient in the fine-tuning phase
 
     def __init__(self, model: MAETok, data, heldout, stage: TokenizerStage, batch_size: int, seed: int,
-                 data_spec: str, num_pictures: int = 16):
+                 data_spec: str, num_pictures: int = 16, steps: int | None = None):
         self.model, self.data, self.heldout, self.stage, self.data_spec = model, data, heldout, stage, data_spec
         self.batch_size, self.seed = batch_size, seed
+        # first step of the decoder fine-tuning phase
+        if stage.finetune_decoder:
+            self.finetune_from = 0
+        elif stage.finetune_tail > 0:
+            self.finetune_from = round(steps * (1 - stage.finetune_tail))
+        else:
+            self.finetune_from = math.inf
         self.samples_per_step = batch_size
         self.picture_batch = heldout.get_batch(torch.arange(min(num_pictures, len(heldout))))[0]
 
@@ -74,7 +84,7 @@ class TokenizerTask:
         x, _ = self.data.get_batch(indices[rank::world])
         x = x.to(model.device)
         keep = None
-        if not self.stage.finetune_decoder:
+        if step < self.finetune_from:
             ratio = model.sample_mask_ratio(generator)
             keep = model.random_keep(self.batch_size, ratio, generator)[rank::world]
         return maetok_loss(net, model, x, keep, generator, self.stage.hog_weight, self.stage.kl_weight)
