@@ -32,6 +32,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     min_lr: float = 0.0  # cosine decays to this
+    restart_at: int = 0  # > 0: a second stage from this step, with its own warm-up + cosine (e.g. fine-tuning)
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -83,10 +84,16 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    """Linear warm-up, then cosine decay to min_lr at the end of the stage. With `restart_at`, steps
+    [0, restart_at) and [restart_at, steps) are two stages, each with its own warm-up and cosine."""
+    start, end = 0, cfg.steps
+    if 0 < cfg.restart_at < cfg.steps:
+        start, end = (cfg.restart_at, cfg.steps) if step >= cfg.restart_at else (0, cfg.restart_at)
+    step, length = step - start, end - start
+    warmup = min(cfg.warmup, length // 4)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, length - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -91,6 +91,8 @@ def train_tokenizer(
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
     task = TokenizerTask(model, train_set, heldout, stage, cfg.batch_size, cfg.seed, data_spec=data, steps=cfg.steps)
+    if 0 < task.finetune_from < cfg.steps:  # decoder fine-tuning is a stage of its own: fresh warm-up + cosine
+        cfg.restart_at = task.finetune_from
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     emit(result, as_json, [

@@ -71,6 +71,10 @@ def test_cosine_schedule():
     assert lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 55) == pytest.approx(0.5)
     assert lr_at(cfg, 100) == pytest.approx(0.0)
+    two = TrainConfig(steps=100, warmup=10, lr=1.0, restart_at=60)
+    assert lr_at(two, 9) == pytest.approx(1.0) and lr_at(two, 59) < 0.01  # first stage ends at 60
+    assert lr_at(two, 60) == pytest.approx(0.1) and lr_at(two, 69) == pytest.approx(1.0)  # second warms up again
+    assert lr_at(two, 99) < 0.01
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
