@@ -90,7 +90,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if 0 < cfg.restart_at < cfg.steps:
         start, end = (cfg.restart_at, cfg.steps) if step >= cfg.restart_at else (0, cfg.restart_at)
     step, length = step - start, end - start
-    warmup = min(cfg.warmup, length // 4)
+    warmup = min(cfg.warmup, length)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, length - warmup)
@@ -160,6 +160,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         if checkpoint_dir(run_dir) is None:
             raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
         start = load_training_state(run_dir, model, ema, optimizer)["step"]
+        if start >= cfg.steps:
+            raise SigmaError(f"'{run_dir}' is already at step {start}; pass --steps above {start} to continue")
     elif checkpoint_dir(run_dir) is not None:
         raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
     net = model

@@ -44,11 +44,26 @@ def losses(run_dir):
 
 
 def test_resume_continues_exactly(tmp_path):
+    """6 straight steps == Ctrl-C during step 3 (it finishes the step, saves, stops) + --resume: same losses."""
+    import os
+    import signal
+
+    from pipelines.train import Interrupted
+
     train(make_task(), config(), tmp_path / "straight", quiet=True)
-    train(make_task(), config(steps=3), tmp_path / "resumed", quiet=True)
-    cfg = config()  # same schedule (6 steps), continued from step 3
-    train(make_task(), cfg, tmp_path / "resumed", resume=True, quiet=True)
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")[:3] + losses(tmp_path / "resumed")[3:]
+    task = make_task()
+    real_loss = task.loss
+
+    def ctrl_c_at_step_2(net, model, step, *rest):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal: the loop's handler only sets a flag
+        return real_loss(net, model, step, *rest)
+
+    task.loss = ctrl_c_at_step_2
+    with pytest.raises(Interrupted, match="interrupted at step 3"):
+        train(task, config(), tmp_path / "resumed", quiet=True)
+    train(make_task(), config(), tmp_path / "resumed", resume=True, quiet=True)
+    assert len(losses(tmp_path / "straight")) == 6
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     a = io.load_model(tmp_path / "straight", "tokenizer").state_dict()
     b = io.load_model(tmp_path / "resumed", "tokenizer").state_dict()
@@ -63,6 +78,8 @@ def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(tmp_path):
     train(make_task(), config(steps=1), tmp_path / "run", quiet=True)
     with pytest.raises(SigmaError, match="already holds a run"):
         train(make_task(), config(steps=1), tmp_path / "run", quiet=True)
+    with pytest.raises(SigmaError, match="already at step 1"):
+        train(make_task(), config(steps=1), tmp_path / "run", resume=True, quiet=True)
 
 
 def test_cosine_schedule():

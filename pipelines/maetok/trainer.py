@@ -11,7 +11,7 @@ from pipelines.maetok.model import PRESETS, MAETok, maetok_loss
 
 # schedule per preset (the model sizes are in model.PRESETS); tuned for 32x32 shapes on a 2-core CPU
 TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(steps=1800, batch_size=32, lr=2e-3, warmup=100, ema=0.0, finetune_tail=0.25),
+    "tiny": dict(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema=0.0, finetune_tail=0.4),
     "small": dict(steps=10000, batch_size=64, lr=1e-3, warmup=500, ema=0.0, finetune_tail=0.2),
     "base": dict(steps=100000, batch_size=256, lr=3e-4, warmup=2000, ema=0.9999, finetune_tail=0.1),
 }
