@@ -10,36 +10,20 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoints.meta import (CHECKPOINT, CONFIG, MODEL_CLASSES, RUN_META, WEIGHTS, count_parameters,  # noqa: F401
+                              folder_kind, kind_of_class, read_json, read_safetensors_header)
 from pipelines.errors import CheckpointError
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-CONFIG = "config.json"
-RUN_META = "sigma.json"
-CHECKPOINT = "checkpoint"
-
-# kind -> model class; `_class_name` in config.json tells the kind of a folder
-MODEL_CLASSES = {
-    "tokenizer": "pipelines.maetok.model:MAETok",
-}
-MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
 
 def _class_for(kind: str):
     module, name = MODEL_CLASSES[kind].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def kind_of_class(class_name: str) -> str | None:
-    return next((k for k, v in MODEL_CLASSES.items() if v.split(":")[1] == class_name), None)
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------
@@ -64,70 +48,6 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, meta
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     _fsync_replace(tmp, path)
-
-
-# ---- reading without loading tensors ---------------------------------------------------------------------
-def read_safetensors_header(path: Path | str) -> dict:
-    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, "__metadata__"),
-    validated against the file size. Raises CheckpointError for a truncated or corrupt file."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than its 8-byte header length")
-            n = struct.unpack("<Q", raw)[0]
-            if n > MAX_HEADER or 8 + n > size:
-                raise ValueError("header length points past the end of the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, stop = info["data_offsets"]
-            end = max(end, stop)
-        if 8 + n + end > size:
-            raise ValueError(f"truncated: {size} bytes, tensors need {8 + n + end}")
-        return header
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any defect of the file is the same user-facing problem
-        raise CheckpointError(f"'{path}' is not a valid safetensors file ({e})") from None
-
-
-def count_parameters(path: Path | str) -> int:
-    header = read_safetensors_header(path)
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-
-
-def read_json(path: Path | str, what: str = "file") -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what} '{path}' is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} '{path}' is not a JSON object")
-    return data
-
-
-def folder_kind(folder: Path | str) -> str:
-    """The kind of a sigma model or run folder ("tokenizer", ...), from config.json only."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder '{folder}' does not exist")
-    if not (folder / CONFIG).exists():
-        raise CheckpointError(f"'{folder}' is not a sigma model folder (no {CONFIG})")
-    config = read_json(folder / CONFIG, "model config")
-    kind = kind_of_class(str(config.get("_class_name")))
-    if kind is None:
-        raise CheckpointError(f"'{folder}' holds a {config.get('_class_name')!r} model, which sigma does not know")
-    return kind
 
 
 # ---- model folders -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 @command
 def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.")], as_json: JsonOpt = False):
     """Kind, config, parameter count and training step of a model or run folder (reads metadata only)."""
-    from checkpoints.io import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, read_json
+    from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, read_json
 
     kind = folder_kind(path)
     config = {k: v for k, v in read_json(path / CONFIG).items() if not k.startswith("_")}
