@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints.meta import (CHECKPOINT, CONFIG, MODEL_CLASSES, RUN_META, WEIGHTS, count_parameters,  # noqa: F401
-                              folder_kind, kind_of_class, read_json, read_safetensors_header)
+                              folder_kind, kind_of_class, model_folder, read_json, read_safetensors_header)
 from pipelines.errors import CheckpointError
 
 def _class_for(kind: str):
@@ -54,7 +54,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, meta
 def save_model(model: torch.nn.Module, folder: Path | str, state_dict: dict | None = None):
     """Write config.json + weights (default: the model's own; pass `state_dict` for e.g. EMA weights)."""
     folder = Path(folder)
-    config = dict(model.config)
+    config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # diffusers' own bookkeeping
     config["_class_name"] = type(model).__name__
     atomic_save_tensors(state_dict if state_dict is not None else model.state_dict(), folder / WEIGHTS)
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True))
@@ -85,7 +85,8 @@ def load_model(folder: Path | str, kind: str, device: str | torch.device = "cpu"
     folder = Path(folder)
     found = folder_kind(folder)
     if found != kind:
-        raise CheckpointError(f"'{folder}' is a {found} folder, but a {kind} is needed here")
+        raise CheckpointError(f"'{folder}' holds a {found} model, but this needs a {kind} model")
+    folder = model_folder(folder)
     cls = _class_for(kind)
     config = read_json(folder / CONFIG, "model config")
     try:

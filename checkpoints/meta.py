@@ -12,10 +12,13 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG = "config.json"
 RUN_META = "sigma.json"
 CHECKPOINT = "checkpoint"
+PIPELINE_INDEX = "model_index.json"  # an IMM run/pipeline folder: the model lives in its transformer/ subfolder
 
 # kind -> model class; `_class_name` in config.json tells the kind of a folder
 MODEL_CLASSES = {
     "tokenizer": "pipelines.maetok.model:MAETok",
+    "imm": "pipelines.imm.model:DiT",
+    "classifier": "pipelines.evaluation.classifier:ShapesClassifier",
 }
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
@@ -74,11 +77,20 @@ def read_json(path: Path | str, what: str = "file") -> dict:
     return data
 
 
+def model_folder(folder: Path | str) -> Path:
+    """The folder holding config.json + weights: the folder itself, or the transformer/ of a pipeline folder."""
+    folder = Path(folder)
+    if (folder / PIPELINE_INDEX).exists() and (folder / "transformer" / CONFIG).exists():
+        return folder / "transformer"
+    return folder
+
+
 def folder_kind(folder: Path | str) -> str:
-    """The kind of a sigma model or run folder ("tokenizer", ...), from config.json only."""
+    """The kind of a sigma model or run folder ("tokenizer", "imm", ...), from config.json only."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder '{folder}' does not exist")
+    folder = model_folder(folder)
     if not (folder / CONFIG).exists():
         raise CheckpointError(f"'{folder}' is not a sigma model folder (no {CONFIG})")
     config = read_json(folder / CONFIG, "model config")

@@ -48,6 +48,7 @@ class TrainConfig:
 
 class Task(Protocol):
     kind: str  # "tokenizer", "imm", "lm": written to sigma.json
+    # optional: model_subfolder = "transformer" saves the weights there (a diffusers pipeline folder)
     model: nn.Module
     samples_per_step: int  # global images (or tokens) per step, for throughput
 
@@ -174,7 +175,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             return
         save_training_state(run_dir, model_state=model.state_dict(), ema_state=ema.state_dict() if ema else None,
                             optimizer=optimizer, counters={"step": step, "world": ddp.world})
-        save_model(model, run_dir, state_dict=(ema or model).state_dict())
+        save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=(ema or model).state_dict())
         write_run_meta(run_dir, task, cfg, step)
 
     # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).

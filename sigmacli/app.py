@@ -34,12 +34,13 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 @command
 def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.")], as_json: JsonOpt = False):
     """Kind, config, parameter count and training step of a model or run folder (reads metadata only)."""
-    from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, read_json
+    from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, model_folder, read_json
 
     kind = folder_kind(path)
-    config = {k: v for k, v in read_json(path / CONFIG).items() if not k.startswith("_")}
+    folder = model_folder(path)  # an IMM pipeline folder keeps its transformer in transformer/
+    config = {k: v for k, v in read_json(folder / CONFIG).items() if not k.startswith("_")}
     run = read_json(path / RUN_META) if (path / RUN_META).exists() else {}
-    result = {"path": str(path), "kind": kind, "parameters": count_parameters(path / WEIGHTS),
+    result = {"path": str(path), "kind": kind, "parameters": count_parameters(folder / WEIGHTS),
               "step": run.get("step"), "data": run.get("data"), "config": config}
     lines = [f"{path}: {kind}, {result['parameters']:,} parameters"
              + (f", trained {result['step']} steps on {result['data']}" if run else "")]
@@ -48,6 +49,7 @@ def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.
 
 
 from sigmacli import tokenizer  # noqa: E402,F401  (registers its commands on `app`)
+from sigmacli import imm  # noqa: E402,F401
 
 
 def main():

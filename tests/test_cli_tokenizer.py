@@ -85,7 +85,9 @@ def test_video_and_image_folder_runs(cli, tmp_path):
         (folder / cls).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (20 + i, 24), (40 * i, 100, 200 if cls == "cats" else 20)).save(folder / cls / f"{i}.png")
-    last_json(cli("train-tokenizer", "--data", folder, *TINY, "--steps", "2", "--out", tmp_path / "fold", "--json"))
+    last_json(cli("train-tokenizer", "--data", folder, *TINY, "--steps", "2", "--bottleneck", "vae",
+                  "--out", tmp_path / "fold", "--json"))
+    assert json.loads((tmp_path / "fold" / "config.json").read_text())["bottleneck"] == "vae"
     assert last_json(cli("reconstruct", "--model", tmp_path / "fold", "--num", "4", "--out", tmp_path / "f.png", "--json"))["psnr"] > 0
 
 
@@ -128,7 +130,7 @@ def test_bad_model_folders_are_one_line(cli, trained, tmp_path, monkeypatch):
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "_class_name": "Linear"}))
     r = cli("reconstruct", "--model", other)
-    assert r.exit_code == 1 and "is a classifier folder, but a tokenizer is needed" in r.stderr
+    assert r.exit_code == 1 and "holds a classifier model, but this needs a tokenizer model" in r.stderr
 
 
 def test_two_gloo_processes_through_torchrun(tmp_path):

@@ -153,3 +153,24 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int, 
     x = tokens.reshape(B, t, h, w, channels, tubelet, patch, patch)
     x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C, T', t, H', p, W', p]
     return x.reshape(B, channels, t * tubelet, h * patch, w * patch)
+
+
+def cube_major_order(grid: tuple[int, int, int], cube: tuple[int, int, int]) -> torch.Tensor:
+    """[N] row-major token indices listed cube by cube: all tokens of cube 0 (in row-major order inside
+    the cube), then cube 1, ... Sparse attention then sees each cube as one contiguous block (DESIGN.md)."""
+    (t, h, w), (ct, ch, cw) = grid, cube
+    if t % ct or h % ch or w % cw:
+        raise ValueError(f"token grid {t}x{h}x{w} is not divisible by the cube {ct}x{ch}x{cw}")
+    idx = torch.arange(t * h * w).reshape(t // ct, ct, h // ch, ch, w // cw, cw)
+    return idx.permute(0, 2, 4, 1, 3, 5).reshape(-1)  # [cubes..., inside-cube...]
+
+
+def auto_cube(grid: tuple[int, int, int], target: tuple[int, int, int] = (4, 4, 4)) -> tuple[int, int, int]:
+    """The largest cube with sides <= target that divides the grid, per axis (powers of two)."""
+    out = []
+    for n, limit in zip(grid, target):
+        side = 1
+        while side * 2 <= limit and n % (side * 2) == 0:
+            side *= 2
+        out.append(side)
+    return tuple(out)

@@ -1,0 +1,148 @@
+"""The diffusion transformer (DiT with adaLN-zero) that IMM and the flow-matching baseline train.
+
+It maps a token sequence to a token sequence, conditioned on two times and a class label:
+    G(x [B, N, c], t [B], s [B], y [B]) -> [B, N, c]
+The tokens live in a *space*:
+  latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel to std `data_std`
+          (statistics in the config); positions: the grid spots the tokenizer gives its latents
+  pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (DESIGN.md) so that sparse
+          attention sees every cube as one contiguous block; positions: each patch's (t, h, w)
+Axis legend: B batch, N tokens, c token width, D model width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from pipelines.nn.layers import Block, cube_major_order, grid_positions, init_transformer, patchify, rope_3d, unpatchify
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(width=256, depth=6, heads=4),  # a 2-core CPU, minutes
+    "small": dict(width=384, depth=12, heads=6),
+    "base": dict(width=768, depth=12, heads=12),  # a GPU
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (already scaled, e.g. 1000 t) times: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angle = t.float()[:, None] * freqs
+    return torch.cat([angle.cos(), angle.sin()], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class DiT(ModelMixin, ConfigMixin):
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        space: str = "latent",  # "latent" | "pixels"
+        num_tokens: int = 32,
+        token_dim: int = 16,
+        grid: tuple = (1, 8, 8),  # the (t, h, w) grid the tokens' positions live on
+        cube: tuple = (1, 4, 4),  # pixels: token order is cube-major for this cube (grid units)
+        image_size: int = 32,
+        frames: int = 1,
+        channels: int = 3,
+        patch_size: int = 4,  # pixels: patch side and tubelet length
+        tubelet: int = 1,
+        latent_mean: list | None = None,  # latent: per-channel statistics of the tokenizer's latents
+        latent_std: list | None = None,
+        data_std: float = 0.5,  # latents are scaled to this std (IMM's sigma_d)
+        width: int = 256,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 6,  # label `num_classes` is the null class (classifier-free guidance)
+        class_names: list | None = None,
+        second_time: str = "stride",  # the second time embedding: "stride" (t - s) or "s"
+        attn: str = "dense",
+    ):
+        super().__init__()
+        if space not in ("latent", "pixels"):
+            raise ValueError(f"space must be 'latent' or 'pixels', not {space!r}")
+        if second_time not in ("stride", "s"):
+            raise ValueError(f"second_time must be 'stride' or 's', not {second_time!r}")
+        grid = tuple(grid)
+        if space == "pixels":
+            order = cube_major_order(grid, tuple(cube))  # [N] row-major index of each token
+            positions = grid_positions(*grid)[order].float()
+        else:  # latent j sits where the tokenizer put it: the patch at (j + 1/2) N / L
+            n = math.prod(grid)
+            order = torch.arange(num_tokens)
+            positions = grid_positions(*grid)[((torch.arange(num_tokens) + 0.5) * n / num_tokens).long()].float()
+        self.register_buffer("token_order", order, persistent=False)
+        cos, sin = rope_3d(positions, width // heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if latent_mean is not None:
+            self.register_buffer("z_mean", torch.tensor(latent_mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("z_std", torch.tensor(latent_std, dtype=torch.float32), persistent=False)
+
+        self.embed = nn.Linear(token_dim, width)
+        self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        self.t_embed = TimeEmbedding(width)
+        self.s_embed = TimeEmbedding(width)
+        self.class_embed = nn.Embedding(num_classes + 1, width)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, attn=attn, cond_dim=width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, token_dim)
+        init_transformer(self)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        for m in (self.final_ada[1], self.out):  # DiT's adaLN-zero: the network starts by predicting 0
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, c] (already scaled by c_in); t, s: [B] times in [0, 1]; class_labels: [B] (null = num_classes)."""
+        second = t - s if self.config.second_time == "stride" else s
+        cond = self.t_embed(1000 * t) + self.s_embed(1000 * second) + self.class_embed(class_labels)  # [B, D]
+        h = self.embed(x) + self.pos  # [B, N, D]
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            h = block(h, rope, cond)
+        shift, scale = self.final_ada(cond)[:, None].chunk(2, dim=-1)
+        return self.out(self.final_norm(h) * (1 + scale) + shift)  # [B, N, c]
+
+    # ---- the space: data <-> tokens ----------------------------------------------------------------------
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.config.num_tokens, self.config.token_dim
+
+    def tokens_from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """pixels: [B, C, T, H, W] -> [B, N, C t p p] in cube-major order."""
+        c = self.config
+        return patchify(x, c.tubelet, c.patch_size)[:, self.token_order]
+
+    def pixels_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        row_major = torch.empty_like(tokens)
+        row_major[:, self.token_order] = tokens
+        return unpatchify(row_major, tuple(c.grid), c.channels, c.tubelet, c.patch_size)
+
+    def tokens_from_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """latent: the tokenizer's z [B, L, c] -> per-channel normalised tokens of std data_std."""
+        return (z - self.z_mean) / self.z_std * self.config.data_std
+
+    def latents_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens / self.config.data_std * self.z_std + self.z_mean

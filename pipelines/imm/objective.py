@@ -1,0 +1,91 @@
+"""The IMM training objective (and the flow-matching baseline on the same network).
+
+IMM (arXiv 2503.07565, Alg. 1): a batch is split into groups of M particles sharing (s, r, t), r < t just below
+t. For each particle, x_t and x_r come from the SAME data x and noise eps. The student y_t = f(x_t; t -> s)
+(gradient) and the target y_r = f(x_r; r -> s) (same weights, no gradient) are matched in distribution by
+an MMD with a Laplace kernel; the induction (r -> t) makes one network jump along the whole trajectory.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipelines.imm.schedule import IMMSchedule
+
+
+def model_map(net, sched: IMMSchedule, x_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+              labels: torch.Tensor) -> torch.Tensor:
+    """f(x_t; t -> s) = c_skip x_t + c_out G(c_in x_t, t, s, label). x_t: [B, N, c]; s, t, labels: [B]."""
+    x_in = sched.c_in(t).to(x_t.dtype)[:, None, None] * x_t
+    return sched.combine(x_t, net(x_in, t, s, labels).to(x_t.dtype), s, t)
+
+
+def laplace_kernel(a: torch.Tensor, b: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = exp(-w~ max(||a_i - b_j||_2, 1e-8) / D) for every pair in each group.
+
+    a, b: [G, M, D] (D = all elements of one sample); bandwidth w~: [G]. Returns [G, M, M]."""
+    D = a.shape[-1]
+    sq = (a[:, :, None] - b[:, None]).pow(2).sum(-1)  # [G, M, M]
+    dist = sq.clamp_min(1e-16).sqrt()  # = max(||.||, 1e-8), with a finite gradient at 0
+    return torch.exp(-bandwidth[:, None, None] * dist / D)
+
+
+def mmd(y_t: torch.Tensor, y_r: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+    """Per-group squared MMD (V-statistic, all M x M pairs), one bandwidth for all three terms: [G]."""
+    k_tt = laplace_kernel(y_t, y_t, bandwidth).mean((1, 2))
+    k_rr = laplace_kernel(y_r, y_r, bandwidth).mean((1, 2))
+    k_tr = laplace_kernel(y_t, y_r, bandwidth).mean((1, 2))
+    return k_tt + k_rr - 2 * k_tr
+
+
+def draw_global(sched: IMMSchedule, batch: int, group_size: int, token_shape: tuple[int, int],
+                label_dropout: float, generator: torch.Generator, objective: str = "imm") -> dict:
+    """Every random draw of one step for the GLOBAL batch (a rank slices its part), so N processes compute
+    exactly what one process would on the combined batch. IMM: (s, r, t) and label dropout per group of
+    `group_size` particles; flow matching: one t ~ U(eps, T) per sample (groups of 1)."""
+    groups = batch // group_size if objective == "imm" else batch
+    if objective == "imm":
+        s, r, t = sched.sample_times(groups, generator)  # [G] each
+    else:
+        t = sched.eps + (sched.T - sched.eps) * torch.rand(groups, generator=generator)
+        s = r = t
+    noise = sched.sigma_d * torch.randn(batch, *token_shape, generator=generator)  # eps ~ N(0, sigma_d^2 I)
+    drop = torch.rand(groups, generator=generator) < label_dropout  # whole groups go unconditional
+    return {"s": s, "r": r, "t": t, "noise": noise, "drop": drop}
+
+
+def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tensor, draws: dict,
+             group_size: int) -> tuple[torch.Tensor, dict]:
+    """IMM loss for this rank's particles. x: [b, N, c] clean tokens, labels: [b]; `draws` are this rank's
+    slice of `draw_global` (s, r, t, drop: [g]; noise: [b, N, c]) with b = g * group_size."""
+    b = x.shape[0]
+    M, g = group_size, b // group_size
+    per_sample = lambda v: v.to(x.device).repeat_interleave(M)  # noqa: E731  [g] -> [b]
+    s, r, t = per_sample(draws["s"]), per_sample(draws["r"]), per_sample(draws["t"])
+    labels = torch.where(per_sample(draws["drop"]), torch.full_like(labels, model.null_class), labels)
+    noise = draws["noise"].to(x)
+    x_t = sched.add_noise(x, noise, t)  # the same x and noise for both times (Alg. 1)
+    x_r = sched.add_noise(x, noise, r)
+    y_t = model_map(net, sched, x_t, s, t, labels).float()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # stop-gradient target, fp32
+        y_r = model_map(model, sched, x_r, s, r, labels).float()
+    s_g, t_g = draws["s"].to(x.device), draws["t"].to(x.device)
+    bandwidth = sched.kernel_weight(s_g, t_g)  # [g]
+    weight = sched.loss_weight(t_g)  # [g]
+    per_group = mmd(y_t.reshape(g, M, -1), y_r.reshape(g, M, -1), bandwidth)  # [g]
+    loss = (weight * per_group).mean()
+    return loss, {"mmd": per_group.mean().item()}
+
+
+def flow_matching_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tensor, draws: dict
+                       ) -> tuple[torch.Tensor, dict]:
+    """The baseline on the same network and parameterisation: velocity v = eps - x on the OT path (alpha = 1 - t,
+    sigma = t), predicted as sigma_d G(c_in x_t, t, t), the slope of the euler_fm map at s = t. draws: t, drop
+    [b]; noise [b, N, c]."""
+    t = draws["t"].to(x.device)
+    labels = torch.where(draws["drop"].to(x.device), torch.full_like(labels, model.null_class), labels)
+    noise = draws["noise"].to(x)
+    x_t = sched.add_noise(x, noise, t)
+    G = net(sched.c_in(t).to(x.dtype)[:, None, None] * x_t, t, t, labels).float()
+    v = (noise - x).float()
+    loss = (sched.sigma_d * G - v).pow(2).mean() / sched.sigma_d**2  # per-element, in units of the data variance
+    return loss, {}

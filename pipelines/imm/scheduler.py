@@ -1,0 +1,84 @@
+"""IMMScheduler: diffusers' SchedulerMixin over the IMM schedule, for the pushforward, restart (IMM) and Euler
+(flow-matching baseline) samplers. A step maps x_t to x_s from the network output G at (c_in x_t, t, s_net)."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from pipelines.imm.schedule import IMMSchedule
+
+SAMPLERS = ("pushforward", "restart", "euler")
+
+
+class IMMScheduler(SchedulerMixin, ConfigMixin):
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, schedule: str = "fm", parameterization: str = "euler_fm", sigma_d: float = 0.5, T: float = 0.994,
+                 eps: float = 0.006, k: int = 12, weight_b: float = 4.0, weight_a: int = 2, time_sampler: str = "uniform",
+                 p_mean: float = -1.1, p_std: float = 2.0, sampler: str = "pushforward", midpoint: float | None = None):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+        self.schedule = IMMSchedule(**{f.name: getattr(self.config, f.name) for f in fields(IMMSchedule)})
+        self.sampler = sampler
+        self.times = self.timesteps = None
+        self.num_inference_steps = None
+
+    @classmethod
+    def from_schedule(cls, schedule: IMMSchedule, sampler: str = "pushforward") -> "IMMScheduler":
+        return cls(**schedule.to_dict(), sampler=sampler)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.schedule.sigma_d  # x_T ~ N(0, sigma_d^2 I)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, sampler: str | None = None):
+        """Times T = t_0 > ... > t_n = eps, uniform in t (two steps: through `midpoint` if configured)."""
+        if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+            self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
+        self.times = self.schedule.sampling_times(num_inference_steps, self.config.midpoint)
+        self.timesteps = self.times[:-1].to(device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.schedule.c_in(torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device)) * sample
+
+    def _index(self, timestep) -> int:
+        return int((self.times[:-1] - float(timestep)).abs().argmin())
+
+    def network_s(self, timestep) -> float:
+        """The s the network is conditioned on at this step: the next time (IMM pushforward), eps (restart:
+        jump to the end), or t itself (Euler: the instantaneous velocity)."""
+        i = self._index(timestep)
+        if self.sampler == "euler":
+            return float(self.times[i])
+        if self.sampler == "restart":
+            return self.schedule.eps
+        return float(self.times[i + 1])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None,
+             return_dict: bool = True):
+        """x_{t_{i+1}} from x_{t_i} and G(c_in x, t_i, network_s(t_i)). Restart noise comes from the (CPU) generator."""
+        i = self._index(timestep)
+        t, s_next = self.times[i].item(), self.times[i + 1].item()
+        B = sample.shape[0]
+        full = lambda v: torch.full((B,), v, dtype=sample.dtype, device=sample.device)  # noqa: E731
+        if self.sampler == "euler":  # x - (t - s) sigma_d G: the euler_fm map's slope at s = t, times the stride
+            prev = sample - (t - s_next) * self.schedule.sigma_d * model_output
+        else:
+            s_net = self.network_s(timestep)
+            prev = self.schedule.combine(sample, model_output, full(s_net), full(t))
+            if self.sampler == "restart" and i + 1 < len(self.times) - 1:  # re-noise the clean estimate to t_{i+1}
+                noise = self.schedule.sigma_d * torch.randn(sample.shape, generator=generator, dtype=torch.float32)
+                prev = self.schedule.add_noise(prev, noise.to(prev), full(s_next))
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self):
+        return 1000

@@ -1,0 +1,111 @@
+"""Training the IMM diffusion transformer (or its flow-matching baseline): the Task the shared loop runs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.imm.model import DiT
+from pipelines.imm.objective import draw_global, flow_matching_loss, imm_loss
+from pipelines.imm.schedule import IMMSchedule
+
+# schedules per preset (model sizes in model.PRESETS); tiny is tuned for latents of 32x32 shapes on a 2-core CPU
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(steps=1500, batch_size=128, lr=1e-3, warmup=100, ema=0.999),
+    "small": dict(steps=20000, batch_size=256, lr=5e-4, warmup=500, ema=0.9995),
+    "base": dict(steps=200000, batch_size=1024, lr=2e-4, warmup=2000, ema=0.9999),
+}
+OBJECTIVES = ("imm", "flow-matching")
+
+
+@dataclass
+class IMMStage:
+    """How the generator is trained (saved in sigma.json beside the weights)."""
+
+    objective: str = "imm"  # "imm" | "flow-matching" (the baseline: same network, velocity loss, Euler sampler)
+    group_size: int = 4  # M particles per (s, r, t) group
+    label_dropout: float = 0.1  # whole groups get the null class (classifier-free guidance)
+    sample_steps: int = 2  # pictures during training and `sigma sample`'s default
+    cfg_scale: float = 1.5
+    tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
+    latent_stats_samples: int = 4096
+
+
+def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256) -> tuple[list, list]:
+    """Per-channel mean and std of the tokenizer's latents z [B, L, c] over `num` training samples."""
+    zs = []
+    with torch.no_grad():
+        for start in range(0, num, batch_size):
+            x, _ = data.get_batch(torch.arange(start, min(num, start + batch_size)))
+            zs.append(tokenizer.encode(x.to(device))[0].float().flatten(0, 1).cpu())  # [B*L, c]
+    z = torch.cat(zs)
+    return z.mean(0).tolist(), z.std(0).clamp_min(1e-6).tolist()
+
+
+class IMMTask:
+    kind = "imm"
+    model_subfolder = "transformer"  # the run folder is a diffusers pipeline folder
+
+    def __init__(self, model: DiT, schedule: IMMSchedule, stage: IMMStage, data, heldout, tokenizer, batch_size: int,
+                 seed: int, data_spec: str, world: int = 1):
+        if stage.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {stage.objective!r}")
+        self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
+        self.tokenizer, self.batch_size, self.seed, self.data_spec = tokenizer, batch_size, seed, data_spec
+        self.samples_per_step = batch_size
+        self.group = stage.group_size if stage.objective == "imm" else 1
+        if tokenizer is not None:
+            tokenizer.requires_grad_(False).eval()
+
+    def trainable(self, model):
+        model.requires_grad_(True)
+
+    def to_tokens(self, model: DiT, x: torch.Tensor) -> torch.Tensor:
+        if model.config.space == "pixels":
+            return model.tokens_from_pixels(x)
+        self.tokenizer.to(x.device)
+        with torch.no_grad():
+            return model.tokens_from_latents(self.tokenizer.encode(x)[0].float())
+
+    def loss(self, net, model: DiT, step: int, generator: torch.Generator, rank: int, world: int):
+        B, M = self.batch_size, self.group
+        b = B // world
+        if b % M:
+            raise ValueError(f"the per-process batch {b} is not divisible by the group size {M}")
+        indices = self.data.indices_for_step(step, B, self.seed)[rank * b : (rank + 1) * b]  # a contiguous share of groups
+        x, labels = self.data.get_batch(indices)
+        x, labels = x.to(model.device), labels.to(model.device)
+        tokens = self.to_tokens(model, x)
+        draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
+        g = b // M
+        mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k != "noise"}
+        mine["noise"] = draws["noise"][rank * b : (rank + 1) * b]
+        if self.stage.objective == "imm":
+            return imm_loss(net, model, self.schedule, tokens, labels, mine, M)
+        return flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
+
+    @torch.no_grad()
+    def pictures(self, model: DiT, step: int, run_dir: Path) -> Path:
+        from pipelines.imm.sampling import generate
+        from pipelines.visual import save_media
+
+        was_training = model.training
+        model.eval()
+        per_class = 8
+        labels = torch.arange(model.config.num_classes).repeat_interleave(per_class)
+        x = generate(model, self.scheduler(), labels, self.stage.sample_steps, torch.Generator().manual_seed(0),
+                     self.tokenizer, self.stage.cfg_scale)
+        model.train(was_training)
+        ext = "gif" if x.shape[2] > 1 else "png"
+        save_media(x, run_dir / "samples" / f"samples_{step:06d}.{ext}", nrow=per_class)
+        return save_media(x, run_dir / f"samples.{ext}", nrow=per_class)
+
+    def scheduler(self):
+        from pipelines.imm.scheduler import IMMScheduler
+
+        return IMMScheduler.from_schedule(self.schedule, "euler" if self.stage.objective == "flow-matching" else "pushforward")
+
+    def metadata(self) -> dict:
+        return {"data": self.data.name, "data_spec": self.data_spec, "image_size": self.data.image_size,
+                "frames": self.data.frames, "stage": asdict(self.stage), "schedule": self.schedule.to_dict()}

@@ -1,0 +1,284 @@
+"""`sigma train-imm` and `sigma sample`: the few-step diffusion transformer (Inductive Moment Matching)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sigmacli.app import app
+from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.tokenizer import DataOpt
+
+
+def _grid3(text: str, what: str) -> tuple[int, int, int]:
+    from pipelines.errors import SigmaError
+
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise SigmaError(f"{what} must look like TxHxW with positive integers (e.g. 1x4x4), not {text!r}")
+    return parts
+
+
+def default_tokenizer() -> Path:
+    from checkpoints import SHIPPED
+
+    return Path("runs/tokenizer") if (Path("runs/tokenizer") / "config.json").exists() else SHIPPED["tokenizer"]
+
+
+@app.command("train-imm")
+@command
+def train_imm(
+    preset: Annotated[str, typer.Option(help="Transformer and schedule size: tiny (2-core CPU) | small | base (GPU).")] = "tiny",
+    space: Annotated[str, typer.Option(help="latent (the tokenizer's latents) | pixels (tubelet patches).")] = "latent",
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --space latent (default: runs/tokenizer if present, else the shipped one).")] = None,
+    data: DataOpt = None,
+    image_size: Annotated[int, typer.Option(help="Image side (--space pixels; latent space takes the tokenizer's).")] = 32,
+    frames: Annotated[int, typer.Option(help="Frames per clip (--space pixels; latent space takes the tokenizer's).")] = 1,
+    patch_size: Annotated[int, typer.Option(help="Patch side (--space pixels).")] = 4,
+    tubelet: Annotated[Optional[int], typer.Option(help="Frames per tubelet (--space pixels; default 2 for even clips).")] = None,
+    cube: Annotated[Optional[str], typer.Option(help="Token cube TxHxW for cube-major order (--space pixels; default: largest <= 4 per axis).")] = None,
+    objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
+    group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
+    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance).")] = 0.1,
+    schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
+    parameterization: Annotated[str, typer.Option(help="euler_fm | simple_edm")] = "euler_fm",
+    time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
+    second_time: Annotated[str, typer.Option(help="The transformer's second time input: stride (t - s) | s")] = "stride",
+    weight_a: Annotated[int, typer.Option(help="a in w(s,t)'s alpha_t^a (1 or 2).")] = 2,
+    attn: Annotated[str, typer.Option(help="Attention kind: dense (nsa, mta when available).")] = "dense",
+    width: Annotated[Optional[int], typer.Option(help="Transformer width (default: the preset's).")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Transformer blocks (default: the preset's).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads (default: the preset's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
+    ema: Annotated[Optional[float], typer.Option(help="EMA decay of the sampling weights (default: the preset's).")] = None,
+    sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Guidance scale for the pictures (and sigma sample's default).")] = 1.5,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
+    sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Train a class-conditional diffusion transformer with Inductive Moment Matching (1-8 step sampling)."""
+
+    import math
+    import os
+
+    import torch
+
+    from checkpoints.io import RUN_META, load_model, read_json
+    from pipelines.data import make_dataset
+    from pipelines.errors import SigmaError
+    from pipelines.imm.model import PRESETS, DiT
+    from pipelines.imm.pipeline import IMMPipeline
+    from pipelines.imm.schedule import IMMSchedule
+    from pipelines.imm.scheduler import IMMScheduler
+    from pipelines.imm.trainer import OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, latent_statistics
+    from pipelines.nn.layers import ATTN_KINDS, auto_cube
+    from pipelines.train import TrainConfig, resolve_device, train
+
+    out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if resume:  # everything but --steps comes from the run itself
+        if not (out / RUN_META).exists():
+            raise SigmaError(f"--resume: '{out}' holds no run to continue")
+        meta = read_json(out / RUN_META)
+        cfg = TrainConfig(**meta["train"])
+        cfg.steps = steps if steps is not None else cfg.steps
+        stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
+        model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
+        tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None
+        data, image_size, frames = meta["data_spec"], meta["image_size"], meta["frames"]
+    else:
+        if preset not in TRAIN_PRESETS:
+            raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
+        if objective not in OBJECTIVES:
+            raise SigmaError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        if space not in ("latent", "pixels"):
+            raise SigmaError(f"--space must be latent or pixels, not {space!r}")
+        if attn not in ATTN_KINDS:
+            raise SigmaError(f"--attn {attn!r} is not available (have: {', '.join(ATTN_KINDS)})")
+        if objective == "flow-matching" and (schedule != "fm" or parameterization != "euler_fm"):
+            raise SigmaError("--objective flow-matching uses the fm schedule and the euler_fm parameterization")
+        if group_size < 2 and objective == "imm":
+            raise SigmaError("--group-size must be at least 2 (the MMD compares particles)")
+        if not 0 <= label_dropout < 1:
+            raise SigmaError(f"--label-dropout must be in [0, 1), not {label_dropout}")
+        if sample_steps < 1:
+            raise SigmaError("--sample-steps must be at least 1")
+        try:
+            sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a)
+        except ValueError as e:
+            raise SigmaError(str(e)) from None
+        cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,
+                             "sample_every": sample_every})
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
+            if value is not None:
+                setattr(cfg, name, value)
+        stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout,
+                         sample_steps=sample_steps, cfg_scale=cfg_scale)
+        tok = None
+        if space == "latent":
+            tok_dir = tokenizer or default_tokenizer()
+            tok = load_model(tok_dir, "tokenizer")
+            stage.tokenizer = str(tok_dir)
+            image_size, frames = tok.config.image_size, tok.config.frames
+        data = data or ("moving-shapes" if frames > 1 else "shapes")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SigmaError("--steps and --batch-size must be at least 1")
+    group = stage.group_size if stage.objective == "imm" else 1
+    if cfg.batch_size % (world * group):
+        raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} process(es) x group size {group}")
+    torch.manual_seed(cfg.seed)
+    train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
+    heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
+    dev = resolve_device(cfg.device)
+    if not resume:
+        arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
+        if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
+            raise SigmaError(f"--width {arch['width']} must split into --heads {arch['heads']} heads of even size")
+        common = dict(arch, num_classes=train_set.num_classes, class_names=list(train_set.class_names),
+                      second_time=second_time, attn=attn, image_size=image_size, frames=frames, data_std=sched.sigma_d)
+        if second_time not in ("stride", "s"):
+            raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
+        if space == "latent":
+            tc = tok.config
+            mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev)
+            model = DiT(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim,
+                        grid=(tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size),
+                        latent_mean=mean, latent_std=std, **common)
+        else:
+            tubelet = tubelet if tubelet is not None else (2 if frames > 1 and frames % 2 == 0 else 1)
+            if patch_size < 1 or tubelet < 1 or image_size % patch_size or frames % tubelet:
+                raise SigmaError(f"--image-size {image_size} / --frames {frames} are not divisible by the patch "
+                                 f"{patch_size} / tubelet {tubelet}")
+            grid = (frames // tubelet, image_size // patch_size, image_size // patch_size)
+            cube_t = _grid3(cube, "--cube") if cube else auto_cube(grid)
+            if any(g % c for g, c in zip(grid, cube_t)):
+                raise SigmaError(f"the token grid {'x'.join(map(str, grid))} is not divisible by --cube {'x'.join(map(str, cube_t))}")
+            model = DiT(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
+                        cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
+        if int(os.environ.get("RANK", "0")) == 0:  # the run folder is a diffusers pipeline folder from the start
+            from checkpoints.io import checkpoint_dir
+
+            if checkpoint_dir(out) is not None:
+                raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+            sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
+            IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
+    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, world=world)
+    result = train(task, cfg, out, resume=resume, quiet=as_json)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["objective"] = stage.objective
+    emit(result, as_json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"final loss {result['final_loss']:.4g}",
+        f"weights: {out}/    samples: {result['pictures']}",
+        f"sample: sigma sample --model {out}",
+    ])
+
+
+
+def load_pipeline(folder: Path, device):
+    """(transformer, scheduler, tokenizer, run metadata) of an IMM run/pipeline folder, with one-line errors."""
+    from checkpoints.io import RUN_META, load_model, read_json
+    from pipelines.errors import CheckpointError
+    from pipelines.imm.scheduler import IMMScheduler
+
+    model = load_model(folder, "imm", device)
+    tok = load_model(folder / "tokenizer", "tokenizer", device) if model.config.space == "latent" else None
+    sched_config = {k: v for k, v in read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config").items()
+                    if not k.startswith("_")}
+    try:
+        scheduler = IMMScheduler(**sched_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"'{folder}/scheduler' is not a valid IMM scheduler config ({e})") from None
+    meta = read_json(folder / RUN_META) if (folder / RUN_META).exists() else {}
+    return model, scheduler, tok, meta
+
+
+def parse_labels(values: list[str], class_names: list[str], num: int) -> "torch.Tensor":  # noqa: F821
+    """Class labels from names or indices (cycled to `num`); none given: every class in turn."""
+    import torch
+
+    from pipelines.errors import SigmaError
+
+    if not values:
+        return torch.arange(num) % len(class_names)
+    labels = []
+    for v in values:
+        for item in v.split(","):
+            item = item.strip()
+            if item in class_names:
+                labels.append(class_names.index(item))
+            elif item.isdigit() and int(item) < len(class_names):
+                labels.append(int(item))
+            else:
+                raise SigmaError(f"unknown class label {item!r}; this model knows: {', '.join(class_names)}")
+    return torch.tensor(labels)[torch.arange(num) % len(labels)]
+
+
+@app.command()
+@command
+def sample(
+    model: Annotated[Optional[Path], typer.Option(help="An IMM run folder (default: the shipped shapes model).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps, 1-8 for IMM (default: the run's, 2).")] = None,
+    num: Annotated[int, typer.Option(help="Number of samples.")] = 64,
+    class_label: Annotated[Optional[list[str]], typer.Option("--class-label", help="Class name or index (repeat or comma-separate; default: all classes in turn).")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (default: the run's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart (IMM) | euler (flow matching); default: the run's.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
+    save_individual: Annotated[Optional[Path], typer.Option(help="Also write every sample to this folder.")] = None,
+    nrow: Annotated[int, typer.Option(help="Samples per row of the grid.")] = 8,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Generate images (PNG grid) or clips (GIF grid) with a trained IMM model."""
+    import time
+
+    import torch
+
+    from checkpoints import SHIPPED
+    from pipelines.errors import SigmaError
+    from pipelines.imm.sampling import generate
+    from pipelines.train import resolve_device
+    from pipelines.visual import save_individual as write_each
+    from pipelines.visual import save_media
+
+    folder = model or SHIPPED["imm"]
+    if model is None and not (folder / "model_index.json").exists():
+        raise SigmaError(f"no shipped model at '{folder}'; train one with `sigma train-imm` and pass --model runs/imm")
+    dev = resolve_device(device)
+    net, scheduler, tok, meta = load_pipeline(folder, dev)
+    stage = meta.get("stage", {})
+    steps = steps if steps is not None else stage.get("sample_steps", 2)
+    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
+    if steps < 1 or steps > 1000:
+        raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
+    if num < 1 or nrow < 1:
+        raise SigmaError("--num and --nrow must be at least 1")
+    if sampler is not None and sampler not in ("pushforward", "restart", "euler"):
+        raise SigmaError(f"--sampler must be pushforward, restart or euler, not {sampler!r}")
+    class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
+    labels = parse_labels(class_label or [], class_names, num)
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
+    seconds = time.perf_counter() - start
+    clips = x.shape[2] > 1
+    out = out or Path("samples.gif" if clips else "samples.png")
+    written = save_media(x, out, nrow=nrow)
+    if save_individual is not None:
+        write_each(x, save_individual)
+    result = {"model": str(folder), "num": num, "steps": steps, "cfg": cfg, "sampler": scheduler.sampler, "seed": seed,
+              "seconds": round(seconds, 3), "picture": str(written), "labels": labels.tolist(),
+              "individual": str(save_individual) if save_individual else None}
+    emit(result, as_json, [f"{num} samples, {steps} step(s), cfg {cfg}, in {seconds:.2f} s: {written}"])

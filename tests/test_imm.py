@@ -1,0 +1,174 @@
+"""IMM: schedule maths at closed-form points, the MMD, the objective, samplers, pipeline round trip."""
+import math
+
+import pytest
+import torch
+
+from pipelines.imm.model import DiT
+from pipelines.imm.objective import draw_global, flow_matching_loss, imm_loss, laplace_kernel, mmd, model_map
+from pipelines.imm.schedule import IMMSchedule
+from pipelines.imm.scheduler import IMMScheduler
+from pipelines.imm.sampling import generate
+
+SIGMOID_4 = 1 / (1 + math.exp(-4))
+
+
+def tiny_dit(space="pixels", **kw):
+    if space == "pixels":
+        args = dict(space="pixels", num_tokens=16, token_dim=48, grid=(1, 4, 4), cube=(1, 2, 2), image_size=16,
+                    patch_size=4, width=32, depth=2, heads=2, num_classes=3)
+    else:
+        args = dict(space="latent", num_tokens=8, token_dim=4, grid=(1, 4, 4), latent_mean=[0.0] * 4,
+                    latent_std=[1.0] * 4, width=32, depth=2, heads=2, num_classes=3)
+    model = DiT(**{**args, **kw})
+    with torch.no_grad():  # leave the zero-initialised output head, so G is not trivially 0
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() > 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("parameterization", ["euler_fm", "simple_edm"])
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+def test_map_is_identity_from_t_to_t(parameterization, schedule):
+    sched = IMMSchedule(schedule=schedule, parameterization=parameterization)
+    model = tiny_dit()
+    x = torch.randn(5, 16, 48)
+    t = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.994])
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    assert torch.allclose(model_map(model, sched, x, t, t, labels), x, atol=1e-6)
+    s = t * 0.5  # and a real jump does move x (the test could not pass with G = 0)
+    assert (model_map(model, sched, x, s, t, labels) - x).abs().max() > 1e-3
+
+
+def test_loss_weight_closed_form():
+    t = torch.tensor([0.5], dtype=torch.float64)
+    # fm at t = 1/2: alpha = sigma = 1/2, lambda = 0, dlambda/dt = -2 / (t (1 - t)) = -8
+    for a, expected in ((1, 0.5 * SIGMOID_4 * 8 * 0.5 / 0.5), (2, 0.5 * SIGMOID_4 * 8 * 0.25 / 0.5)):
+        assert IMMSchedule(weight_a=a).loss_weight(t).item() == pytest.approx(expected, rel=1e-9)
+    # cosine at t = 1/2: alpha = sigma = sqrt(2)/2, lambda = 0, dlambda/dt = -pi / (sin cos) = -2 pi
+    assert IMMSchedule(schedule="cosine", weight_a=2).loss_weight(t).item() == pytest.approx(0.5 * SIGMOID_4 * 2 * math.pi * 0.5, rel=1e-9)
+    # fm at t = 0.2: lambda = 2 log 4, dlambda/dt = -2 / 0.16
+    lam, alpha, sigma = 2 * math.log(4), 0.8, 0.2
+    expected = 0.5 / (1 + math.exp(-(4 - lam))) * (2 / 0.16) * alpha**2 / (alpha**2 + sigma**2)
+    assert IMMSchedule().loss_weight(torch.tensor([0.2], dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_r_closed_form_and_r_at_least_s():
+    sched = IMMSchedule()
+    eta_max, eta_min = 0.994 / 0.006, 0.006 / 0.994
+    eta_r = 1.0 - (eta_max - eta_min) / 2**12  # eta(1/2) = 1 minus one decrement
+    r = sched.r_of(torch.tensor([0.1], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    assert r.item() == pytest.approx(eta_r / (1 + eta_r), rel=1e-9)
+    r = sched.r_of(torch.tensor([0.495], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    assert r.item() == pytest.approx(0.495)  # clipped to s
+    for sampler in ("uniform", "lognormal"):
+        s, r, t = IMMSchedule(time_sampler=sampler).sample_times(4096, torch.Generator().manual_seed(0))
+        assert (s <= r).all() and (r <= t).all() and (s >= 0.006 - 1e-7).all() and (t <= 0.994 + 1e-7).all()
+        assert (r < t).float().mean() > 0.5  # r is a real step back from t for most draws
+
+
+def test_laplace_kernel_and_mmd():
+    a = torch.zeros(1, 2, 4)
+    b = torch.zeros(1, 2, 4)
+    b[0, 1] = torch.tensor([3.0, 4.0, 0.0, 0.0])  # distance 5, D = 4
+    k = laplace_kernel(a, b, torch.tensor([2.0]))
+    assert k[0, 0, 1].item() == pytest.approx(math.exp(-2 * 5 / 4))  # normalised by ALL elements, not the last dim
+    assert k[0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    x = torch.randn(3, 4, 10)
+    w = torch.tensor([1.0, 5.0, 20.0])
+    assert mmd(x, x.clone(), w).abs().max() < 1e-6
+    y = x + 0.5 * torch.randn_like(x)
+    value = mmd(x, y, w)
+    assert (value > 1e-4).all()
+    # one bandwidth for all three terms: the value is the textbook V-statistic with that single w
+    manual = torch.stack([laplace_kernel(x, x, w).mean((1, 2)), laplace_kernel(y, y, w).mean((1, 2)),
+                          laplace_kernel(x, y, w).mean((1, 2))])
+    assert torch.allclose(value, manual[0] + manual[1] - 2 * manual[2])
+    x.requires_grad_(True)
+    mmd(x, x.detach().clone(), w).sum().backward()  # zero distances: finite gradients
+    assert torch.isfinite(x.grad).all()
+
+
+def test_imm_loss_falls_on_a_tiny_run():
+    torch.manual_seed(0)
+    sched = IMMSchedule()
+    model = DiT(space="pixels", num_tokens=16, token_dim=48, grid=(1, 4, 4), cube=(1, 2, 2), image_size=16, patch_size=4,
+                width=64, depth=2, heads=2, num_classes=3)
+    labels = torch.arange(32) % 3
+    prototypes = torch.randn(3, 16, 48).sign() * 0.5  # a learnable distribution: one pattern per class
+    data = prototypes[labels] + 0.05 * torch.randn(32, 16, 48)
+
+    def loss_at(gen_seed):
+        draws = draw_global(sched, 32, 4, (16, 48), 0.0, torch.Generator().manual_seed(gen_seed))
+        return imm_loss(model, model, sched, data, labels, draws, 4)[0]
+
+    with torch.no_grad():
+        before = sum(loss_at(k).item() for k in range(8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(80):
+        loss = loss_at(1000 + step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = sum(loss_at(k).item() for k in range(8))
+    assert after < 0.9 * before, (before, after)
+
+
+def test_target_has_no_gradient_and_groups_share_times():
+    sched = IMMSchedule()
+    model = tiny_dit()
+    x = torch.randn(8, 16, 48) * 0.5
+    draws = draw_global(sched, 8, 4, (16, 48), 0.0, torch.Generator().manual_seed(0))
+    assert draws["t"].shape == (2,) and draws["noise"].shape == (8, 16, 48)
+    loss, _ = imm_loss(model, model, sched, x, torch.zeros(8, dtype=torch.long), draws, 4)
+    loss.backward()
+    assert all(p.grad is not None for p in model.out.parameters())
+    fm_draws = draw_global(sched, 8, 1, (16, 48), 0.1, torch.Generator().manual_seed(0), objective="flow-matching")
+    assert fm_draws["t"].shape == (8,)
+    assert flow_matching_loss(model, model, sched, x, torch.zeros(8, dtype=torch.long), fm_draws)[0].item() > 0
+
+
+@pytest.mark.parametrize("sampler", ["pushforward", "restart", "euler"])
+def test_sampling_is_deterministic_per_seed(sampler):
+    model = tiny_dit().eval()
+    scheduler = IMMScheduler(sampler=sampler)
+    labels = torch.tensor([0, 1, 2, 0])
+    run = lambda seed: generate(model, scheduler, labels, 2, torch.Generator().manual_seed(seed), cfg_scale=1.5)  # noqa: E731
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (4, 3, 1, 16, 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_one_step_pushforward_is_f_from_T_to_eps():
+    model = tiny_dit().eval()
+    sched = IMMSchedule()
+    labels = torch.tensor([0, 1])
+    tokens = generate(model, IMMScheduler(), labels, 1, torch.Generator().manual_seed(3), cfg_scale=1.0)
+    x_T = 0.5 * torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(3))
+    expected = model_map(model, sched, x_T, torch.full((2,), sched.eps), torch.full((2,), sched.T), labels)
+    assert torch.allclose(tokens, model.pixels_from_tokens(expected).clamp(-1, 1), atol=1e-5)
+
+
+def test_cube_major_tokens_round_trip():
+    model = tiny_dit()
+    x = torch.randn(2, 3, 1, 16, 16)
+    tokens = model.tokens_from_pixels(x)
+    assert torch.equal(model.pixels_from_tokens(tokens), x)
+    # the first cube (1x2x2 patches) is the first 4 tokens: patches (0,0), (0,1), (1,0), (1,1) of the 4x4 grid
+    assert model.token_order[:4].tolist() == [0, 1, 4, 5]
+
+
+def test_pipeline_save_load_round_trip(tmp_path):
+    from pipelines.imm.pipeline import IMMPipeline
+
+    pipe = IMMPipeline(tiny_dit().eval(), IMMScheduler(), None)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = IMMPipeline.from_pretrained(tmp_path / "pipe", low_cpu_mem_usage=False)
+    kw = dict(class_labels=[0, 2], num_inference_steps=2, output_type="pt")
+    a = pipe(**kw, generator=torch.Generator().manual_seed(5)).images
+    b = loaded(**kw, generator=torch.Generator().manual_seed(5)).images
+    assert torch.equal(a, b)
+    pil = loaded(class_labels=[1], num_inference_steps=1).images
+    assert pil[0].size == (16, 16)
