@@ -79,13 +79,17 @@ def load_state_checked(model: torch.nn.Module, path: Path | str):
     model.load_state_dict(state)
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def load_model(folder: Path | str, kind: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model from config.json and load its weights. Wrong kind, bad config or weights that do not
     fit raise CheckpointError with one line."""
     folder = Path(folder)
     found = folder_kind(folder)
     if found != kind:
-        raise CheckpointError(f"'{folder}' holds a {found} model, but this needs a {kind} model")
+        raise CheckpointError(f"'{folder}' holds {_a(found)} model, but this needs {_a(kind)} model")
     folder = model_folder(folder)
     cls = _class_for(kind)
     config = read_json(folder / CONFIG, "model config")

@@ -189,6 +189,11 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
 
     signal.signal(signal.SIGINT, on_sigint)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ddp.rank == 0 and resume and (run_dir / "metrics.jsonl").exists():
+        # drop lines logged after the checkpoint we resume from: the log reads as one uninterrupted run
+        kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start]
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in kept))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if ddp.rank == 0 else None
     progress = None
     if ddp.rank == 0 and not quiet:

@@ -269,7 +269,6 @@ def sample(
         raise SigmaError(f"--sampler must be pushforward, restart or euler, not {sampler!r}")
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
     labels = parse_labels(class_label or [], class_names, num)
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start
@@ -282,3 +281,67 @@ def sample(
               "seconds": round(seconds, 3), "picture": str(written), "labels": labels.tolist(),
               "individual": str(save_individual) if save_individual else None}
     emit(result, as_json, [f"{num} samples, {steps} step(s), cfg {cfg}, in {seconds:.2f} s: {written}"])
+
+
+@app.command("eval")
+@command
+def eval_(
+    model: Annotated[Optional[Path], typer.Option(help="An IMM run folder (default: the shipped shapes model).")] = None,
+    num: Annotated[int, typer.Option(help="Generated samples (and held-out samples per reference set).")] = 1000,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's).")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the run's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart | euler (default: the run's).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder for the features (default: runs/classifier if present, else the shipped one).")] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Fréchet distance (shapes-classifier features) to held-out data, and class accuracy of conditional samples."""
+    import time
+
+    import torch
+
+    from checkpoints import SHIPPED
+    from checkpoints.io import load_model
+    from pipelines.data import make_dataset
+    from pipelines.errors import SigmaError
+    from pipelines.evaluation.classifier import extract_features, predict
+    from pipelines.imm.sampling import generate
+    from pipelines.metrics import class_accuracy, frechet_distance
+    from pipelines.train import resolve_device
+
+    folder = model or SHIPPED["imm"]
+    dev = resolve_device(device)
+    net, scheduler, tok, meta = load_pipeline(folder, dev)
+    stage = meta.get("stage", {})
+    steps = steps if steps is not None else stage.get("sample_steps", 2)
+    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
+    if steps < 1 or num < 2:
+        raise SigmaError("--steps must be at least 1 and --num at least 2")
+    if sampler is not None and sampler not in ("pushforward", "restart", "euler"):
+        raise SigmaError(f"--sampler must be pushforward, restart or euler, not {sampler!r}")
+    clf_dir = classifier or (Path("runs/classifier") if (Path("runs/classifier") / "config.json").exists() else SHIPPED["classifier"])
+    clf = load_model(clf_dir, "classifier", dev)
+    c = net.config
+    if list(clf.config.class_names or []) != list(c.class_names or []):
+        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}")
+    heldout = make_dataset(meta.get("data_spec", "shapes"), image_size=c.image_size, frames=c.frames, split="heldout", seed=seed)
+    n_ref = min(num, len(heldout) // 2)
+    real_a, _ = heldout.get_batch(torch.arange(n_ref))
+    real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))
+    labels = torch.arange(num) % c.num_classes
+    start = time.perf_counter()
+    x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
+    seconds = time.perf_counter() - start
+    feats = {name: extract_features(clf, v.to(dev)) for name, v in (("gen", x), ("a", real_a), ("b", real_b))}
+    fd = frechet_distance(feats["gen"], feats["a"])
+    floor = frechet_distance(feats["b"], feats["a"])
+    pred = predict(clf, x.to(dev)).cpu()  # per frame
+    accuracy = class_accuracy(pred, labels.repeat_interleave(x.shape[2]))
+    result = {"model": str(folder), "num": num, "steps": steps, "cfg": cfg, "sampler": sampler or scheduler.sampler,
+              "fd": fd, "fd_real_floor": floor, "class_accuracy": accuracy, "reference": n_ref,
+              "sampling_seconds": round(seconds, 2), "classifier": str(clf_dir)}
+    emit(result, as_json, [
+        f"FD {fd:.3f} (real vs real floor {floor:.3f}, {n_ref} held-out each), class accuracy {100 * accuracy:.1f} %",
+        f"{num} samples, {steps} step(s), cfg {cfg}, sampled in {seconds:.1f} s",
+    ])

@@ -172,3 +172,41 @@ def test_pipeline_save_load_round_trip(tmp_path):
     assert torch.equal(a, b)
     pil = loaded(class_labels=[1], num_inference_steps=1).images
     assert pil[0].size == (16, 16)
+
+
+def test_imm_training_resumes_exactly(tmp_path):
+    """4 straight steps == a crash at step 3 (checkpoint at 2) + resume, with IMM's draws, EMA and latent-free pixels."""
+    import json
+
+    from pipelines.data import make_dataset
+    from pipelines.imm.trainer import IMMStage, IMMTask
+    from pipelines.train import TrainConfig, train
+
+    def task():
+        torch.manual_seed(0)
+        data = make_dataset("shapes", image_size=16)
+        t = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(), data, data, None, 8, 0, "shapes")
+        t.pictures = lambda *a: None
+        return t
+
+    cfg = TrainConfig(steps=4, batch_size=8, warmup=1, save_every=2, sample_every=0, log_every=1, ema=0.9)
+    train(task(), cfg, tmp_path / "straight", quiet=True)
+    crashing = task()
+    real = crashing.loss
+
+    def crash(net, model, step, *rest):
+        if step == 3:
+            raise RuntimeError("power cut")
+        return real(net, model, step, *rest)
+
+    crashing.loss = crash
+    with pytest.raises(RuntimeError):
+        train(crashing, cfg, tmp_path / "resumed", quiet=True)
+    train(task(), cfg, tmp_path / "resumed", resume=True, quiet=True)
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "straight")) == 4
+    from checkpoints.io import load_model
+
+    a = load_model(tmp_path / "straight" / "transformer", "imm").state_dict()
+    b = load_model(tmp_path / "resumed" / "transformer", "imm").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -70,6 +70,25 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_after_a_crash_drops_the_steps_logged_past_the_checkpoint(tmp_path):
+    """A crash at step 4 (checkpoint at 2, steps 3-4 logged): --resume re-runs 3-4 and the log has each step once."""
+    train(make_task(), config(), tmp_path / "straight", quiet=True)
+    task = make_task()
+    real_loss = task.loss
+
+    def crash_at_step_4(net, model, step, *rest):
+        if step == 4:
+            raise RuntimeError("power cut")
+        return real_loss(net, model, step, *rest)
+
+    task.loss = crash_at_step_4
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(task, config(save_every=2), tmp_path / "crashed", quiet=True)
+    assert len(losses(tmp_path / "crashed")) == 4
+    train(make_task(), config(save_every=2), tmp_path / "crashed", resume=True, quiet=True)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "crashed")
+
+
 def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(tmp_path):
     from pipelines.errors import SigmaError
 

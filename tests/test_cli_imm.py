@@ -1,0 +1,93 @@
+"""`sigma train-imm`, `sigma sample`, `sigma eval` end to end at tiny sizes, and their bad inputs."""
+import json
+
+import pytest
+from PIL import Image
+
+TINY_DIT = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--sample-every", "0",
+            "--save-every", "2", "--group-size", "4"]
+
+
+def last_json(result):
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny tokenizer and a tiny latent-space IMM run on it, shared by the tests below."""
+    from typer.testing import CliRunner
+
+    from sigmacli.app import app
+
+    root = tmp_path_factory.mktemp("imm")
+    invoke = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = invoke("train-tokenizer", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--sample-every", "0",
+               "--out", root / "tok", "--json")
+    assert r.exit_code == 0, r.stderr
+    r = invoke("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "3", "--out", root / "imm", "--json")
+    assert r.exit_code == 0, r.stderr
+    return root, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_train_imm_writes_a_pipeline_folder(runs, cli):
+    root, result = runs
+    assert result["steps"] == 3 and result["objective"] == "imm"
+    for name in ("model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "tokenizer/config.json", "sigma.json", "samples.png", "metrics.jsonl"):
+        assert (root / "imm" / name).exists(), name
+    info = last_json(cli("info", root / "imm", "--json"))
+    assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
+
+
+def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
+    root, _ = runs
+    args = ("sample", "--model", root / "imm", "--num", "6", "--steps", "2", "--json")
+    a = last_json(cli(*args, "--out", tmp_path / "a.png", "--save-individual", tmp_path / "each"))
+    last_json(cli(*args, "--out", tmp_path / "b.png"))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert len(list((tmp_path / "each").glob("*.png"))) == 6
+    assert a["labels"] == [0, 1, 2, 3, 4, 5]
+    c = last_json(cli("sample", "--model", root / "imm", "--num", "4", "--class-label", "star", "--sampler", "restart",
+                      "--steps", "3", "--out", tmp_path / "c.png", "--json"))
+    assert c["labels"] == [5, 5, 5, 5] and Image.open(tmp_path / "c.png").size[0] > 16
+
+
+def test_resume_extends_a_run(runs, cli, tmp_path):
+    """(Exactness of --resume is tested on the task in test_imm.py; here the CLI path.)"""
+    root, _ = runs
+    last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--out", tmp_path / "r", "--json"))
+    r = last_json(cli("train-imm", "--resume", "--steps", "4", "--out", tmp_path / "r", "--json"))
+    assert r["resumed_from"] == 2 and r["steps"] == 4
+    assert json.loads((tmp_path / "r" / "sigma.json").read_text())["step"] == 4
+
+
+def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
+    r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--steps", "2",
+                      "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
+    assert r["objective"] == "flow-matching"
+    s = last_json(cli("sample", "--model", tmp_path / "fm", "--num", "4", "--steps", "3", "--out", tmp_path / "fm.png", "--json"))
+    assert s["sampler"] == "euler"
+    last_json(cli("train-imm", "--space", "pixels", "--data", "moving-shapes", "--frames", "4", "--image-size", "16",
+                  *TINY_DIT, "--steps", "2", "--out", tmp_path / "clip", "--json"))
+    s = last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--out", tmp_path / "clip.png", "--json"))
+    assert s["picture"].endswith(".gif") and Image.open(s["picture"]).n_frames == 4
+
+
+def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
+    root, _ = runs
+    cases = [
+        (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
+        (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
+        (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),
+        (("sample", "--model", tmp_path / "nothing"), "does not exist"),
+        (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),
+        (("train-imm", "--space", "pixels", "--cube", "1x3x3", "--steps", "1", "--out", tmp_path / "y"), "not divisible by --cube"),
+        (("train-imm", "--tokenizer", root / "tok", "--batch-size", "6", "--steps", "1", "--out", tmp_path / "z"), "divisible"),
+        (("train-imm", "--tokenizer", root / "imm", "--steps", "1", "--out", tmp_path / "w"), "holds an imm model"),
+        (("train-imm", "--tokenizer", root / "tok", "--steps", "0", "--out", tmp_path / "v"), "at least 1"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 1, (args, r.stdout)
+        assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
