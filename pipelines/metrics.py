@@ -63,3 +63,23 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
     c1, c2 = k1**2, k2**2
     smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return smap.reshape(B, -1).mean(1)  # [M] is (B, C, T)-major, so this averages over C, T, H, W
+
+
+# ---- generative metrics ------------------------------------------------------------------------------------
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a [N, F] and b [M, F]:
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64. The matrix square root goes
+    through symmetric eigen-decompositions (stable, no complex parts): tr((C_a C_b)^1/2) equals the sum of
+    square roots of the eigenvalues of the symmetric C_a^1/2 C_b C_a^1/2."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
+
+
+def class_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float((pred.cpu() == target.cpu()).float().mean())

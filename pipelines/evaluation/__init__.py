@@ -1,0 +1,1 @@
+"""Evaluation of generators: a small shapes classifier whose features give a Fréchet distance (`sigma eval`)."""
