@@ -71,7 +71,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64. The matrix square root goes
     through symmetric eigen-decompositions (stable, no complex parts): tr((C_a C_b)^1/2) equals the sum of
     square roots of the eigenvalues of the symmetric C_a^1/2 C_b C_a^1/2."""
-    a, b = a.double(), b.double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"frechet_distance needs [N, F] and [M, F] with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double().cpu(), b.double().cpu()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     vals, vecs = torch.linalg.eigh(cov_a)
@@ -82,4 +84,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def class_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of equal labels; pred and target: int [N] (e.g. per-frame predictions and repeated labels)."""
+    if pred.shape != target.shape or pred.numel() == 0:
+        raise ValueError(f"class_accuracy needs equal, non-empty shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
     return float((pred.cpu() == target.cpu()).float().mean())

@@ -1,4 +1,5 @@
-"""`sigma train-classifier`: the small shapes classifier behind `sigma eval`'s features and class accuracy."""
+"""`sigma train-classifier`: the small shapes classifier behind `sigma eval` (Fréchet distance features and
+class accuracy of conditional samples)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,42 +9,72 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
-from sigmacli.tokenizer import DataOpt
+
+# the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
+DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
+EVAL_SAMPLES = 4096  # held-out samples scored at the end
 
 
 @app.command("train-classifier")
 @command
 def train_classifier(
-    data: DataOpt = None,
-    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 600,
-    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/classifier"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    data: Annotated[str, typer.Option(help="Labelled images: shapes | an image folder (one sub-folder per class) | "
+                                           "cifar10:PATH, cifar100:PATH, mnist:PATH, fashion-mnist:PATH")] = "shapes",
+    image_size: Annotated[int, typer.Option(help="Image side in pixels; other sizes are resized to it when scoring.")] = 32,
+    steps: Annotated[Optional[int], typer.Option(help=f"Training steps (default {DEFAULTS['steps']}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Global batch size (default {DEFAULTS['batch_size']}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default {DEFAULTS['lr']}).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/classifier"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ):
-    """Train the shapes classifier used by `sigma eval` (Fréchet distance features, class accuracy)."""
+    """Train the shapes classifier used by `sigma eval`; print its held-out accuracy."""
+    import torch
+
+    from checkpoints.io import CONFIG, RUN_META, read_json
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.evaluation.classifier import ClassifierTask, ShapesClassifier, evaluate_classifier
     from pipelines.train import TrainConfig, resolve_device, train
 
-    if steps < 1 or batch_size < 1:
+    if resume:  # everything but --steps comes from the run itself
+        if not (out / RUN_META).exists():
+            raise SigmaError(f"--resume: '{out}' holds no run to continue")
+        meta = read_json(out / RUN_META)
+        if meta.get("kind") != "classifier":
+            raise SigmaError(f"--resume: '{out}' holds a {meta.get('kind')} run, not a classifier run")
+        cfg = TrainConfig(**meta["train"])
+        cfg.steps = steps if steps is not None else cfg.steps
+        data = meta["data_spec"]
+        model = ShapesClassifier.from_config(read_json(out / CONFIG))
+        image_size = model.config.image_size
+    else:
+        cfg = TrainConfig(**DEFAULTS, seed=seed, device=device, save_every=250, sample_every=0)
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+            if value is not None:
+                setattr(cfg, name, value)
+        model = None
+    if cfg.steps < 1 or cfg.batch_size < 1:
         raise SigmaError("--steps and --batch-size must be at least 1")
-    data = data or "shapes"
-    train_set = make_dataset(data, image_size=image_size, split="train", seed=seed)
-    heldout = make_dataset(data, image_size=image_size, split="heldout", seed=seed)
-    model = ShapesClassifier(image_size=image_size, num_classes=train_set.num_classes, class_names=list(train_set.class_names))
-    if resume:
-        from checkpoints.io import load_model
-
-        model = load_model(out, "classifier")
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, min(50, steps // 10)), ema=0.0, weight_decay=0.01, seed=seed,
-                      device=device, save_every=200, sample_every=0)
-    result = train(ClassifierTask(model, train_set, heldout, batch_size, seed, data), cfg, out, resume=resume, quiet=as_json)
-    result.update(evaluate_classifier(model.eval(), heldout, 2048, resolve_device(device)))
-    emit(result, as_json, [f"trained {result['steps']} steps in {result['seconds']:.0f} s; held-out accuracy "
-                           f"{100 * result['accuracy']:.2f} % on {result['num']} samples; weights: {out}/"])
+    if not cfg.lr > 0:
+        raise SigmaError(f"--lr must be positive, not {cfg.lr}")
+    torch.manual_seed(cfg.seed)
+    # frames=1: video sets are scored frame by frame, and a frame of moving-shapes is a shapes image
+    train_set = make_dataset(data, image_size=image_size, split="train", seed=cfg.seed)
+    heldout = make_dataset(data, image_size=image_size, split="heldout", seed=cfg.seed)
+    if model is None:
+        model = ShapesClassifier(image_size=image_size, num_classes=train_set.num_classes,
+                                 class_names=list(train_set.class_names))
+    task = ClassifierTask(model, train_set, cfg.batch_size, cfg.seed, data_spec=data)
+    result = train(task, cfg, out, resume=resume, quiet=as_json)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    if result["rank"] == 0:
+        result.update(evaluate_classifier(model.eval(), heldout, EVAL_SAMPLES, resolve_device(cfg.device)))
+    emit(result, as_json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"final loss {result['final_loss']:.4f}",
+        f"held-out accuracy {100 * result.get('accuracy', float('nan')):.2f} % on {result.get('num')} "
+        f"{heldout.name} samples; weights: {out}/",
+    ])

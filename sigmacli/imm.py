@@ -36,8 +36,8 @@ def train_imm(
     space: Annotated[str, typer.Option(help="latent (the tokenizer's latents) | pixels (tubelet patches).")] = "latent",
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --space latent (default: runs/tokenizer if present, else the shipped one).")] = None,
     data: DataOpt = None,
-    image_size: Annotated[int, typer.Option(help="Image side (--space pixels; latent space takes the tokenizer's).")] = 32,
-    frames: Annotated[int, typer.Option(help="Frames per clip (--space pixels; latent space takes the tokenizer's).")] = 1,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side (default 32; latent space: the tokenizer's).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames per clip (default 1; latent space: the tokenizer's).")] = None,
     patch_size: Annotated[int, typer.Option(help="Patch side (--space pixels).")] = 4,
     tubelet: Annotated[Optional[int], typer.Option(help="Frames per tubelet (--space pixels; default 2 for even clips).")] = None,
     cube: Annotated[Optional[str], typer.Option(help="Token cube TxHxW for cube-major order (--space pixels; default: largest <= 4 per axis).")] = None,
@@ -130,7 +130,12 @@ def train_imm(
             tok_dir = tokenizer or default_tokenizer()
             tok = load_model(tok_dir, "tokenizer")
             stage.tokenizer = str(tok_dir)
-            image_size, frames = tok.config.image_size, tok.config.frames
+            tc = tok.config
+            if (image_size not in (None, tc.image_size)) or (frames not in (None, tc.frames)):
+                raise SigmaError(f"the tokenizer '{tok_dir}' encodes {tc.frames}-frame {tc.image_size}px data; train one for "
+                                 f"--frames {frames or 1} --image-size {image_size or 32} (sigma train-tokenizer) or use --space pixels")
+            image_size, frames = tc.image_size, tc.frames
+        image_size, frames = image_size or 32, frames or 1
         data = data or ("moving-shapes" if frames > 1 else "shapes")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise SigmaError("--steps and --batch-size must be at least 1")

@@ -86,6 +86,8 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--batch-size", "6", "--steps", "1", "--out", tmp_path / "z"), "divisible"),
         (("train-imm", "--tokenizer", root / "imm", "--steps", "1", "--out", tmp_path / "w"), "holds an imm model"),
         (("train-imm", "--tokenizer", root / "tok", "--steps", "0", "--out", tmp_path / "v"), "at least 1"),
+        (("train-imm", "--tokenizer", root / "tok", "--data", "moving-shapes", "--frames", "8", "--out", tmp_path / "u"),
+         "encodes 1-frame 16px data"),
     ]
     for args, message in cases:
         r = cli(*args)

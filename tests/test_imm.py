@@ -210,3 +210,20 @@ def test_imm_training_resumes_exactly(tmp_path):
     a = load_model(tmp_path / "straight" / "transformer", "imm").state_dict()
     b = load_model(tmp_path / "resumed" / "transformer", "imm").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_block_learns_from_the_first_step():
+    """adaLN-zero: gates start at 0 but every block's modulation gets a gradient at once (zeroing the output
+    projections as well would leave the blocks dead: both factors of the residual branch at zero)."""
+    model = DiT(space="pixels", num_tokens=16, token_dim=48, grid=(1, 4, 4), cube=(1, 2, 2), image_size=16, patch_size=4,
+                width=32, depth=3, heads=2, num_classes=3)
+    x, t, labels = torch.randn(4, 16, 48), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    target = torch.randn(4, 16, 48)
+    assert model(x, t, t * 0.5, labels).abs().max() == 0  # the network starts by predicting 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # step 1 moves only the zero-initialised output layer; step 2 reaches the blocks
+        opt.zero_grad()
+        (model(x, t, t * 0.5, labels) - target).pow(2).mean().backward()
+        opt.step()
+    for block in model.blocks:
+        assert block.ada[1].weight.grad.abs().sum() > 0

@@ -125,11 +125,15 @@ def init_transformer(module: nn.Module, residual_out_zero: bool = True):
                 nn.init.zeros_(m.bias)
     if residual_out_zero:
         for m in module.modules():
-            if isinstance(m, Block):
+            if not isinstance(m, Block):
+                continue
+            if m.ada is not None:
+                # adaLN-zero: the gates start at 0, the projections stay random. Zeroing both would leave
+                # each with a zero gradient (d gate = proj output = 0, d proj = gate = 0): a dead block.
+                nn.init.zeros_(m.ada[1].weight)
+            else:
                 nn.init.zeros_(m.attn.proj.weight)
                 nn.init.zeros_(m.mlp.fc2.weight)
-                if m.ada is not None:  # re-zero adaLN after the generic init above
-                    nn.init.zeros_(m.ada[1].weight)
 
 
 def grid_positions(t: int, h: int, w: int) -> torch.Tensor:

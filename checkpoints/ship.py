@@ -1,0 +1,55 @@
+"""Copy trained runs into checkpoints/pretrained/ as the weights `sigma sample` and `sigma eval` use by default.
+
+    python -m checkpoints.ship --imm runs/imm --classifier runs/classifier
+
+Only what inference needs is copied (configs, sigma.json, weights; no optimiser state, no pictures), and the
+large transformer is stored in float16 to keep the repository small (loading casts back to float32).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from checkpoints import SHIPPED
+from checkpoints.io import atomic_save_tensors
+from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, folder_kind
+
+
+def _copy_model(src: Path, dst: Path, half: bool):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / CONFIG, dst / CONFIG)
+    tensors = load_file(str(src / WEIGHTS))
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    atomic_save_tensors(tensors, dst / WEIGHTS)
+
+
+def ship(imm: Path | None, classifier: Path | None):
+    if imm is not None:
+        assert folder_kind(imm) == "imm", f"{imm} is not an IMM run"
+        dst = SHIPPED["imm"]
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for name in ("model_index.json", RUN_META):
+            shutil.copy2(imm / name, dst / name)
+        shutil.copytree(imm / "scheduler", dst / "scheduler")
+        _copy_model(imm / "transformer", dst / "transformer", half=True)
+        if (imm / "tokenizer").exists():
+            _copy_model(imm / "tokenizer", dst / "tokenizer", half=False)
+    if classifier is not None:
+        assert folder_kind(classifier) == "classifier", f"{classifier} is not a classifier"
+        dst = SHIPPED["classifier"]
+        shutil.rmtree(dst, ignore_errors=True)
+        _copy_model(classifier, dst, half=False)
+        shutil.copy2(classifier / RUN_META, dst / RUN_META)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--imm", type=Path)
+    parser.add_argument("--classifier", type=Path)
+    args = parser.parse_args()
+    ship(args.imm, args.classifier)
