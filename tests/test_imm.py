@@ -227,3 +227,16 @@ def test_every_block_learns_from_the_first_step():
         opt.step()
     for block in model.blocks:
         assert block.ada[1].weight.grad.abs().sum() > 0
+
+
+def test_class_groups_share_one_label():
+    from pipelines.imm.objective import class_groups
+
+    labels = torch.tensor([2, 0, 1, 0, 0, 2, 0, 1, 2, 2, 1, 0])  # 5 zeros, 3 ones, 4 twos; M = 2
+    order, group_labels = class_groups(labels, 2, null_class=3)
+    assert sorted(order.tolist()) == list(range(12)) and group_labels.shape == (6,)
+    grouped = labels[order].view(6, 2)
+    for members, label in zip(grouped, group_labels.tolist()):
+        if label != 3:
+            assert (members == label).all()
+    assert group_labels.tolist() == [0, 0, 1, 2, 2, 3]  # leftovers (one 0, one 1) form a null-class group

@@ -40,6 +40,10 @@ class Dataset:
         """indices: int64 [B] -> (x: float32 [B, C, T, H, W] in [-1, 1], y: int64 [B] class labels)."""
         raise NotImplementedError
 
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 [B] class labels of these samples (subclasses answer without decoding pixels where they can)."""
+        return self.get_batch(indices)[1]
+
     def indices_for_step(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """The global batch of sample indices for training step `step`: int64 [batch_size].
 

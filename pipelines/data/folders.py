@@ -40,6 +40,9 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.labels[as_index_tensor(indices)]
+
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """indices: int64 [B] -> (x: float32 [B, 3, T, H, W] in [-1, 1], y: int64 [B])."""
         idx = as_index_tensor(indices)

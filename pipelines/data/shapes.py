@@ -226,6 +226,10 @@ class ShapesDataset(Dataset):
         params = _clip_params(hash_uniforms(self.seed, self.split, idx, N_PARAMS), self.image_size, self.frames)
         return render(params, self.image_size), torch.from_numpy(params["cls"])
 
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = as_index_tensor(indices).numpy()
+        return torch.from_numpy(_clip_params(hash_uniforms(self.seed, self.split, idx, N_PARAMS), self.image_size, self.frames)["cls"])
+
     def indices_for_step(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """arange(step * B, (step + 1) * B): every step sees fresh samples. `seed` is unused here (the
         data set's own seed, given at construction, already picks the stream)."""

@@ -37,6 +37,29 @@ def mmd(y_t: torch.Tensor, y_r: torch.Tensor, bandwidth: torch.Tensor) -> torch.
     return k_tt + k_rr - 2 * k_tr
 
 
+def class_groups(labels: torch.Tensor, group_size: int, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrange a batch into groups of `group_size` particles that share one class: the MMD compares particles
+    of one conditional distribution (with mixed labels it would only match the mixture, and the class would
+    be free to drift). labels: int64 [B] -> (order [B], a permutation of the batch; group_labels [B // M]).
+    Full groups of each class come first; the leftovers (fewer than M of a class) form groups of the null
+    class, which trains the unconditional model that guidance needs."""
+    B, M = labels.shape[0], group_size
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    counts = torch.bincount(sorted_labels)
+    full, rest, group_labels = [], [], []
+    start = 0
+    for c, n in enumerate(counts.tolist()):
+        whole = n - n % M
+        full.append(order[start : start + whole])
+        rest.append(order[start + whole : start + n])
+        group_labels += [c] * (whole // M)
+        start += n
+    order = torch.cat(full + rest)
+    group_labels += [null_class] * ((B - len(group_labels) * M) // M)
+    return order, torch.tensor(group_labels, dtype=torch.int64)
+
+
 def draw_global(sched: IMMSchedule, batch: int, group_size: int, token_shape: tuple[int, int],
                 label_dropout: float, generator: torch.Generator, objective: str = "imm") -> dict:
     """Every random draw of one step for the GLOBAL batch (a rank slices its part), so N processes compute

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipelines.imm.model import DiT
-from pipelines.imm.objective import draw_global, flow_matching_loss, imm_loss
+from pipelines.imm.objective import class_groups, draw_global, flow_matching_loss, imm_loss
 from pipelines.imm.schedule import IMMSchedule
 
 # schedules per preset (model sizes in model.PRESETS); tiny is tuned for latents of 32x32 shapes on a 2-core CPU
@@ -73,12 +73,19 @@ class IMMTask:
         b = B // world
         if b % M:
             raise ValueError(f"the per-process batch {b} is not divisible by the group size {M}")
-        indices = self.data.indices_for_step(step, B, self.seed)[rank * b : (rank + 1) * b]  # a contiguous share of groups
-        x, labels = self.data.get_batch(indices)
+        indices = self.data.indices_for_step(step, B, self.seed)
+        g = b // M
+        if self.stage.objective == "imm":  # groups of one class, formed on the GLOBAL batch (ranks = one process)
+            order, group_labels = class_groups(self.data.labels_of(indices), M, model.null_class)
+            indices = indices[order]
+            labels = group_labels[rank * g : (rank + 1) * g].repeat_interleave(M)
+        indices = indices[rank * b : (rank + 1) * b]  # a contiguous share of the groups
+        x, data_labels = self.data.get_batch(indices)
+        if self.stage.objective != "imm":
+            labels = data_labels
         x, labels = x.to(model.device), labels.to(model.device)
         tokens = self.to_tokens(model, x)
         draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
-        g = b // M
         mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k != "noise"}
         mine["noise"] = draws["noise"][rank * b : (rank + 1) * b]
         if self.stage.objective == "imm":
