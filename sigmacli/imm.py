@@ -178,7 +178,7 @@ def train_imm(
                 raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
             sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
             IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
-    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, world=world)
+    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data)
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective
@@ -207,6 +207,21 @@ def load_pipeline(folder: Path, device):
         raise CheckpointError(f"'{folder}/scheduler' is not a valid IMM scheduler config ({e})") from None
     meta = read_json(folder / RUN_META) if (folder / RUN_META).exists() else {}
     return model, scheduler, tok, meta
+
+
+def sampling_options(meta: dict, steps, cfg, sampler) -> tuple[int, float]:
+    """Steps and guidance scale (defaults: the run's), with the sampler name checked."""
+    from pipelines.errors import SigmaError
+    from pipelines.imm.scheduler import SAMPLERS
+
+    stage = meta.get("stage", {})
+    steps = steps if steps is not None else stage.get("sample_steps", 2)
+    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
+    if not 1 <= steps <= 1000:
+        raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise SigmaError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    return steps, cfg
 
 
 def parse_labels(values: list[str], class_names: list[str], num: int) -> "torch.Tensor":  # noqa: F821
@@ -263,15 +278,9 @@ def sample(
         raise SigmaError(f"no shipped model at '{folder}'; train one with `sigma train-imm` and pass --model runs/imm")
     dev = resolve_device(device)
     net, scheduler, tok, meta = load_pipeline(folder, dev)
-    stage = meta.get("stage", {})
-    steps = steps if steps is not None else stage.get("sample_steps", 2)
-    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
-    if steps < 1 or steps > 1000:
-        raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
+    steps, cfg = sampling_options(meta, steps, cfg, sampler)
     if num < 1 or nrow < 1:
         raise SigmaError("--num and --nrow must be at least 1")
-    if sampler is not None and sampler not in ("pushforward", "restart", "euler"):
-        raise SigmaError(f"--sampler must be pushforward, restart or euler, not {sampler!r}")
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
     labels = parse_labels(class_label or [], class_names, num)
     start = time.perf_counter()
@@ -318,13 +327,9 @@ def eval_(
     folder = model or SHIPPED["imm"]
     dev = resolve_device(device)
     net, scheduler, tok, meta = load_pipeline(folder, dev)
-    stage = meta.get("stage", {})
-    steps = steps if steps is not None else stage.get("sample_steps", 2)
-    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
-    if steps < 1 or num < 2:
-        raise SigmaError("--steps must be at least 1 and --num at least 2")
-    if sampler is not None and sampler not in ("pushforward", "restart", "euler"):
-        raise SigmaError(f"--sampler must be pushforward, restart or euler, not {sampler!r}")
+    steps, cfg = sampling_options(meta, steps, cfg, sampler)
+    if num < 2:
+        raise SigmaError("--num must be at least 2")
     clf_dir = classifier or (Path("runs/classifier") if (Path("runs/classifier") / "config.json").exists() else SHIPPED["classifier"])
     clf = load_model(clf_dir, "classifier", dev)
     c = net.config

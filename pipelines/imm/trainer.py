@@ -48,7 +48,7 @@ class IMMTask:
     model_subfolder = "transformer"  # the run folder is a diffusers pipeline folder
 
     def __init__(self, model: DiT, schedule: IMMSchedule, stage: IMMStage, data, heldout, tokenizer, batch_size: int,
-                 seed: int, data_spec: str, world: int = 1):
+                 seed: int, data_spec: str):
         if stage.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {stage.objective!r}")
         self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
