@@ -93,3 +93,18 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         r = cli(*args)
         assert r.exit_code == 1, (args, r.stdout)
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_shipped_model_samples_with_no_options(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = last_json(cli("sample", "--num", "8", "--json"))
+    assert r["steps"] == 2 and (tmp_path / "samples.png").exists()
+    assert Image.open(tmp_path / "samples.png").size[0] > 32 * 4
+
+
+def test_eval_reports_fd_floor_and_accuracy(runs, cli):
+    root, _ = runs
+    from checkpoints import SHIPPED
+
+    r = last_json(cli("eval", "--model", root / "imm", "--num", "12", "--classifier", SHIPPED["classifier"], "--json"))
+    assert r["fd"] > 0 and r["fd_real_floor"] >= 0 and 0 <= r["class_accuracy"] <= 1 and r["reference"] == 12
