@@ -68,7 +68,6 @@ def train_imm(
     as_json: JsonOpt = False,
 ):
     """Train a class-conditional diffusion transformer with Inductive Moment Matching (1-8 step sampling)."""
-
     import math
     import os
 

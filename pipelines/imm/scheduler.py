@@ -79,6 +79,3 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
                 noise = self.schedule.sigma_d * torch.randn(sample.shape, generator=generator, dtype=torch.float32)
                 prev = self.schedule.add_noise(prev, noise.to(prev), full(s_next))
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def __len__(self):
-        return 1000
