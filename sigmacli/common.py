@@ -52,3 +52,17 @@ def emit(result: dict, as_json: bool, lines: list[str]):
     else:
         for line in lines:
             typer.echo(line)
+
+
+def parse_grid(text: str, what: str, minimum: int = 1) -> tuple[int, int, int]:
+    """'16x32x32' -> (16, 32, 32); anything else is a one-line SigmaError naming the option."""
+    from pipelines.errors import SigmaError
+
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < minimum:
+        floor = "positive" if minimum >= 1 else "non-negative"
+        raise SigmaError(f"{what} must look like TxHxW with {floor} integers (e.g. 1x4x4), not {text!r}")
+    return parts

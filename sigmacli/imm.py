@@ -7,20 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit, parse_grid
 from sigmacli.tokenizer import DataOpt
-
-
-def _grid3(text: str, what: str) -> tuple[int, int, int]:
-    from pipelines.errors import SigmaError
-
-    try:
-        parts = tuple(int(p) for p in text.lower().split("x"))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) < 1:
-        raise SigmaError(f"{what} must look like TxHxW with positive integers (e.g. 1x4x4), not {text!r}")
-    return parts
 
 
 def default_tokenizer() -> Path:
@@ -49,7 +37,9 @@ def train_imm(
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
     second_time: Annotated[str, typer.Option(help="The transformer's second time input: stride (t - s) | s")] = "stride",
     weight_a: Annotated[int, typer.Option(help="a in w(s,t)'s alpha_t^a (1 or 2).")] = 2,
-    attn: Annotated[str, typer.Option(help="Attention kind: dense (nsa, mta when available).")] = "dense",
+    attn: Annotated[str, typer.Option(help="Attention kind: dense | nsa (3D Native Sparse Attention over --cube blocks).")] = "dense",
+    top_n: Annotated[int, typer.Option(help="NSA: KV cubes each query cube selects beyond its forced neighbourhood.")] = 2,
+    radius: Annotated[str, typer.Option(help="NSA: forced neighbourhood TxHxW in cubes (0x0x0 = the query's own cube).")] = "0x0x0",
     width: Annotated[Optional[int], typer.Option(help="Transformer width (default: the preset's).")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Transformer blocks (default: the preset's).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Attention heads (default: the preset's).")] = None,
@@ -149,8 +139,14 @@ def train_imm(
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
         if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
             raise SigmaError(f"--width {arch['width']} must split into --heads {arch['heads']} heads of even size")
+        attn_config = None
+        if attn == "nsa":
+            if top_n < 0:
+                raise SigmaError(f"--top-n must be >= 0, not {top_n}")
+            attn_config = {"top_n": top_n, "radius": list(parse_grid(radius, "--radius", minimum=0))}
         common = dict(arch, num_classes=train_set.num_classes, class_names=list(train_set.class_names),
-                      second_time=second_time, attn=attn, image_size=image_size, frames=frames, data_std=sched.sigma_d)
+                      second_time=second_time, attn=attn, attn_config=attn_config, image_size=image_size,
+                      frames=frames, data_std=sched.sigma_d)
         if second_time not in ("stride", "s"):
             raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
         if space == "latent":
@@ -165,7 +161,7 @@ def train_imm(
                 raise SigmaError(f"--image-size {image_size} / --frames {frames} are not divisible by the patch "
                                  f"{patch_size} / tubelet {tubelet}")
             grid = (frames // tubelet, image_size // patch_size, image_size // patch_size)
-            cube_t = _grid3(cube, "--cube") if cube else auto_cube(grid)
+            cube_t = parse_grid(cube, "--cube") if cube else auto_cube(grid)
             if any(g % c for g, c in zip(grid, cube_t)):
                 raise SigmaError(f"the token grid {'x'.join(map(str, grid))} is not divisible by --cube {'x'.join(map(str, cube_t))}")
             model = DiT(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_KINDS = ("dense",)  # `nsa` and `mta` plug in here (kernels/), without changes to the models
+ATTN_KINDS = ("dense", "nsa")  # `mta` plugs in here too (kernels/), without changes to the models
 
 
 def rope_3d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +54,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE and QK-norm (stable at high learning rates).
 
-    `attn` picks the kernel: "dense" is torch SDPA. Tokens that carry no position (e.g. latent tokens)
-    get the identity rotation (cos = 1, sin = 0) in the tables passed as `rope`.
+    `attn` picks the kernel: "dense" is torch SDPA; "nsa" is 3D Native Sparse Attention (kernels/nsa), which
+    needs the token `layout` {"grid": (t, h, w), "cube": (t, h, w)} (tokens stored cube-major) and takes its
+    options (top_n, radius, compress, backend) from `attn_config`. Tokens that carry no position (e.g. latent
+    tokens) get the identity rotation (cos = 1, sin = 0) in the tables passed as `rope`.
     """
 
-    def __init__(self, dim: int, heads: int, attn: str = "dense", qk_norm: bool = True):
+    def __init__(self, dim: int, heads: int, attn: str = "dense", qk_norm: bool = True, layout: dict | None = None,
+                 attn_config: dict | None = None):
         super().__init__()
         if attn not in ATTN_KINDS:
             raise ValueError(f"attention kind {attn!r} is not available (have: {', '.join(ATTN_KINDS)})")
@@ -69,6 +72,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.sparse = None
+        if attn == "nsa":
+            if layout is None:
+                raise ValueError("attn='nsa' needs the token layout (grid and cube)")
+            from kernels.nsa.module import NSA3D
+
+            self.sparse = NSA3D(dim, heads, self.head_dim, layout["grid"], layout["cube"], **(attn_config or {}))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, N, D = x.shape
@@ -76,7 +86,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, K]
+        if self.sparse is not None:
+            o = self.sparse(x, q.contiguous(), k.contiguous(), v.contiguous())
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, K]
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
@@ -94,10 +107,11 @@ class Block(nn.Module):
     (DiT): shift/scale/gate per branch from `cond`, gates initialised to zero so the block starts as identity.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "dense", cond_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "dense", cond_dim: int | None = None,
+                 layout: dict | None = None, attn_config: dict | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
-        self.attn = Attention(dim, heads, attn)
+        self.attn = Attention(dim, heads, attn, layout=layout, attn_config=attn_config)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.ada = None
@@ -123,6 +137,9 @@ def init_transformer(module: nn.Module, residual_out_zero: bool = True):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    for m in module.modules():  # kernel modules (e.g. NSA gates, compressors) restore their own initial state
+        if m is not module and hasattr(m, "init_weights"):
+            m.init_weights()
     if residual_out_zero:
         for m in module.modules():
             if not isinstance(m, Block):

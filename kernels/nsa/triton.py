@@ -1,0 +1,244 @@
+"""Native Sparse Attention in Triton: one block-sparse FlashAttention (forward + backward) serves both branches.
+
+* Selected branch: query block i (a cube of V tokens) attends to the S KV blocks listed in index[b, hkv, i].
+* Compressed branch: every query block attends to all NB compressed keys, which is the same kernel with an
+  index listing every tile of compressed keys.
+* Block scores for the selection: a second pass over the compressed keys with the saved log-sum-exp sums the
+  probabilities over each query cube (importance per notes: probabilities, not logits).
+* Backward: dQ in the query-block program (loops over its S blocks); dK/dV in a program per KV block that walks
+  the query blocks which selected it, from a sorted inverted index (CSR): deterministic, no float atomics.
+
+GQA: G = H / Hkv query heads share kv head h // G and its selection. Shapes: q [B, H, Nq, D], k, v
+[B, Hkv, Nk, D], contiguous; D a power of two >= 16; block sizes powers of two >= 16 (tl.dot tiles).
+Naming (fla style): i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ blocks in registers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, IDX, sm_scale, NQ, NK, NQB, S, H, HKV,
+                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr):
+    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hkv = i_h // (H // HKV)
+    p_q = Q + i_bh.to(tl.int64) * NQ * D
+    p_k = K + (i_b * HKV + i_hkv).to(tl.int64) * NK * D
+    p_v = V + (i_b * HKV + i_hkv).to(tl.int64) * NK * D
+    p_idx = IDX + ((i_b * HKV + i_hkv) * NQB + i_qb).to(tl.int64) * S
+    o_q = i_qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_d = tl.arange(0, D)
+    m_q = o_q < NQ
+    b_q = tl.load(p_q + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
+    b_m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    for s in range(S):
+        i_kb = tl.load(p_idx + s)
+        o_k = i_kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < NK
+        b_k = tl.load(p_k + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale  # [BLOCK_Q, BLOCK_K]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # online softmax (FlashAttention-2)
+        b_p = tl.exp(b_s - b_m_new[:, None])
+        b_alpha = tl.exp(b_m - b_m_new)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    b_o = b_acc / b_l[:, None]
+    tl.store(O + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_q[:, None])
+    tl.store(LSE + i_bh.to(tl.int64) * NQ + o_q, b_m + tl.log(b_l), mask=m_q)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, sm_scale, NQ, NK, NQB, S, H, HKV,
+                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr):
+    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hkv = i_h // (H // HKV)
+    p_k = K + (i_b * HKV + i_hkv).to(tl.int64) * NK * D
+    p_v = V + (i_b * HKV + i_hkv).to(tl.int64) * NK * D
+    p_idx = IDX + ((i_b * HKV + i_hkv) * NQB + i_qb).to(tl.int64) * S
+    o_q = i_qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_d = tl.arange(0, D)
+    m_q = o_q < NQ
+    o_qd = i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :]
+    b_q = tl.load(Q + o_qd, mask=m_q[:, None], other=0.0)
+    b_do = tl.load(DO + o_qd, mask=m_q[:, None], other=0.0)
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+    b_dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+    for s in range(S):
+        i_kb = tl.load(p_idx + s)
+        o_k = i_kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < NK
+        b_k = tl.load(p_k + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale
+        b_p = tl.where(m_k[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])  # dS = P * (dP - rowsum(dO * O))
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    tl.store(DQ + o_qd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+
+
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, QBLOCKS, sm_scale, NQ, NK, NKB, H, HKV,
+                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr):
+    i_kb, i_bhkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
+    G = H // HKV
+    o_k = i_kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, D)
+    m_k = o_k < NK
+    o_kd = i_bhkv.to(tl.int64) * NK * D + o_k[:, None] * D + o_d[None, :]
+    b_k = tl.load(K + o_kd, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(V + o_kd, mask=m_k[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    row = i_bhkv * NKB + i_kb
+    start = tl.load(OFFSETS + row)
+    end = tl.load(OFFSETS + row + 1)
+    for e in range(start, end):  # the query blocks that selected this KV block, ascending: a fixed sum order
+        i_qb = tl.load(QBLOCKS + e)
+        o_q = i_qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        m_q = o_q < NQ
+        for g in range(G):
+            i_bh = i_b * H + i_hkv * G + g
+            o_qd = i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :]
+            b_q = tl.load(Q + o_qd, mask=m_q[:, None], other=0.0)
+            b_do = tl.load(DO + o_qd, mask=m_q[:, None], other=0.0)
+            b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+            b_delta = tl.load(DELTA + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale
+            b_p = tl.where(m_q[:, None] & m_k[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do)
+            b_dp = tl.dot(b_do, tl.trans(b_v))
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q)
+    tl.store(DK + o_kd, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_k[:, None])
+    tl.store(DV + o_kd, b_dv.to(DV.dtype.element_ty), mask=m_k[:, None])
+
+
+@triton.jit
+def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
+                   BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr):
+    """scores[b, h, i, j] = sum over the queries of block i of softmax(q kc^T)[j], from the saved lse."""
+    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hkv = i_h // (H // HKV)
+    o_q = i_qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_d = tl.arange(0, D)
+    m_q = o_q < NQ
+    b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+    p_kc = KC + (i_b * HKV + i_hkv).to(tl.int64) * NC * D
+    p_out = SCORES + (i_bh.to(tl.int64) * tl.cdiv(NQ, BLOCK_Q) + i_qb) * NC
+    for c0 in range(0, NC, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < NC
+        b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_kc)) * sm_scale
+        b_p = tl.where(m_q[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        tl.store(p_out + o_c, tl.sum(b_p, 0), mask=m_c)
+
+
+# ---- host side ----------------------------------------------------------------------------------------------
+def _check(q: torch.Tensor, *blocks: int):
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"the Triton NSA kernels need a power-of-two head dim >= 16, got {D}")
+    for b in blocks:
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"the Triton NSA kernels need power-of-two blocks of >= 16 tokens, got {b}")
+
+
+def inverted_index(index: torch.Tensor, nkb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of index [B, Hkv, NQB, S] by KV block: offsets [B*Hkv*NKB + 1] and the selecting query blocks,
+    ascending within each KV block (stable sort), so every dK/dV sum runs in one fixed order."""
+    R, nqb, S = index.shape[0] * index.shape[1], index.shape[2], index.shape[3]
+    flat = index.reshape(R, nqb * S).long()
+    keys = flat + torch.arange(R, device=index.device)[:, None] * nkb
+    qblk = torch.arange(nqb, device=index.device).repeat_interleave(S).expand(R, -1)
+    valid = flat >= 0
+    keys, qblk = keys[valid], qblk[valid]
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=R * nkb)
+    offsets = torch.zeros(R * nkb + 1, dtype=torch.int32, device=index.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets, qblk[order].to(torch.int32).contiguous()
+
+
+def sparse_fwd(q, k, v, index, block_q: int, block_k: int):
+    """o [B, H, Nq, D] and lse [B, H, Nq] (fp32) of block-sparse attention; index [B, Hkv, ceil(Nq/block_q), S]."""
+    _check(q, block_q, block_k)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, NQ, D = q.shape
+    HKV, NK = k.shape[1], k.shape[2]
+    nqb, S = index.shape[2], index.shape[3]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
+    idx = index.to(torch.int32).contiguous()
+    _fwd_kernel[(nqb, B * H)](q, k, v, o, lse, idx, D**-0.5, NQ, NK, nqb, S, H, HKV,
+                              BLOCK_Q=block_q, BLOCK_K=block_k, D=D)
+    return o, lse
+
+
+def sparse_bwd(do, q, k, v, o, lse, index, block_q: int, block_k: int):
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    B, H, NQ, D = q.shape
+    HKV, NK = k.shape[1], k.shape[2]
+    nqb, S = index.shape[2], index.shape[3]
+    nkb = triton.cdiv(NK, block_k)
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    idx = index.to(torch.int32).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _bwd_dq_kernel[(nqb, B * H)](q, k, v, do, lse, delta, dq, idx, D**-0.5, NQ, NK, nqb, S, H, HKV,
+                                 BLOCK_Q=block_q, BLOCK_K=block_k, D=D)
+    offsets, qblocks = inverted_index(index, nkb)
+    _bwd_dkv_kernel[(nkb, B * HKV)](q, k, v, do, lse, delta, dk, dv, offsets, qblocks, D**-0.5, NQ, NK, nkb, H, HKV,
+                                    BLOCK_Q=block_q, BLOCK_K=block_k, D=D)
+    return dq, dk, dv
+
+
+def _tile(n: int) -> int:
+    """Tile for the compressed keys: the smallest power of two >= n, between 16 and 64."""
+    return max(16, min(64, triton.next_power_of_2(n)))
+
+
+def dense_index(B: int, hkv: int, nqb: int, nk: int, tile: int, device) -> torch.Tensor:
+    return torch.arange(triton.cdiv(nk, tile), device=device, dtype=torch.int32).expand(B, hkv, nqb, -1)
+
+
+def compressed_fwd(q, k_cmp, v_cmp, block: int):
+    """o [B, H, N, D], lse [B, H, N] and scores [B, H, N // block, NB] (fp32) of the compressed branch."""
+    B, H, N, D = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    tile = _tile(nc)
+    o, lse = sparse_fwd(q, k_cmp, v_cmp, dense_index(B, hkv, triton.cdiv(N, 64), nc, tile, q.device), 64, tile)
+    _check(q, block)
+    scores = torch.empty(B, H, N // block, nc, dtype=torch.float32, device=q.device)
+    _scores_kernel[(N // block, B * H)](q.contiguous(), k_cmp.contiguous(), lse, scores, D**-0.5, N, nc, H, hkv,
+                                        BLOCK_Q=block, BLOCK_C=tile, D=D)
+    return o, lse, scores
+
+
+def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
+    B, H, N, D = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    tile = _tile(nc)
+    index = dense_index(B, hkv, triton.cdiv(N, 64), nc, tile, q.device)
+    return sparse_bwd(do, q, k_cmp, v_cmp, o, lse, index, 64, tile)
+
+
+def selected_fwd(q, k, v, index, block: int):
+    return sparse_fwd(q, k, v, index, block, block)
+
+
+def selected_bwd(do, q, k, v, o, lse, index, block: int):
+    return sparse_bwd(do, q, k, v, o, lse, index, block, block)
