@@ -97,3 +97,57 @@ def save_individual(x: torch.Tensor, folder: str | os.PathLike, prefix: str = "s
         frames = frames.repeat(3, axis=-1)
     suffix = ".png" if frames.shape[1] == 1 else ".gif"
     return [_write_frames(f, Path(folder) / f"{prefix}_{i:04d}{suffix}", fps) for i, f in enumerate(frames)]
+
+
+# ---- benchmark plots (Pillow only: no plotting library is a dependency) -------------------------------------
+PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def _panel(draw, box, series: dict, title: str, ylabel: str, hline: float | None = None):
+    """One log-log panel in box (x0, y0, x1, y1): series name -> [(x, y), ...]."""
+    x0, y0, x1, y1 = box
+    pts = [p for s in series.values() for p in s if p[1] and p[1] > 0]
+    if not pts:
+        return
+    lx = [math.log10(p[0]) for p in pts]
+    ly = [math.log10(p[1]) for p in pts] + ([math.log10(hline)] if hline else [])
+    xa, xb = min(lx) - 0.05, max(lx) + 0.05
+    ya, yb = math.floor(min(ly) * 2) / 2, math.ceil(max(ly) * 2) / 2 + 1e-9
+    px = lambda v: x0 + (math.log10(v) - xa) / (xb - xa) * (x1 - x0)  # noqa: E731
+    py = lambda v: y1 - (math.log10(v) - ya) / (yb - ya) * (y1 - y0)  # noqa: E731
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((x0, y0 - 28), title, fill=(0, 0, 0))
+    draw.text((x0 - 60, y0 - 14), ylabel, fill=(80, 80, 80))
+    e = math.ceil(ya * 2) / 2
+    while e <= yb:  # grid lines every half decade
+        y = py(10**e)
+        draw.line((x0, y, x1, y), fill=(225, 225, 225))
+        draw.text((x0 - 58, y - 6), f"{10**e:.3g}", fill=(80, 80, 80))
+        e += 0.5
+    for xv in sorted({p[0] for p in pts}):
+        draw.text((px(xv) - 14, y1 + 6), f"{xv:,}", fill=(80, 80, 80))
+    if hline:
+        draw.line((x0, py(hline), x1, py(hline)), fill=(120, 120, 120), width=1)
+    for i, (name, s) in enumerate(series.items()):
+        colour = PLOT_COLOURS[i % len(PLOT_COLOURS)]
+        xy = [(px(x), py(y)) for x, y in s if y and y > 0]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((x0 + 8, y0 + 6 + 14 * i), name, fill=colour)
+
+
+def save_plot(panels: list[dict], path: str | os.PathLike, xlabel: str = "tokens") -> Path:
+    """A row of log-log line panels as a PNG. Each panel: {"title", "ylabel", "series": {name: [(x, y)]},
+    optional "hline" (a reference level, e.g. speed-up 1)}."""
+    from PIL import ImageDraw
+
+    w, h, margin = 460, 340, 70
+    img = Image.new("RGB", (len(panels) * (w + margin) + margin, h + 2 * margin), "white")
+    draw = ImageDraw.Draw(img)
+    for i, p in enumerate(panels):
+        x0 = margin + i * (w + margin)
+        _panel(draw, (x0, margin, x0 + w, margin + h - 40), p["series"], p["title"], p.get("ylabel", ""), p.get("hline"))
+        draw.text((x0 + w // 2 - 20, margin + h - 14), xlabel, fill=(80, 80, 80))
+    return _write_frames(np.asarray(img)[None], Path(path), fps=1)

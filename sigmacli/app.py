@@ -51,6 +51,7 @@ def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.
 from sigmacli import tokenizer  # noqa: E402,F401  (registers its commands on `app`)
 from sigmacli import imm  # noqa: E402,F401
 from sigmacli import classifier  # noqa: E402,F401
+from sigmacli import bench  # noqa: E402,F401
 
 
 def main():

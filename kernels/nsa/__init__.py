@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from . import cpu
-from .reference import cube_neighbourhood, nsa_3d_reference, nsa_causal_reference, select_causal, select_cubes
+from .reference import (cube_neighbourhood, nsa_3d_reference, nsa_causal_reference, select_causal, select_cubes,
+                        selection_size)
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -128,9 +129,10 @@ def selected_attention(q, k, v, index, block: int, backend: str = "auto"):
 
 # ---- NSA -------------------------------------------------------------------------------------------------------
 def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, forced: torch.Tensor,
-           backend: str = "auto", return_index: bool = False):
+           backend: str = "auto", return_index: bool = False, n_select: int | None = None):
     """Non-causal NSA over cube-major tokens (one compressed token per cube). forced: [NB, NB] bool, the cubes
-    every query cube attends to (its own and its neighbours, see cube_neighbourhood). Returns o [B, H, N, K]."""
+    every query cube attends to (its own and its neighbours, see cube_neighbourhood); n_select: the precomputed
+    selection_size(top_n, forced) (a Python int, so torch.compile sees no data-dependent size). Returns o [B, H, N, K]."""
     B, H, N, K = q.shape
     hkv = k.shape[1]
     if N % block:
@@ -141,7 +143,7 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
         return (o, index) if return_index else o
     o_cmp, _, scores = _compressed(q, k_cmp, v_cmp, block, backend)
     scores = scores.view(B, hkv, H // hkv, N // block, -1).sum(2)  # a GQA group shares one selection
-    index = select_cubes(scores, top_n, forced.to(q.device))
+    index = select_cubes(scores, top_n, forced, n_select)
     o_slc, _ = _selected(q, k, v, index, block, backend)
     o = g_cmp[..., None].to(o_cmp.dtype) * o_cmp + g_slc[..., None].to(o_slc.dtype) * o_slc
     return (o, index) if return_index else o
@@ -174,4 +176,4 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
 
 
 __all__ = ["nsa_3d", "nsa_causal", "compressed_attention", "selected_attention", "cube_neighbourhood",
-           "select_cubes", "select_causal", "BACKENDS"]
+           "select_cubes", "select_causal", "selection_size", "BACKENDS"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-GATHER_BYTES = 48 << 20  # size of the gathered K (and V) blocks per chunk: big GEMMs, small cache footprint
+TILE_BYTES = 1 << 20  # fp32 score tile per step: small enough to stay in cache (4x faster than big chunks here)
 
 
 def _rows(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -30,8 +30,9 @@ def _unrows(dx: torch.Tensor, B: int, hkv: int) -> torch.Tensor:
     return dx.sum(2)
 
 
-def _chunk(rows: int, per_row_bytes: int) -> int:
-    return max(1, min(rows, GATHER_BYTES // max(per_row_bytes, 1)))
+def _step(row_elems: int, limit: int) -> int:
+    """How many rows of `row_elems` fp32 scores fit one cache-sized tile."""
+    return max(1, min(limit, TILE_BYTES // (4 * max(row_elems, 1))))
 
 
 # ---- compressed branch: every query against the NB compressed keys, with the block scores fused in ---------
@@ -45,14 +46,18 @@ def compressed_fwd(q, k_cmp, v_cmp, block: int):
     o = torch.empty_like(qr)
     lse = torch.empty(B * H, N, dtype=torch.float32)
     scores = torch.empty(B * H, N // block, nb, dtype=torch.float32)
-    step = _chunk(B * H, N * nb * 4)
-    for r in range(0, B * H, step):
-        s = (qr[r : r + step] @ kr[r : r + step].transpose(1, 2)).float() * scale  # [c, N, NB]
-        m = s.logsumexp(-1)
-        p = (s - m[..., None]).exp_()
-        o[r : r + step] = (p.to(q.dtype) @ vr[r : r + step]).to(o.dtype)
-        lse[r : r + step] = m
-        scores[r : r + step] = p.view(p.shape[0], N // block, block, nb).sum(2)
+    step = _step(nb * block, N // block) * block  # whole query blocks per tile
+    for r in range(B * H):
+        kt = kr[r].transpose(0, 1)
+        for a in range(0, N, step):
+            s = (qr[r, a : a + step] @ kt).float().mul_(scale)  # [c, NB]
+            m = s.amax(-1, keepdim=True)
+            p = s.sub_(m).exp_()
+            l = p.sum(-1, keepdim=True)
+            o[r, a : a + step] = (p.to(q.dtype) @ vr[r]).div_(l).to(o.dtype)
+            lse[r, a : a + step] = (m + l.log()).squeeze(-1)
+            p.div_(l)  # probabilities for the block scores
+            scores[r, a // block : (a + step) // block] = p.view(-1, block, nb).sum(1)
     return o.view(B, H, N, K), lse.view(B, H, N), scores.view(B, H, N // block, nb)
 
 
@@ -63,80 +68,83 @@ def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
     qr, kr, vr = q.reshape(B * H, N, K), _rows(k_cmp, H), _rows(v_cmp, H)
     dor, lser = do.reshape(B * H, N, K), lse.reshape(B * H, N)
     delta = (do.float() * o.float()).sum(-1).reshape(B * H, N)  # rowsum(dO * O) = sum_j P_ij dP_ij
-    dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)
-    step = _chunk(B * H, N * kr.shape[1] * 4)
-    for r in range(0, B * H, step):
-        sl = slice(r, r + step)
-        s = (qr[sl] @ kr[sl].transpose(1, 2)).float() * scale
-        p = (s - lser[sl, :, None]).exp_()  # [c, N, NB]
-        dv[sl] = (p.transpose(1, 2).to(q.dtype) @ dor[sl]).to(dv.dtype)
-        dp = (dor[sl] @ vr[sl].transpose(1, 2)).float()
-        ds = p.mul_(dp - delta[sl, :, None]).mul_(scale).to(q.dtype)
-        dq[sl] = ds @ kr[sl]
-        dk[sl] = ds.transpose(1, 2) @ qr[sl]
-    return dq.view_as(q), _unrows(dk, B, hkv), _unrows(dv, B, hkv)
+    dq = torch.empty_like(qr)
+    dk = torch.zeros(kr.shape, dtype=torch.float32)
+    dv = torch.zeros(vr.shape, dtype=torch.float32)
+    nb = kr.shape[1]
+    step = _step(nb, N)
+    for r in range(B * H):
+        for a in range(0, N, step):
+            sl = slice(a, a + step)
+            s = (qr[r, sl] @ kr[r].transpose(0, 1)).float().mul_(scale)
+            p = s.sub_(lser[r, sl, None]).exp_()  # [c, NB]
+            dv[r] += (p.transpose(0, 1).to(q.dtype) @ dor[r, sl]).float()
+            dp = (dor[r, sl] @ vr[r].transpose(0, 1)).float()
+            ds = p.mul_(dp.sub_(delta[r, sl, None])).mul_(scale).to(q.dtype)
+            dq[r, sl] = ds @ kr[r]
+            dk[r] += (ds.transpose(0, 1) @ qr[r, sl]).float()
+    return dq.view_as(q), _unrows(dk, B, hkv).to(k_cmp.dtype), _unrows(dv, B, hkv).to(v_cmp.dtype)
 
 
 # ---- selected branch: block-sparse attention over S KV blocks per query block -------------------------------
 def _flat_index(index: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, Hkv, NQB, S] block indices -> [B * H, NQB * S] indices into the flattened [B * H * NB] block table."""
-    B, hkv, nqb, S = index.shape
-    idx = _rows(index, heads).view(B * heads, nqb * S)
-    return idx + torch.arange(B * heads, device=idx.device)[:, None] * nqb  # NB == NQB: same blocks for q and kv
+    """[B, Hkv, NB, S] block indices -> [B * H * NB, S] indices into the flattened [B * H * NB] block table."""
+    B, hkv, nb, S = index.shape
+    idx = _rows(index, heads).view(B * heads, nb, S)
+    return (idx + torch.arange(B * heads, device=idx.device)[:, None, None] * nb).view(-1, S)
 
 
 def selected_fwd(q, k, v, index, block: int):
     """q: [B, H, N, K]; k, v: [B, Hkv, N, K]; index: [B, Hkv, NB, S]. Returns o [B, H, N, K], lse [B, H, N]."""
     B, H, N, K = q.shape
-    nb, S = N // block, index.shape[-1]
+    S = index.shape[-1]
     scale = K**-0.5
-    qb = q.reshape(B * H, nb, block, K)
-    kt, vt = _rows(k, H).reshape(-1, block, K), _rows(v, H).reshape(-1, block, K)  # block tables [R*NB, V, K]
-    flat = _flat_index(index, H)
+    qb = q.reshape(-1, block, K)  # [R*NB, V, K]: every query block of every (batch, head)
+    kt, vt = _rows(k, H).reshape(-1, block, K), _rows(v, H).reshape(-1, block, K)  # block tables, same numbering
+    flat = _flat_index(index, H)  # [R*NB, S]
     o = torch.empty_like(qb)
-    lse = torch.empty(B * H, nb, block, dtype=torch.float32)
-    step = _chunk(B * H, nb * S * block * K * q.element_size())
-    for r in range(0, B * H, step):
-        c = min(step, B * H - r)
-        ids = flat[r : r + c].reshape(-1)
-        ks = kt.index_select(0, ids).view(c, nb, S * block, K)
-        vs = vt.index_select(0, ids).view(c, nb, S * block, K)
-        s = (qb[r : r + c] @ ks.transpose(-1, -2)).float() * scale  # [c, NB, V, S*V]
-        m = s.logsumexp(-1)
-        p = (s - m[..., None]).exp_()
-        o[r : r + c] = (p.to(q.dtype) @ vs).to(o.dtype)
-        lse[r : r + c] = m
+    lse = torch.empty(qb.shape[:2], dtype=torch.float32)
+    step = _step(block * S * block, len(qb))
+    for a in range(0, len(qb), step):
+        ids = flat[a : a + step].reshape(-1)
+        ks = kt.index_select(0, ids).view(-1, S * block, K)  # [c, S*V, K]
+        vs = vt.index_select(0, ids).view(-1, S * block, K)
+        s = torch.bmm(qb[a : a + step], ks.transpose(1, 2)).float().mul_(scale)  # [c, V, S*V]
+        m = s.amax(-1, keepdim=True)
+        p = s.sub_(m).exp_()  # one exp pass; normalise the [V, K] output instead of the [V, S*V] scores
+        l = p.sum(-1, keepdim=True)
+        o[a : a + step] = torch.bmm(p.to(q.dtype), vs).div_(l).to(o.dtype)
+        lse[a : a + step] = (m + l.log()).squeeze(-1)
     return o.view(B, H, N, K), lse.view(B, H, N)
 
 
 def selected_bwd(do, q, k, v, o, lse, index, block: int):
     B, H, N, K = q.shape
     hkv = k.shape[1]
-    nb, S = N // block, index.shape[-1]
+    S = index.shape[-1]
     scale = K**-0.5
-    qb, dob = q.reshape(B * H, nb, block, K), do.reshape(B * H, nb, block, K)
-    lseb = lse.reshape(B * H, nb, block)
-    delta = (do.float() * o.float()).sum(-1).reshape(B * H, nb, block)
+    qb, dob = q.reshape(-1, block, K), do.reshape(-1, block, K)
+    lseb = lse.reshape(-1, block)
+    delta = (do.float() * o.float()).sum(-1).reshape(-1, block)
     kt, vt = _rows(k, H).reshape(-1, block, K), _rows(v, H).reshape(-1, block, K)
     flat = _flat_index(index, H)
     dq = torch.empty_like(qb)
     dkt = torch.zeros(kt.shape, dtype=torch.float32)  # accumulated over the query blocks that chose each block
     dvt = torch.zeros(vt.shape, dtype=torch.float32)
-    step = _chunk(B * H, nb * S * block * K * q.element_size())
-    for r in range(0, B * H, step):
-        c = min(step, B * H - r)
-        ids = flat[r : r + c].reshape(-1)
-        ks = kt.index_select(0, ids).view(c, nb, S * block, K)
-        vs = vt.index_select(0, ids).view(c, nb, S * block, K)
-        s = (qb[r : r + c] @ ks.transpose(-1, -2)).float() * scale
-        p = (s - lseb[r : r + c, ..., None]).exp_()  # [c, NB, V, S*V]
-        dvs = p.transpose(-1, -2).to(q.dtype) @ dob[r : r + c]  # [c, NB, S*V, K]
-        dp = (dob[r : r + c] @ vs.transpose(-1, -2)).float()
-        ds = p.mul_(dp - delta[r : r + c, ..., None]).mul_(scale).to(q.dtype)
-        dq[r : r + c] = ds @ ks
-        dks = ds.transpose(-1, -2) @ qb[r : r + c]
-        dkt.index_add_(0, ids, dks.reshape(-1, block, K).float())
-        dvt.index_add_(0, ids, dvs.reshape(-1, block, K).float())
+    step = _step(block * S * block, len(qb))
+    for a in range(0, len(qb), step):
+        ids = flat[a : a + step].reshape(-1)
+        ks = kt.index_select(0, ids).view(-1, S * block, K)
+        vs = vt.index_select(0, ids).view(-1, S * block, K)
+        s = torch.bmm(qb[a : a + step], ks.transpose(1, 2)).float().mul_(scale)
+        p = s.sub_(lseb[a : a + step, :, None]).exp_()  # [c, V, S*V]
+        dvs = torch.bmm(p.transpose(1, 2).to(q.dtype), dob[a : a + step])  # [c, S*V, K]
+        dp = torch.bmm(dob[a : a + step], vs.transpose(1, 2)).float()
+        ds = p.mul_(dp.sub_(delta[a : a + step, :, None])).mul_(scale).to(q.dtype)
+        dq[a : a + step] = torch.bmm(ds, ks)
+        dks = torch.bmm(ds.transpose(1, 2), qb[a : a + step])
+        dkt.index_add_(0, ids, dks.view(-1, block, K).float())
+        dvt.index_add_(0, ids, dvs.view(-1, block, K).float())
     dk = _unrows(dkt.view(B * H, N, K), B, hkv).to(k.dtype)
     dv = _unrows(dvt.view(B * H, N, K), B, hkv).to(v.dtype)
     return dq.view_as(q), dk, dv

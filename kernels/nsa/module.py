@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cube_neighbourhood, nsa_3d, nsa_causal
+from . import cube_neighbourhood, nsa_3d, nsa_causal, selection_size
 
 
 class Compressor(nn.Module):
@@ -63,6 +63,7 @@ class NSA3D(nn.Module):
         self.block, self.top_n, self.backend = math.prod(cube), top_n, backend
         cube_grid = tuple(g // c for g, c in zip(grid, cube))
         self.register_buffer("forced", cube_neighbourhood(cube_grid, tuple(radius)), persistent=False)
+        self.n_select = selection_size(top_n, self.forced)
         self.compress_k = Compressor(heads, head_dim, self.block, compress)
         self.compress_v = Compressor(heads, head_dim, self.block, compress)
         self.gate = nn.Linear(dim, 2 * heads)
@@ -78,7 +79,7 @@ class NSA3D(nn.Module):
         """x: [B, N, D] (for the gates); q, k, v: [B, H, N, K] after RoPE. Returns [B, H, N, K]."""
         g_cmp, g_slc = torch.sigmoid(self.gate(x).float()).transpose(1, 2).chunk(2, dim=1)  # [B, H, N] each
         return nsa_3d(q, k, v, self.compress_k(k), self.compress_v(v), g_cmp, g_slc, block=self.block,
-                      top_n=self.top_n, forced=self.forced, backend=self.backend)
+                      top_n=self.top_n, forced=self.forced, backend=self.backend, n_select=self.n_select)
 
 
 class NSACausal(nn.Module):

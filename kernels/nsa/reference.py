@@ -23,13 +23,18 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def up(x: torch.Tensor) -> torch.Tensor:
+    """Half precision -> fp32 for the arithmetic; fp32 and fp64 stay as they are (fp64 gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def attend(q, k, v, mask=None):
     """Softmax attention with an optional boolean mask (True = attend). Rows with no key give 0, not NaN."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = (up(q) @ up(k).transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # an all -inf row (causal, first block) -> zeros
-    return (p @ v.float()).to(q.dtype), p
+    return (p @ up(v)).to(q.dtype), p
 
 
 # ---- 3D non-causal ----------------------------------------------------------------------------------------
@@ -41,15 +46,19 @@ def cube_neighbourhood(cube_grid: tuple[int, int, int], radius: tuple[int, int, 
     return (dist <= torch.tensor(radius)).all(-1)
 
 
-def select_cubes(scores: torch.Tensor, top_n: int, forced: torch.Tensor) -> torch.Tensor:
+def selection_size(top_n: int, forced: torch.Tensor) -> int:
+    """S: the number of KV cubes every query cube attends to."""
+    return min(forced.shape[-1], top_n + int(forced.sum(-1).max()))
+
+
+def select_cubes(scores: torch.Tensor, top_n: int, forced: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Top-n KV cubes per query cube on top of the forced ones. scores: [B, Hkv, NB, NB], forced: [NB, NB].
 
     Every query cube attends to the same number S = min(NB, top_n + max forced) of cubes (constant work per
     program): where a cube has fewer forced neighbours (grid edges), the spare slots go to the next best.
     Returns [B, Hkv, NB, S] int64 KV-cube indices, sorted ascending (memory order; deterministic).
     """
-    nb = scores.shape[-1]
-    count = min(nb, top_n + int(forced.sum(-1).max()))
+    count = selection_size(top_n, forced) if count is None else count  # pass it in to keep torch.compile graphs whole
     ranked = scores.float().masked_fill(forced, float("inf"))
     return ranked.topk(count, dim=-1).indices.sort(dim=-1).values
 
@@ -78,7 +87,7 @@ def nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n: int
         index = select_cubes(scores, top_n, forced)
     mask = expand_kv(block_mask_from_index(index, nb, block), H)
     o_slc, _ = attend(q, expand_kv(k, H), expand_kv(v, H), mask)
-    o = g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float()
+    o = g_cmp[..., None] * up(o_cmp) + g_slc[..., None] * up(o_slc)
     return o.to(q.dtype), index
 
 
@@ -124,9 +133,9 @@ def nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n:
     token_mask = sel[..., :nb_sel].repeat_interleave(block, dim=-1)[..., :N]  # [B, Hkv, N, N]
     causal = t[None, :] <= t[:, None]
     o_slc, _ = attend(q, expand_kv(k, H), expand_kv(v, H), expand_kv(token_mask, H) & causal)
-    o = g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float()
+    o = g_cmp[..., None] * up(o_cmp) + g_slc[..., None] * up(o_slc)
     if window > 0:
         win = causal & (t[:, None] - t[None, :] < window)
         o_win, _ = attend(q, expand_kv(k, H), expand_kv(v, H), win)
-        o = o + g_win[..., None] * o_win.float()
+        o = o + g_win[..., None] * up(o_win)
     return o.to(q.dtype), index

@@ -1,0 +1,96 @@
+"""`sigma bench-attn`: dense SDPA against sparse attention (every available backend), with a PNG plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sigmacli.app import app
+from sigmacli.common import DeviceOpt, JsonOpt, command, emit, parse_grid
+
+
+@app.command("bench-attn")
+@command
+def bench_attn(
+    grid: Annotated[str, typer.Option(help="Token grids TxHxW, comma-separated (one point of the plot each).")] = "4x16x16,8x16x16,8x32x32,16x32x32",
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
+    head_dim: Annotated[int, typer.Option(help="Head dimension.")] = 64,
+    cube: Annotated[str, typer.Option(help="NSA cube TxHxW (tokens per block = its volume).")] = "4x4x4",
+    top_n: Annotated[int, typer.Option(help="NSA: KV cubes selected per query cube beyond the forced ones.")] = 8,
+    radius: Annotated[str, typer.Option(help="NSA: forced neighbourhood TxHxW in cubes (0x0x0 = own cube).")] = "0x0x0",
+    compress: Annotated[str, typer.Option(help="NSA compression: mlp | mean.")] = "mlp",
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
+    backends: Annotated[str, typer.Option(help="NSA backends, comma-separated (default: all available: cpu or triton, and reference at small sizes).")] = "",
+    backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the minimum is reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+):
+    """Time dense SDPA and 3D NSA, forward and forward + backward; check each backend against the reference first."""
+    import math
+
+    from kernels.bench_attn import DTYPES, BenchConfig, available_nsa_backends, run
+    from pipelines.errors import SigmaError
+    from pipelines.train import resolve_device
+    from pipelines.visual import save_plot
+
+    grids = [parse_grid(g.strip(), "--grid") for g in grid.split(",") if g.strip()]
+    cube_t, radius_t = parse_grid(cube, "--cube"), parse_grid(radius, "--radius", minimum=0)
+    if not grids:
+        raise SigmaError("--grid needs at least one TxHxW grid")
+    for g in grids:
+        if any(n % c for n, c in zip(g, cube_t)):
+            raise SigmaError(f"the grid {'x'.join(map(str, g))} is not divisible by the cube {cube}")
+    if dtype not in DTYPES:
+        raise SigmaError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if heads < 1 or head_dim < 1 or top_n < 0 or repeats < 1:
+        raise SigmaError("--heads, --head-dim and --repeats must be positive, --top-n non-negative")
+    if compress not in ("mlp", "mean"):
+        raise SigmaError(f"--compress must be mlp or mean, not {compress!r}")
+    dev = resolve_device(device).type
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] or None
+    have = available_nsa_backends(dev)
+    for b in chosen or []:
+        if b not in have:
+            raise SigmaError(f"NSA backend {b!r} is not available on {dev} (have: {', '.join(have)})")
+    if "triton" in (chosen or have) and (head_dim < 16 or head_dim & (head_dim - 1) or math.prod(cube_t) < 16
+                                         or math.prod(cube_t) & (math.prod(cube_t) - 1)):
+        raise SigmaError("the Triton kernels need a power-of-two head dim and cube volume, both >= 16")
+    cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
+                      compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen)
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=as_json) as bar:
+        task = bar.add_task("bench-attn", total=len(grids))
+        result = run(cfg, on_grid=lambda g: bar.advance(task))
+    rows = result["rows"]
+    names = list(rows[-1]["methods"])
+    modes = ["forward"] + (["forward_backward"] if backward else [])
+    panels = [{"title": f"{m.replace('_', ' + ')} time (s), {dtype} on {dev}", "ylabel": "seconds",
+               "series": {n: [(r["tokens"], r["methods"][n][f"{m}_s"]) for r in rows if n in r["methods"]] for n in names}}
+              for m in modes]
+    panels.append({"title": "speed-up over SDPA", "ylabel": "x", "hline": 1.0,
+                   "series": {f"{n} {m.split('_')[-1] if m != 'forward' else 'fwd'}": [(r["tokens"], r["methods"][n][f"{m}_speedup"]) for r in rows if n in r["methods"]]
+                              for n in names if n != "sdpa" for m in modes}})
+    result["plot"] = str(save_plot(panels, out))
+
+    lines = ["check against the reference (relative error, grid of 2x2x2 cubes):"]
+    for b, errs in result["check"].items():
+        lines.append(f"  nsa-{b}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    head = f"{'tokens':>8} {'method':<14} {'fwd ms':>9} {'x':>6} {'peak MB':>8}"
+    if backward:
+        head += f" {'fwd+bwd ms':>11} {'x':>6} {'peak MB':>8}"
+    lines.append(head)
+    for r in rows:
+        for n, e in r["methods"].items():
+            mem = lambda v: f"{v:8.0f}" if v is not None else f"{'-':>8}"  # noqa: E731
+            line = f"{r['tokens']:>8} {n:<14} {e['forward_s'] * 1e3:9.1f} {e['forward_speedup']:6.2f} {mem(e['forward_peak_mb'])}"
+            if backward:
+                line += f" {e['forward_backward_s'] * 1e3:11.1f} {e['forward_backward_speedup']:6.2f} {mem(e['forward_backward_peak_mb'])}"
+            lines.append(line)
+    for n, be in result["break_even_tokens"].items():
+        lines.append(f"break-even vs SDPA, {n}: " + ", ".join(f"{k.replace('_speedup', '')} {v}" for k, v in be.items()))
+    lines.append(f"plot: {result['plot']}")
+    emit(result, as_json, lines)

@@ -1,0 +1,41 @@
+"""`sigma bench-attn` and `sigma train-imm --attn nsa` end to end at tiny sizes."""
+import json
+
+from PIL import Image
+
+from tests.test_cli_imm import TINY_DIT, last_json
+
+
+def test_bench_attn_checks_times_and_plots(cli, tmp_path):
+    r = cli("bench-attn", "--grid", "1x8x8,2x8x8", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16",
+            "--top-n", "1", "--repeats", "1", "--out", tmp_path / "b.png", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["check"]) == {"cpu"} and all(v < 1e-4 for v in res["check"]["cpu"].values())
+    assert [row["tokens"] for row in res["rows"]] == [64, 128]
+    for row in res["rows"]:
+        assert {"sdpa", "nsa-cpu", "nsa-reference"} <= set(row["methods"])
+        assert all(e["forward_s"] > 0 and e["forward_backward_s"] > 0 for e in row["methods"].values())
+    assert "nsa-cpu" in res["break_even_tokens"]
+    assert Image.open(res["plot"]).size[0] > 500
+
+
+def test_bench_attn_bad_inputs_fail_with_one_line(cli):
+    for args, message in [(("--grid", "1x6x8", "--cube", "1x4x4"), "not divisible by the cube"),
+                          (("--grid", "8x8"), "must look like TxHxW"),
+                          (("--dtype", "fp8"), "--dtype must be one of"),
+                          (("--backends", "triton"), "not available on cpu")]:
+        r = cli("bench-attn", *args)
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_train_imm_pixels_with_nsa_trains_and_samples(cli, tmp_path):
+    r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", "--patch-size", "2", *TINY_DIT,
+                      "--attn", "nsa", "--top-n", "1", "--steps", "2", "--out", tmp_path / "nsa", "--json"))
+    assert r["steps"] == 2
+    cfg = json.loads((tmp_path / "nsa" / "transformer" / "config.json").read_text())
+    assert cfg["attn"] == "nsa" and cfg["attn_config"] == {"top_n": 1, "radius": [0, 0, 0]}
+    s = last_json(cli("sample", "--model", tmp_path / "nsa", "--num", "4", "--out", tmp_path / "s.png", "--json"))
+    assert Image.open(s["picture"]).size[0] > 16
+    r = cli("train-imm", "--space", "pixels", "--attn", "nsa", "--radius", "1x1", "--steps", "1", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "--radius must look like" in r.stderr

@@ -1,0 +1,209 @@
+"""Native Sparse Attention: the Triton kernels (interpreted on the CPU) and the CPU path against the reference.
+
+Errors are relative RMS, ||out - ref|| / ||ref||, per tensor (o, dq, dk, dv, dk_cmp, dv_cmp, gate grads).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.nsa import cube_neighbourhood, nsa_3d, nsa_causal, selected_attention, selection_size
+from kernels.nsa import triton as nsa_triton
+from kernels.nsa.module import NSA3D, NSACausal
+from kernels.nsa.reference import attend, block_mask_from_index, expand_kv, nsa_causal_reference
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(nsa_triton, "FILL_NAN", True)
+
+
+def rel(a, b):
+    assert not torch.isnan(a).any()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(B=1, H=4, hkv=2, cube_grid=(2, 1, 2), block=16, K=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, nb = math.prod(cube_grid) * block, math.prod(cube_grid)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = r(B, H, N, K), r(B, hkv, N, K), r(B, hkv, N, K)
+    kc, vc = r(B, hkv, nb, K), r(B, hkv, nb, K)
+    gc = torch.rand(B, H, N, generator=g).to(dtype).requires_grad_()
+    gs = torch.rand(B, H, N, generator=g).to(dtype).requires_grad_()
+    do = torch.randn(B, H, N, K, generator=g).to(dtype)
+    return [q, k, v, kc, vc, gc, gs], do
+
+
+def run(backend, inputs, do, block=16, top_n=1, forced=None):
+    o, index = nsa_3d(*inputs, block=block, top_n=top_n, forced=forced, backend=backend, return_index=True)
+    return o, index, torch.autograd.grad(o, inputs, do)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("cpu", torch.float32, 1e-5), ("cpu", torch.bfloat16, 3e-2),
+                                               ("triton", torch.float32, 1e-5), ("triton", torch.float16, 5e-3)])
+def test_forward_and_all_gradients_match_reference(backend, dtype, tol):
+    # (Triton in bf16 is not tested here: the interpreter's tl.dot on bf16 is wrong, see notes/ecosystem.md)
+    inputs, do = make_inputs(dtype=dtype)
+    forced = cube_neighbourhood((2, 1, 2), (0, 0, 0))
+    ref_in = [x.detach().double().requires_grad_() for x in inputs]
+    o_ref, idx_ref, g_ref = run("reference", ref_in, do.double(), forced=forced)
+    o, idx, grads = run(backend, inputs, do, forced=forced)
+    assert torch.equal(idx, idx_ref)  # same cubes chosen
+    assert rel(o, o_ref) < tol
+    for name, g, r in zip(["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc"], grads, g_ref):
+        assert rel(g, r) < tol, name
+
+
+def test_gqa_heads_share_one_selection_and_match_reference():
+    inputs, do = make_inputs(H=4, hkv=1, cube_grid=(1, 2, 2))
+    forced = cube_neighbourhood((1, 2, 2), (0, 0, 0))
+    o_ref, idx_ref, g_ref = run("reference", inputs, do, top_n=2, forced=forced)
+    assert idx_ref.shape[1] == 1  # one selection per kv head
+    for backend in ("cpu", "triton"):
+        o, idx, grads = run(backend, inputs, do, top_n=2, forced=forced)
+        assert torch.equal(idx, idx_ref) and rel(o, o_ref) < 1e-5
+        assert max(rel(g, r) for g, r in zip(grads, g_ref)) < 1e-5
+
+
+def test_reference_gradcheck_fp64():
+    inputs, _ = make_inputs(B=1, H=2, hkv=1, cube_grid=(1, 1, 2), block=4, K=4, dtype=torch.float64)
+    forced = cube_neighbourhood((1, 1, 2), (0, 0, 0))
+    # fixed selection: top-k is piecewise constant, so gradcheck's finite differences must not flip it
+    _, index = nsa_3d(*inputs, block=4, top_n=0, forced=forced, backend="reference", return_index=True)
+    from kernels.nsa.reference import nsa_3d_reference
+
+    f = lambda *x: nsa_3d_reference(*x, 4, 0, forced, index=index)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_all_cubes_selected_with_zero_compressed_gate_is_dense_attention(backend):
+    inputs, _ = make_inputs(H=2, hkv=2, cube_grid=(1, 2, 2))
+    q, k, v, kc, vc, gc, gs = [x.detach() for x in inputs]
+    forced = cube_neighbourhood((1, 2, 2), (0, 0, 0))
+    o = nsa_3d(q, k, v, kc, vc, torch.zeros_like(gc), torch.ones_like(gs), block=16, top_n=4, forced=forced, backend=backend)
+    assert rel(o, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_zero_compressed_gate_gives_pure_selected_attention(backend):
+    inputs, _ = make_inputs(H=2, hkv=2, cube_grid=(2, 1, 2))
+    q, k, v, kc, vc, gc, gs = [x.detach() for x in inputs]
+    forced = cube_neighbourhood((2, 1, 2), (0, 0, 0))
+    o, index = nsa_3d(q, k, v, kc, vc, torch.zeros_like(gc), gs, block=16, top_n=1, forced=forced, backend=backend,
+                      return_index=True)
+    mask = block_mask_from_index(index, 4, 16)
+    o_sel, _ = attend(q, k, v, mask)  # independent of the kernels: masked dense attention
+    assert rel(o, gs[..., None] * o_sel) < 1e-5
+    assert rel(selected_attention(q, k, v, index, 16, backend=backend), o_sel) < 1e-5
+
+
+def test_forced_neighbourhood_is_always_selected():
+    forced = cube_neighbourhood((2, 3, 3), (0, 1, 1))
+    assert forced.shape == (18, 18) and forced.diagonal().all()
+    assert forced[4].sum() == 9  # centre cube of the first frame: the 3x3 cubes around it, same frame
+    inputs, do = make_inputs(H=2, hkv=2, cube_grid=(2, 3, 3))
+    _, index = nsa_3d(*[x.detach() for x in inputs], block=16, top_n=1, forced=forced, backend="cpu", return_index=True)
+    assert index.shape[-1] == selection_size(1, forced) == 10
+    for i in range(18):
+        assert set(forced[i].nonzero().flatten().tolist()) <= set(index[0, 0, i].tolist())
+
+
+def test_images_t1_through_the_module_and_backward_is_deterministic():
+    torch.manual_seed(0)
+    m = NSA3D(32, 2, 16, grid=(1, 8, 8), cube=(1, 4, 4), top_n=1, backend="cpu")
+    x = torch.randn(2, 64, 32)
+    q, k, v = (torch.randn(2, 2, 64, 16, requires_grad=True) for _ in range(3))
+    for backend in ("cpu", "triton"):
+        m.backend = backend
+        grads = [torch.autograd.grad(m(x, q, k, v).square().sum(), [q, k, v, *m.parameters()]) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), backend  # bitwise equal: no atomics
+
+
+def test_partial_cubes_are_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="not divisible by the cube"):
+        NSA3D(32, 2, 16, grid=(1, 6, 8), cube=(1, 4, 4))
+
+
+def test_inverted_index_is_sorted_and_complete():
+    index = torch.tensor([[[[0, 2], [1, 2], [0, 3], [2, 3]]]])  # B=1, Hkv=1, 4 query blocks, S=2
+    offsets, qblocks = nsa_triton.inverted_index(index, 4)
+    assert offsets.tolist() == [0, 2, 3, 6, 8]
+    assert qblocks.tolist() == [0, 2, 1, 0, 1, 3, 2, 3]
+
+
+# ---- causal 1D (LM) -------------------------------------------------------------------------------------------
+def causal_inputs(N=40, block=8, H=4, hkv=2, K=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)  # noqa: E731
+    q, k, v = r(1, H, N, K), r(1, hkv, N, K), r(1, hkv, N, K)
+    kc, vc = r(1, hkv, N // block, K), r(1, hkv, N // block, K)
+    gates = [torch.rand(1, H, N, generator=g) for _ in range(3)]
+    return q, k, v, kc, vc, gates
+
+
+@pytest.mark.parametrize("window", [0, 12])
+def test_causal_cpu_path_matches_reference(window):
+    q, k, v, kc, vc, (g1, g2, g3) = causal_inputs()
+    kw = dict(block=8, top_n=3, window=window, g_win=g3 if window else None)
+    o_ref, index = nsa_causal_reference(q, k, v, kc, vc, g1, g2, 8, 3, window, g3 if window else None)
+    o = nsa_causal(q, k, v, kc, vc, g1, g2, backend="cpu", **kw)
+    assert rel(o, o_ref) < 1e-5
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, [q, k, v, kc, vc], do), torch.autograd.grad(o_ref, [q, k, v, kc, vc], do)):
+        assert rel(a, b) < 1e-5
+    assert (index[..., -1] == torch.arange(40) // 8).all()  # the token's own block is always chosen
+    assert (index[:, :, 8:] == 0).any(-1).all()  # so is the first block, once it is complete
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_causal_future_tokens_change_no_earlier_output(backend):
+    torch.manual_seed(0)
+    m = NSACausal(16, 4, 2, 8, block=8, top_n=3, window=12, backend=backend)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(1, 40, 16)
+    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    o = m(x, q, k, v)
+    t = 29
+    x2, q2, k2, v2 = x.clone(), q.clone(), k.clone(), v.clone()
+    x2[:, t:] += 1.0
+    q2[:, :, t:] += 1.0
+    k2[:, :, t:] += 1.0
+    v2[:, :, t:] += 1.0
+    o2 = m(x2, q2, k2, v2)
+    assert torch.equal(o[:, :, :t], o2[:, :, :t])
+    assert not torch.allclose(o[:, :, t:], o2[:, :, t:])
+
+
+def test_custom_ops_pass_opcheck():
+    inputs, do = make_inputs(H=2, hkv=2, cube_grid=(1, 1, 2))
+    q, k, v, kc, vc, _, _ = inputs
+    from kernels import nsa
+
+    index = torch.tensor([[[[0, 1], [0, 1]]] * 2])
+    torch.library.opcheck(nsa._compressed, (q, kc, vc, 16, "cpu"))
+    torch.library.opcheck(nsa._selected, (q, k, v, index, 16, "cpu"))
+
+
+def test_nsa_traces_whole_under_torch_compile():
+    torch._dynamo.reset()
+    m = NSA3D(32, 2, 16, grid=(1, 8, 8), cube=(1, 4, 4), top_n=1, backend="cpu")
+    x, q, k, v = torch.randn(1, 64, 32), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    assert rel(compiled(x, q, k, v), m(x, q, k, v)) < 1e-6
+
+
+def test_dit_with_nsa_attention_trains_a_step():
+    from pipelines.imm.model import DiT
+
+    torch.manual_seed(0)
+    m = DiT(space="pixels", num_tokens=64, token_dim=12, grid=(1, 8, 8), cube=(1, 4, 4), patch_size=2, image_size=16,
+            width=32, depth=1, heads=2, attn="nsa", attn_config={"top_n": 1})
+    assert m.blocks[0].attn.sparse is not None
+    y = m(torch.randn(2, 64, 12), torch.rand(2), torch.rand(2) * 0.1, torch.tensor([0, 1]))
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in m.blocks[0].ada.parameters())
