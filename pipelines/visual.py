@@ -106,7 +106,9 @@ PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (
 def _panel(draw, box, series: dict, title: str, ylabel: str, hline: float | None = None):
     """One log-log panel in box (x0, y0, x1, y1): series name -> [(x, y), ...]."""
     x0, y0, x1, y1 = box
-    pts = [p for s in series.values() for p in s if p[1] and p[1] > 0]
+    # a series is [(x, y), ...] or (points, colour index, hollow markers)
+    series = {k: (s if isinstance(s, tuple) else (s, i, False)) for i, (k, s) in enumerate(series.items())}
+    pts = [p for s in series.values() for p in s[0] if p[1] and p[1] > 0]
     if not pts:
         return
     lx = [math.log10(p[0]) for p in pts]
@@ -116,8 +118,7 @@ def _panel(draw, box, series: dict, title: str, ylabel: str, hline: float | None
     px = lambda v: x0 + (math.log10(v) - xa) / (xb - xa) * (x1 - x0)  # noqa: E731
     py = lambda v: y1 - (math.log10(v) - ya) / (yb - ya) * (y1 - y0)  # noqa: E731
     draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((x0, y0 - 28), title, fill=(0, 0, 0))
-    draw.text((x0 - 60, y0 - 14), ylabel, fill=(80, 80, 80))
+    draw.text((x0, y0 - 22), title + (f" [{ylabel}]" if ylabel else ""), fill=(0, 0, 0))
     e = math.ceil(ya * 2) / 2
     while e <= yb:  # grid lines every half decade
         y = py(10**e)
@@ -128,19 +129,19 @@ def _panel(draw, box, series: dict, title: str, ylabel: str, hline: float | None
         draw.text((px(xv) - 14, y1 + 6), f"{xv:,}", fill=(80, 80, 80))
     if hline:
         draw.line((x0, py(hline), x1, py(hline)), fill=(120, 120, 120), width=1)
-    for i, (name, s) in enumerate(series.items()):
-        colour = PLOT_COLOURS[i % len(PLOT_COLOURS)]
+    for i, (name, (s, c, hollow)) in enumerate(series.items()):
+        colour = PLOT_COLOURS[c % len(PLOT_COLOURS)]
         xy = [(px(x), py(y)) for x, y in s if y and y > 0]
         if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
+            draw.line(xy, fill=colour, width=1 if hollow else 2)
         for x, y in xy:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), outline=colour, fill="white" if hollow else colour)
         draw.text((x0 + 8, y0 + 6 + 14 * i), name, fill=colour)
 
 
 def save_plot(panels: list[dict], path: str | os.PathLike, xlabel: str = "tokens") -> Path:
-    """A row of log-log line panels as a PNG. Each panel: {"title", "ylabel", "series": {name: [(x, y)]},
-    optional "hline" (a reference level, e.g. speed-up 1)}."""
+    """A row of log-log line panels as a PNG. Each panel: {"title", "ylabel", "series": {name: [(x, y)] or
+    ([(x, y)], colour index, hollow markers)}, optional "hline" (a reference level, e.g. speed-up 1)}."""
     from PIL import ImageDraw
 
     w, h, margin = 460, 340, 70

@@ -21,7 +21,7 @@ def bench_attn(
     radius: Annotated[str, typer.Option(help="NSA: forced neighbourhood TxHxW in cubes (0x0x0 = own cube).")] = "0x0x0",
     compress: Annotated[str, typer.Option(help="NSA compression: mlp | mean.")] = "mlp",
     dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
-    backends: Annotated[str, typer.Option(help="NSA backends, comma-separated (default: all available: cpu or triton, and reference at small sizes).")] = "",
+    backends: Annotated[str, typer.Option(help="NSA backends, comma-separated: cpu, triton (CUDA), reference (small sizes), flex (compiled flex_attention selected branch; CPU: forward only). Default: cpu or triton, and reference.")] = "",
     backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the minimum is reported).")] = 3,
     out: Annotated[Path, typer.Option(help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
@@ -51,7 +51,7 @@ def bench_attn(
         raise SigmaError(f"--compress must be mlp or mean, not {compress!r}")
     dev = resolve_device(device).type
     chosen = [b.strip() for b in backends.split(",") if b.strip()] or None
-    have = available_nsa_backends(dev)
+    have = available_nsa_backends(dev, with_optional=True)
     for b in chosen or []:
         if b not in have:
             raise SigmaError(f"NSA backend {b!r} is not available on {dev} (have: {', '.join(have)})")
@@ -68,12 +68,14 @@ def bench_attn(
     rows = result["rows"]
     names = list(rows[-1]["methods"])
     modes = ["forward"] + (["forward_backward"] if backward else [])
-    panels = [{"title": f"{m.replace('_', ' + ')} time (s), {dtype} on {dev}", "ylabel": "seconds",
-               "series": {n: [(r["tokens"], r["methods"][n][f"{m}_s"]) for r in rows if n in r["methods"]] for n in names}}
-              for m in modes]
-    panels.append({"title": "speed-up over SDPA", "ylabel": "x", "hline": 1.0,
-                   "series": {f"{n} {m.split('_')[-1] if m != 'forward' else 'fwd'}": [(r["tokens"], r["methods"][n][f"{m}_speedup"]) for r in rows if n in r["methods"]]
-                              for n in names if n != "sdpa" for m in modes}})
+    label = {"forward": "fwd", "forward_backward": "fwd+bwd"}
+    panels = [{"title": f"{label[m]} time, {dtype} on {dev}", "ylabel": "s",
+               "series": {n: ([(r["tokens"], r["methods"][n][f"{m}_s"]) for r in rows if f"{m}_s" in r["methods"].get(n, {})], i, False)
+                          for i, n in enumerate(names)}} for m in modes]
+    panels.append({"title": "speed-up over SDPA (hollow: fwd+bwd)", "ylabel": "x", "hline": 1.0, "series": {
+        f"{n} {label[m]}": ([(r["tokens"], r["methods"][n][f"{m}_speedup"]) for r in rows if f"{m}_speedup" in r["methods"].get(n, {})],
+                            i, m != "forward")
+        for i, n in enumerate(names) if n != "sdpa" for m in modes}})
     result["plot"] = str(save_plot(panels, out))
 
     lines = ["check against the reference (relative error, grid of 2x2x2 cubes):"]
@@ -87,7 +89,7 @@ def bench_attn(
         for n, e in r["methods"].items():
             mem = lambda v: f"{v:8.0f}" if v is not None else f"{'-':>8}"  # noqa: E731
             line = f"{r['tokens']:>8} {n:<14} {e['forward_s'] * 1e3:9.1f} {e['forward_speedup']:6.2f} {mem(e['forward_peak_mb'])}"
-            if backward:
+            if "forward_backward_s" in e:
                 line += f" {e['forward_backward_s'] * 1e3:11.1f} {e['forward_backward_speedup']:6.2f} {mem(e['forward_backward_peak_mb'])}"
             lines.append(line)
     for n, be in result["break_even_tokens"].items():

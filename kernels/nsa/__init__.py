@@ -7,7 +7,8 @@ q: [B, H, N, K]; k, v: [B, Hkv, N, K] (H divisible by Hkv); k_cmp, v_cmp: [B, Hk
 key/value per block (made by the learnable compressor in module.py); g_cmp, g_slc: [B, H, N] gate values.
 3D tokens must be in cube-major order (pipelines.nn.layers.cube_major_order) with block = cube volume.
 
-backend: "auto" (Triton on CUDA, the vectorised CPU path otherwise), "triton", "cpu", "reference".
+backend: "auto" (Triton on CUDA, the vectorised CPU path otherwise), "triton", "cpu", "reference", or "flex"
+(the selected branch through torch's compiled flex_attention; forward only on the CPU).
 The two attention branches are torch.library custom ops with registered fake and autograd implementations,
 so torch.compile traces them without graph breaks.
 """
@@ -19,7 +20,7 @@ from . import cpu
 from .reference import (cube_neighbourhood, nsa_3d_reference, nsa_causal_reference, select_causal, select_cubes,
                         selection_size)
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference", "flex")
 
 
 def _impl(backend: str):
@@ -141,10 +142,16 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
     if backend == "reference":
         o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced.to(q.device))
         return (o, index) if return_index else o
-    o_cmp, _, scores = _compressed(q, k_cmp, v_cmp, block, backend)
+    branch = ("triton" if q.is_cuda else "cpu") if backend == "flex" else backend
+    o_cmp, _, scores = _compressed(q, k_cmp, v_cmp, block, branch)
     scores = scores.view(B, hkv, H // hkv, N // block, -1).sum(2)  # a GQA group shares one selection
     index = select_cubes(scores, top_n, forced, n_select)
-    o_slc, _ = _selected(q, k, v, index, block, backend)
+    if backend == "flex":
+        from .flex import selected_flex
+
+        o_slc = selected_flex(q, k, v, index, block)
+    else:
+        o_slc, _ = _selected(q, k, v, index, block, backend)
     o = g_cmp[..., None].to(o_cmp.dtype) * o_cmp + g_slc[..., None].to(o_slc.dtype) * o_slc
     return (o, index) if return_index else o
 
