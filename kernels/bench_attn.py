@@ -32,7 +32,10 @@ class BenchConfig:
     backward: bool = True
     repeats: int = 3
     backends: list | None = None  # NSA backends; default: every one available on the device
-    reference_max_tokens: int = 4096  # the reference materialises N x N: skip it above this
+    reference_max_tokens: int = 4096  # the references materialise N x N: skip them above this
+    mta: bool = False  # also Multi-Token Attention (bidirectional, key-query kernel mta_kernel)
+    mta_kernel: tuple = (6, 11)
+    mta_backends: list = field(default_factory=lambda: ["cpu", "reference"])
 
 
 def available_nsa_backends(device: str, with_optional: bool = False) -> list[str]:
@@ -139,6 +142,19 @@ def nsa_module(cfg: BenchConfig, grid, backend: str):
     return m.to(cfg.device, DTYPES[cfg.dtype])
 
 
+def mta_module(cfg: BenchConfig, backend: str):
+    from kernels.mta.module import MTA
+
+    torch.manual_seed(0)
+    # layer 3 with kq_every 4: this layer runs both key-query convolutions
+    m = MTA(cfg.heads * cfg.head_dim, cfg.heads, cfg.head_dim, causal=False, layer=3, kernel=tuple(cfg.mta_kernel),
+            head_group=2 if cfg.heads % 2 == 0 else 1, backend=backend)
+    with torch.no_grad():  # identity plus noise, so every tap and mixing weight matters
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.to(cfg.device, DTYPES[cfg.dtype])
+
+
 def methods(cfg: BenchConfig, grid) -> dict:
     """name -> (forward fn(x, q, k, v) -> o, parameters needing gradients)."""
     out = {}
@@ -156,6 +172,11 @@ def methods(cfg: BenchConfig, grid) -> dict:
             continue
         m = nsa_module(cfg, grid, backend)
         out[f"nsa-{backend}"] = (m, list(m.parameters()))
+    for backend in cfg.mta_backends if cfg.mta else []:
+        if backend == "reference" and math.prod(grid) > cfg.reference_max_tokens:
+            continue
+        m = mta_module(cfg, backend)
+        out[f"mta-{backend}"] = (m, list(m.parameters()))
     return out
 
 
@@ -183,6 +204,20 @@ def check_backends(cfg: BenchConfig) -> dict:
                             # shared by every compressed key cancels in the softmax), so per-tensor ratios mislead
                             "dparams": rel_err(torch.cat([g.flatten() for g in grads[3:]]),
                                                torch.cat([r.flatten() for r in ref[1][3:]]))}
+    if cfg.mta:  # MTA backends against the MTA reference on 64 tokens
+        x, q, k, v, do = _inputs(small, (1, 8, 8), requires_grad=True, seed=2)
+        ref = None
+        for backend in ["reference"] + [b for b in cfg.mta_backends if b != "reference"]:
+            m = mta_module(small, backend)
+            o = m(x, q, k, v)
+            grads = torch.autograd.grad(o, [q, k, v, *m.parameters()], do)
+            if ref is None:
+                ref = (o, grads)
+                continue
+            results[f"mta-{backend}"] = {"o": rel_err(o, ref[0]), "dq": rel_err(grads[0], ref[1][0]),
+                                         "dk": rel_err(grads[1], ref[1][1]), "dv": rel_err(grads[2], ref[1][2]),
+                                         "dparams": rel_err(torch.cat([g.flatten() for g in grads[3:]]),
+                                                            torch.cat([r.flatten() for r in ref[1][3:]]))}
     return results
 
 
@@ -193,7 +228,9 @@ def bench_grid(cfg: BenchConfig, grid) -> dict:
         with torch.no_grad():
             fwd = lambda: fn(x, q, k, v)  # noqa: E731
             entry = {"forward_s": best_time(fwd, cfg.device, cfg.repeats), "forward_peak_mb": peak_memory_mb(fwd, cfg.device)}
-        if cfg.backward and not (name == "nsa-flex" and cfg.device == "cpu"):  # no CPU backward in flex_attention
+        no_backward = (name == "nsa-flex" and cfg.device == "cpu"  # no CPU backward in flex_attention
+                       or name.endswith("-reference") and row["tokens"] > 4096)  # saved N x N tensors: tens of GB
+        if cfg.backward and not no_backward:
             x, q, k, v, do = _inputs(cfg, grid, requires_grad=True)
             leaves = [q, k, v, *params]
 

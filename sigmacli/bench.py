@@ -24,11 +24,15 @@ def bench_attn(
     backends: Annotated[str, typer.Option(help="NSA backends, comma-separated: cpu, triton (CUDA), reference (small sizes), flex (compiled flex_attention selected branch; CPU: forward only). Default: cpu or triton, and reference.")] = "",
     backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the minimum is reported).")] = 3,
+    mta: Annotated[bool, typer.Option(help="Also Multi-Token Attention (bidirectional; cpu path and reference).")] = False,
+    mta_kernel: Annotated[str, typer.Option(help="MTA key-query kernel QxK (query rows x key columns).")] = "6x11",
+    reference_max_tokens: Annotated[int, typer.Option(help="Skip the materialising references above this many tokens.")] = 4096,
     out: Annotated[Path, typer.Option(help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):
-    """Time dense SDPA and 3D NSA, forward and forward + backward; check each backend against the reference first."""
+    """Time dense SDPA, 3D NSA and (--mta) Multi-Token Attention, forward and forward + backward; check each
+    backend against its reference first."""
     import math
 
     from kernels.bench_attn import DTYPES, BenchConfig, available_nsa_backends, run
@@ -58,8 +62,15 @@ def bench_attn(
     if "triton" in (chosen or have) and (head_dim < 16 or head_dim & (head_dim - 1) or math.prod(cube_t) < 16
                                          or math.prod(cube_t) & (math.prod(cube_t) - 1)):
         raise SigmaError("the Triton kernels need a power-of-two head dim and cube volume, both >= 16")
+    try:
+        kernel = tuple(int(n) for n in mta_kernel.lower().split("x"))
+    except ValueError:
+        kernel = ()
+    if len(kernel) != 2 or min(kernel) < 1:
+        raise SigmaError(f"--mta-kernel must look like QxK with positive integers (e.g. 6x11), not {mta_kernel!r}")
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
-                      compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen)
+                      compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
+                      mta=mta, mta_kernel=kernel, reference_max_tokens=reference_max_tokens)
     from rich.progress import Progress
 
     with Progress(transient=True, disable=as_json) as bar:
@@ -80,7 +91,7 @@ def bench_attn(
 
     lines = ["check against the reference (relative error, grid of 2x2x2 cubes):"]
     for b, errs in result["check"].items():
-        lines.append(f"  nsa-{b}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        lines.append(f"  {b if b.startswith('mta') else 'nsa-' + b}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     head = f"{'tokens':>8} {'method':<14} {'fwd ms':>9} {'x':>6} {'peak MB':>8}"
     if backward:
         head += f" {'fwd+bwd ms':>11} {'x':>6} {'peak MB':>8}"

@@ -37,7 +37,8 @@ def train_imm(
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
     second_time: Annotated[str, typer.Option(help="The transformer's second time input: stride (t - s) | s")] = "stride",
     weight_a: Annotated[int, typer.Option(help="a in w(s,t)'s alpha_t^a (1 or 2).")] = 2,
-    attn: Annotated[str, typer.Option(help="Attention kind: dense | nsa (3D Native Sparse Attention over --cube blocks).")] = "dense",
+    attn: Annotated[str, typer.Option(help="Attention kind: dense | nsa (3D Native Sparse Attention over --cube blocks) | mta (Multi-Token Attention).")] = "dense",
+    kq_every: Annotated[int, typer.Option(help="MTA: key-query convolutions (6x11) in every N-th block (0 = none; head mixing runs in all).")] = 4,
     top_n: Annotated[int, typer.Option(help="NSA: KV cubes each query cube selects beyond its forced neighbourhood.")] = 2,
     radius: Annotated[str, typer.Option(help="NSA: forced neighbourhood TxHxW in cubes (0x0x0 = the query's own cube).")] = "0x0x0",
     width: Annotated[Optional[int], typer.Option(help="Transformer width (default: the preset's).")] = None,
@@ -144,6 +145,10 @@ def train_imm(
             if top_n < 0:
                 raise SigmaError(f"--top-n must be >= 0, not {top_n}")
             attn_config = {"top_n": top_n, "radius": list(parse_grid(radius, "--radius", minimum=0))}
+        elif attn == "mta":
+            if kq_every < 0:
+                raise SigmaError(f"--kq-every must be >= 0, not {kq_every}")
+            attn_config = {"kq_every": kq_every}
         common = dict(arch, num_classes=train_set.num_classes, class_names=list(train_set.class_names),
                       second_time=second_time, attn=attn, attn_config=attn_config, image_size=image_size,
                       frames=frames, data_std=sched.sigma_d)

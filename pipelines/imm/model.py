@@ -72,7 +72,7 @@ class DiT(ModelMixin, ConfigMixin):
         class_names: list | None = None,
         second_time: str = "stride",  # the second time embedding: "stride" (t - s) or "s"
         attn: str = "dense",
-        attn_config: dict | None = None,  # options of the attention kind, e.g. nsa: {"top_n": 2, "radius": [0, 1, 1]}
+        attn_config: dict | None = None,  # options of the attention kind, e.g. nsa: {"top_n": 2, "radius": [0, 1, 1]}, mta: {"kq_every": 4}
     ):
         super().__init__()
         if space not in ("latent", "pixels"):
@@ -105,8 +105,8 @@ class DiT(ModelMixin, ConfigMixin):
         else:  # latent tokens form a 1D sequence: blocks of up to 16 consecutive latents
             layout = {"grid": (1, 1, num_tokens), "cube": (1, 1, math.gcd(num_tokens, 16))}
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, attn=attn, cond_dim=width, layout=layout, attn_config=attn_config)
-            for _ in range(depth)
+            Block(width, heads, mlp_ratio, attn=attn, cond_dim=width, layout=layout, attn_config=attn_config, layer=i)
+            for i in range(depth)
         )
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_KINDS = ("dense", "nsa")  # `mta` plugs in here too (kernels/), without changes to the models
+ATTN_KINDS = ("dense", "nsa", "mta")  # kernels/ ops; the models only pass the kind, layout and options
 
 
 def rope_3d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +56,14 @@ class Attention(nn.Module):
 
     `attn` picks the kernel: "dense" is torch SDPA; "nsa" is 3D Native Sparse Attention (kernels/nsa), which
     needs the token `layout` {"grid": (t, h, w), "cube": (t, h, w)} (tokens stored cube-major) and takes its
-    options (top_n, radius, compress, backend) from `attn_config`. Tokens that carry no position (e.g. latent
+    options (top_n, radius, compress, backend) from `attn_config`; "mta" is Multi-Token Attention
+    (kernels/mta; options kernel, head_group, kq_every, depth_scale; `layer` decides where the key-query
+    convolutions run). Tokens that carry no position (e.g. latent
     tokens) get the identity rotation (cos = 1, sin = 0) in the tables passed as `rope`.
     """
 
     def __init__(self, dim: int, heads: int, attn: str = "dense", qk_norm: bool = True, layout: dict | None = None,
-                 attn_config: dict | None = None):
+                 attn_config: dict | None = None, layer: int = 0):
         super().__init__()
         if attn not in ATTN_KINDS:
             raise ValueError(f"attention kind {attn!r} is not available (have: {', '.join(ATTN_KINDS)})")
@@ -79,6 +81,10 @@ class Attention(nn.Module):
             from kernels.nsa.module import NSA3D
 
             self.sparse = NSA3D(dim, heads, self.head_dim, layout["grid"], layout["cube"], **(attn_config or {}))
+        elif attn == "mta":  # bidirectional here (the DiT, the tokenizer); the LM builds its causal layer itself
+            from kernels.mta.module import MTA
+
+            self.sparse = MTA(dim, heads, self.head_dim, causal=False, layer=layer, **(attn_config or {}))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, N, D = x.shape
@@ -108,10 +114,10 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "dense", cond_dim: int | None = None,
-                 layout: dict | None = None, attn_config: dict | None = None):
+                 layout: dict | None = None, attn_config: dict | None = None, layer: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
-        self.attn = Attention(dim, heads, attn, layout=layout, attn_config=attn_config)
+        self.attn = Attention(dim, heads, attn, layout=layout, attn_config=attn_config, layer=layer)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=cond_dim is None)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.ada = None

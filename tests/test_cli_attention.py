@@ -1,4 +1,4 @@
-"""`sigma bench-attn` and `sigma train-imm --attn nsa` end to end at tiny sizes."""
+"""`sigma bench-attn` and `sigma train-imm --attn nsa|mta` end to end at tiny sizes."""
 import json
 
 from PIL import Image
@@ -39,3 +39,21 @@ def test_train_imm_pixels_with_nsa_trains_and_samples(cli, tmp_path):
     assert Image.open(s["picture"]).size[0] > 16
     r = cli("train-imm", "--space", "pixels", "--attn", "nsa", "--radius", "1x1", "--steps", "1", "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "--radius must look like" in r.stderr
+
+
+def test_train_imm_with_mta_trains_and_samples(cli, tmp_path):
+    r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--depth", "2",
+                      "--attn", "mta", "--kq-every", "2", "--steps", "2", "--out", tmp_path / "mta", "--json"))
+    assert r["steps"] == 2
+    cfg = json.loads((tmp_path / "mta" / "transformer" / "config.json").read_text())
+    assert cfg["attn"] == "mta" and cfg["attn_config"] == {"kq_every": 2}
+    last_json(cli("sample", "--model", tmp_path / "mta", "--num", "2", "--out", tmp_path / "m.png", "--json"))
+
+
+def test_bench_attn_with_mta(cli, tmp_path):
+    r = cli("bench-attn", "--grid", "1x8x8", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--top-n", "1",
+            "--repeats", "1", "--mta", "--mta-kernel", "3x5", "--backends", "cpu", "--out", tmp_path / "b.png", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["check"]["mta-cpu"]["o"] < 1e-5 and res["check"]["mta-cpu"]["dparams"] < 1e-5
+    assert {"mta-cpu", "mta-reference"} <= set(res["rows"][0]["methods"])

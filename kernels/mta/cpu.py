@@ -1,0 +1,76 @@
+"""Multi-Token Attention on the CPU: query chunks with a halo, memory O(H x chunk x S) instead of O(H x S^2).
+
+A chunk of output rows [t0, t1) needs the probabilities of rows [t0 - top, t1 + bottom) for the post-softmax
+convolution, and those need the logits of rows [t0 - 2 top, t1 + 2 bottom) for the pre-softmax one: the
+chunk recomputes its halo of logits from Q and K rather than sharing them (no S x S tensor anywhere). Rows
+outside [0, S) are the reference's zero padding. Causal chunks only look at keys [0, t1).
+
+Backward: each chunk is checkpointed (torch.utils.checkpoint): the chunk's forward runs again inside the
+backward and autograd differentiates it, so saved memory stays one chunk's worth.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .reference import head_conv, kq_padding, up
+
+CHUNK_BYTES = 8 << 20  # one [H, rows, S] fp32 score slab per chunk
+
+
+def _chunk_rows(q, k, v, kq_pre, head_pre, kq_post, head_post, t0: int, t1: int, causal: bool):
+    """Output rows [t0, t1) of MTA: [B, H, t1 - t0, K]."""
+    B, H, S, K = q.shape
+    cq, ck = (kq_pre if kq_pre is not None else kq_post).shape[1:] if (kq_pre is not None or kq_post is not None) else (1, 1)
+    left, right, top, bottom = kq_padding(cq, ck, causal)
+    pre_h = (top, bottom) if kq_pre is not None else (0, 0)
+    post_h = (top, bottom) if kq_post is not None else (0, 0)
+    want0, want1 = t0 - pre_h[0] - post_h[0], t1 + pre_h[1] + post_h[1]  # logits rows this chunk depends on
+    lo, hi = max(0, want0), min(S, want1)
+    n_keys = t1 if causal else S
+    a = (up(q[:, :, lo:hi]) @ up(k[:, :, :n_keys]).transpose(-1, -2)) * K**-0.5  # [B, H, hi - lo, keys]
+    rows = torch.arange(lo, hi, device=q.device)[:, None]
+    future = torch.arange(n_keys, device=q.device)[None, :] > rows if causal else None
+    if kq_pre is not None:
+        if causal:
+            a = a.masked_fill(future, 0.0)
+        a = F.pad(a, (left, right, lo - want0, want1 - hi))  # the reference's zero padding, where it applies
+        a = F.conv2d(a, kq_pre[:, None].to(a.dtype), groups=H)  # valid on rows: [want0 + top, want1 - bottom)
+        lo_p, hi_p = want0 + pre_h[0], want1 - pre_h[1]
+    else:
+        a = F.pad(a, (0, 0, lo - want0, want1 - hi))
+        lo_p, hi_p = want0, want1
+    if head_pre is not None:
+        a = head_conv(a, head_pre[None])
+    # rows of a: [lo_p, hi_p); those outside [0, S) are padding and must give zero probabilities
+    prow = torch.arange(lo_p, hi_p, device=q.device)[:, None]
+    inside = (prow >= 0) & (prow < S)
+    if causal:  # padding rows stay unmasked (finite softmax, no NaN in backward) and are zeroed below
+        a = a.masked_fill((torch.arange(n_keys, device=q.device)[None, :] > prow) & inside, float("-inf"))
+    p = torch.softmax(a, dim=-1)
+    if lo_p < 0 or hi_p > S:
+        p = p * inside.to(p.dtype)
+    if kq_post is not None:
+        p = F.pad(p, (left, right, 0, 0))
+        p = F.conv2d(p, kq_post[:, None].to(p.dtype), groups=H)  # rows [t0, t1)
+        if causal:
+            p = p.masked_fill(torch.arange(n_keys, device=q.device)[None, :] > torch.arange(t0, t1, device=q.device)[:, None], 0.0)
+    if head_post is not None:
+        p = head_conv(p, head_post)
+    return (p @ up(v[:, :, :n_keys])).to(q.dtype)
+
+
+def mta_cpu(q, k, v, kq_pre=None, head_pre=None, kq_post=None, head_post=None, causal: bool = False, chunk: int | None = None):
+    """Same signature and result as reference.mta_reference, in query chunks of `chunk` rows."""
+    B, H, S, K = q.shape
+    if chunk is None:
+        chunk = max(16, min(S, CHUNK_BYTES // (4 * B * H * S)))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, kq_pre, head_pre, kq_post, head_post))
+    out = []
+    for t0 in range(0, S, chunk):
+        t1 = min(S, t0 + chunk)
+        args = (q, k, v, kq_pre, head_pre, kq_post, head_post, t0, t1, causal)
+        o = checkpoint(_chunk_rows, *args, use_reentrant=False) if grad else _chunk_rows(*args)
+        out.append(o)
+    return torch.cat(out, dim=2)

@@ -1,0 +1,104 @@
+"""Multi-Token Attention: the chunked CPU path against the materialised reference; identity and causality."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.mta import identity_kq, mta, mta_reference
+from kernels.mta.module import MTA
+
+
+def rel(a, b):
+    assert not torch.isnan(a).any()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def weights(H=4, kernel=(3, 5), group=2, dtype=torch.float64, parts="all", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    pre = parts in ("all", "pre")
+    post = parts in ("all", "post")
+    return (r(H, *kernel) if pre else None, r(H, H) if pre else None,
+            r(H, *kernel) if post else None, r(H // group, group, group) if post else None)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("parts", ["all", "pre", "post"])
+def test_cpu_path_matches_reference_forward_and_gradients(causal, parts):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 37, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    w = weights(parts=parts)
+    leaves = [t for t in (q, k, v, *w) if t is not None]
+    ref = mta_reference(q, k, v, *w, causal=causal)
+    from kernels.mta.cpu import mta_cpu
+
+    out = mta_cpu(q, k, v, *w, causal=causal, chunk=8)  # 5 chunks: every halo case (top, middle, bottom)
+    assert rel(out, ref) < 1e-12
+    do = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel(a, b) < 1e-12
+
+
+def test_fp32_and_bf16_tolerances():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 50, 16, generator=g) for _ in range(3))
+    w32 = [t.detach().float() for t in weights(dtype=torch.float32)]
+    ref = mta_reference(q.double(), k.double(), v.double(), *[t.double() for t in w32])
+    assert rel(mta(q, k, v, *w32), ref) < 1e-5
+    out16 = mta(q.bfloat16(), k.bfloat16(), v.bfloat16(), *[t.bfloat16() for t in w32])
+    assert rel(out16.float(), ref) < 3e-2
+
+
+def test_reference_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 3, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    w = weights(H=2, kernel=(2, 3))
+    assert torch.autograd.gradcheck(lambda *x: mta_reference(*x, causal=True), (q, k, v, *w))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_identity_initialised_mta_is_plain_attention(causal):
+    q, k, v = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    ident = (identity_kq(4, 6, 11, causal), torch.eye(4), identity_kq(4, 6, 11, causal), torch.eye(2).expand(2, 2, 2))
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for backend in ("reference", "cpu"):
+        assert rel(mta(q, k, v, *ident, causal=causal, backend=backend), plain) < 1e-5
+    layer = MTA(64, 4, 16, causal=causal, layer=3)  # the layer starts at the identity too
+    assert layer.use_kq and torch.equal(layer.kq_pre, ident[0]) and torch.equal(layer.head_pre, ident[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_causal_future_tokens_change_no_earlier_output(backend):
+    torch.manual_seed(0)
+    layer = MTA(32, 4, 8, causal=True, layer=3, backend=backend)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x, q, k, v = torch.randn(1, 30, 32), torch.randn(1, 4, 30, 8), torch.randn(1, 4, 30, 8), torch.randn(1, 4, 30, 8)
+    o = layer(x, q, k, v)
+    t = 17
+    x2, q2, k2, v2 = (a.clone() for a in (x, q, k, v))
+    x2[:, t:] += 1
+    for a in (q2, k2, v2):
+        a[:, :, t:] += 1
+    o2 = layer(x2, q2, k2, v2)
+    assert torch.allclose(o[:, :, :t], o2[:, :, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(o[:, :, t:], o2[:, :, t:])
+
+
+def test_kq_convolutions_every_fourth_layer_and_bad_options():
+    assert [MTA(32, 4, 8, layer=i).use_kq for i in range(8)] == [False, False, False, True] * 2
+    with pytest.raises(ValueError, match="head groups"):
+        MTA(32, 3, 8, head_group=2)
+    with pytest.raises(ValueError, match="no Triton kernel yet"):
+        mta(*(torch.randn(1, 2, 4, 4) for _ in range(3)), backend="triton")
+
+
+def test_dit_with_mta_trains_a_step():
+    from pipelines.imm.model import DiT
+
+    torch.manual_seed(0)
+    m = DiT(space="latent", num_tokens=16, token_dim=8, width=32, depth=4, heads=2, attn="mta")
+    assert [b.attn.sparse.use_kq for b in m.blocks] == [False, False, False, True]
+    y = m(torch.randn(2, 16, 8), torch.rand(2), torch.rand(2) * 0.1, torch.tensor([0, 1]))
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in m.blocks[3].ada.parameters())
