@@ -80,7 +80,7 @@ def load_state_checked(model: torch.nn.Module, path: Path | str):
 
 
 def _a(word: str) -> str:
-    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+    return f"{'an' if word[:1] in 'aeiou' or word in ('lm',) else 'a'} {word}"  # "an lm": said as "el-em"
 
 
 def load_model(folder: Path | str, kind: str, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -19,6 +19,7 @@ MODEL_CLASSES = {
     "tokenizer": "pipelines.maetok.model:MAETok",
     "imm": "pipelines.imm.model:DiT",
     "classifier": "pipelines.evaluation.classifier:ShapesClassifier",
+    "lm": "pipelines.lm.model:MoELM",
 }
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 

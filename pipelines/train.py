@@ -48,7 +48,8 @@ class TrainConfig:
 
 class Task(Protocol):
     kind: str  # "tokenizer", "imm", "lm": written to sigma.json
-    # optional: model_subfolder = "transformer" saves the weights there (a diffusers pipeline folder)
+    # optional: model_subfolder = "transformer" saves the weights there (a diffusers pipeline folder);
+    # make_optimizer(model, cfg) replaces the default AdamW; after_step(model, step) runs after each update
     model: nn.Module
     samples_per_step: int  # global images (or tokens) per step, for throughput
 
@@ -155,7 +156,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
     model = task.model.to(device)
     task.trainable(model)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
-    optimizer = make_optimizer(model, cfg)
+    optimizer = task.make_optimizer(model, cfg) if hasattr(task, "make_optimizer") else make_optimizer(model, cfg)
     start = 0
     if resume:
         if checkpoint_dir(run_dir) is None:
@@ -211,7 +212,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         for step in range(start, cfg.steps):
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. Muon's matrices run at a larger lr
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
@@ -224,11 +225,15 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             optimizer.step()
+            if hasattr(task, "after_step"):  # e.g. the MoE router's aux-loss-free bias update
+                task.after_step(model, step)
             if ema is not None:
                 decay = min(cfg.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for e, p in zip(ema.parameters(), model.parameters()):
                         e.lerp_(p, 1 - decay)
+                    for e, b in zip(ema.buffers(), model.buffers()):  # buffers (router biases) are not averaged
+                        e.copy_(b)
             done = step + 1
             last = {"step": done, "loss": shared[0].item(), "lr": lr, **logs}
             if grad_norm is not None:

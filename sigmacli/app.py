@@ -52,6 +52,7 @@ from sigmacli import tokenizer  # noqa: E402,F401  (registers its commands on `a
 from sigmacli import imm  # noqa: E402,F401
 from sigmacli import classifier  # noqa: E402,F401
 from sigmacli import bench  # noqa: E402,F401
+from sigmacli import lm  # noqa: E402,F401
 
 
 def main():

@@ -1,0 +1,62 @@
+"""The harness behind `sigma bench-moe`: grouped dispatch vs per-expert loop vs a dense SwiGLU FFN with the
+same active hidden size (top_k x hidden), forward and forward + backward, in tokens per second."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import moe_ffn
+
+
+def _time(fn, device: str, repeats: int) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtype: str, device: str, repeats: int) -> dict:
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dt).requires_grad_()  # noqa: E731
+    x = make(tokens, dim)
+    wg, wu = make(experts, dim, hidden, scale=dim**-0.5), make(experts, dim, hidden, scale=dim**-0.5)
+    wd = make(experts, hidden, dim, scale=hidden**-0.5)
+    router = torch.randn(dim, experts, generator=g).to(device, dt)
+    with torch.no_grad():  # a realistic, uneven routing: sigmoid scores of a random router
+        scores = torch.sigmoid((x @ router).float())
+        gate, idx = scores.topk(top_k, -1)
+        gate = (gate / gate.sum(-1, keepdim=True)).to(dt)
+    dense_g, dense_u = make(dim, top_k * hidden, scale=dim**-0.5), make(dim, top_k * hidden, scale=dim**-0.5)
+    dense_d = make(top_k * hidden, dim, scale=(top_k * hidden) ** -0.5)
+    dy = torch.randn(tokens, dim, generator=g).to(device, dt)
+
+    fns = {
+        "grouped": (lambda: moe_ffn(x, wg, wu, wd, idx, gate, "grouped"), [x, wg, wu, wd]),
+        "loop": (lambda: moe_ffn(x, wg, wu, wd, idx, gate, "loop"), [x, wg, wu, wd]),
+        "dense": (lambda: (F.silu(x @ dense_g) * (x @ dense_u)) @ dense_d, [x, dense_g, dense_u, dense_d]),
+    }
+    with torch.no_grad():
+        ref = moe_ffn(x, wg, wu, wd, idx, gate, "reference")
+        check = (moe_ffn(x, wg, wu, wd, idx, gate, "grouped") - ref).abs().max().item()
+    methods = {}
+    for name, (fn, leaves) in fns.items():
+        with torch.no_grad():
+            t_f = _time(fn, device, repeats)
+        t_fb = _time(lambda: torch.autograd.grad(fn(), leaves, dy), device, repeats)
+        methods[name] = {"forward_s": t_f, "forward_backward_s": t_fb, "forward_tokens_per_s": tokens / t_f,
+                         "forward_backward_tokens_per_s": tokens / t_fb}
+    m = methods
+    return {"tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
+            "device": device, "check_max_abs": check, "methods": methods,
+            "grouped_vs_dense": m["grouped"]["forward_backward_tokens_per_s"] / m["dense"]["forward_backward_tokens_per_s"],
+            "grouped_vs_loop": m["grouped"]["forward_backward_tokens_per_s"] / m["loop"]["forward_backward_tokens_per_s"]}

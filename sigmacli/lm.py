@@ -1,0 +1,200 @@
+"""`sigma train-lm`, `sigma generate`, `sigma eval-lm`, `sigma bench-moe`: the DeepSeekMoE text LM."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sigmacli.app import app
+from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+
+
+@app.command("train-lm")
+@command
+def train_lm(
+    data: Annotated[Optional[str], typer.Option(help="A text file (default: CPython's pydoc_data.topics, read at run time).")] = None,
+    ffn: Annotated[str, typer.Option(help="moe (DeepSeekMoE) | dense (SwiGLU of the same active size).")] = "moe",
+    dense: Annotated[bool, typer.Option("--dense", help="Shorthand for --ffn dense.")] = False,
+    attn: Annotated[str, typer.Option(help="Attention: dense | nsa (causal 1D) | mta (causal).")] = "dense",
+    router: Annotated[str, typer.Option(help="sigmoid (DeepSeek-V3, with the aux-loss-free bias) | softmax.")] = "sigmoid",
+    bias_update: Annotated[float, typer.Option(help="gamma of the aux-loss-free bias update (0 = off).")] = 1e-3,
+    balance_loss: Annotated[float, typer.Option(help="alpha of the sequence-wise balance loss (0 = off).")] = 0.0,
+    optimizer: Annotated[str, typer.Option(help="adamw | muon (matrices incl. each expert's; AdamW for the rest).")] = "adamw",
+    width: Annotated[Optional[int], typer.Option(help="Model width (default: the preset's).")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Blocks (default: the preset's).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads.")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Context length in bytes.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Routed experts.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Experts per token.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (global).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW; Muon runs at 10x).")] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    sample_every: Annotated[int, typer.Option(help="Write samples.txt every N steps (0 = only at the end).")] = 500,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/lm, or runs/lm-dense).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    preset: Annotated[str, typer.Option(help="Size preset: tiny.")] = "tiny",
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Train the byte-level DeepSeekMoE language model (through the shared loop: checkpoints, resume, torchrun)."""
+    import torch
+
+    from checkpoints.io import load_model, read_json
+    from checkpoints.io import RUN_META
+    from pipelines.errors import SigmaError
+    from pipelines.lm.data import ByteCorpus
+    from pipelines.lm.model import LM_ATTN_KINDS, MoELM
+    from pipelines.lm.trainer import LM_PRESETS, LM_TRAIN, LMStage, LMTask, evaluate
+    from pipelines.train import TrainConfig, train
+
+    ffn = "dense" if dense else ffn
+    out = out or Path("runs/lm-dense" if ffn == "dense" else "runs/lm")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if resume:
+        if not (out / RUN_META).exists():
+            raise SigmaError(f"--resume: '{out}' holds no run to continue")
+        meta = read_json(out / RUN_META)
+        cfg = TrainConfig(**meta["train"])
+        cfg.steps = steps if steps is not None else cfg.steps
+        stage = LMStage(**meta["stage"])
+        model = load_model(out, "lm")
+        data = meta["data_spec"]
+    else:
+        if preset not in LM_PRESETS:
+            raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(LM_PRESETS)})")
+        if ffn not in ("moe", "dense"):
+            raise SigmaError(f"--ffn must be moe or dense, not {ffn!r}")
+        if attn not in LM_ATTN_KINDS:
+            raise SigmaError(f"--attn {attn!r} is not available for the LM (have: {', '.join(LM_ATTN_KINDS)})")
+        if optimizer not in ("adamw", "muon"):
+            raise SigmaError(f"--optimizer must be adamw or muon, not {optimizer!r}")
+        arch = dict(LM_PRESETS[preset])
+        for k, v in (("width", width), ("depth", depth), ("heads", heads), ("context", context), ("experts", experts), ("top_k", top_k)):
+            if v is not None:
+                if v < 1:
+                    raise SigmaError(f"--{k.replace('_', '-')} must be at least 1, not {v}")
+                arch[k] = v
+        cfg = TrainConfig(**{**LM_TRAIN[preset], "seed": seed, "device": device, "save_every": save_every,
+                             "sample_every": sample_every})
+        for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+            if v is not None:
+                setattr(cfg, k, v)
+        stage = LMStage(optimizer=optimizer)
+        try:
+            model = MoELM(**arch, ffn=ffn, router=router, bias_update=bias_update, balance_loss=balance_loss, attn=attn)
+        except ValueError as e:
+            raise SigmaError(str(e)) from None
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SigmaError("--steps and --batch-size must be at least 1")
+    if cfg.batch_size % world:
+        raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
+    torch.manual_seed(cfg.seed)
+    corpus = ByteCorpus(data, model.config.context)
+    task = LMTask(model, corpus, stage, cfg.batch_size, data, cfg)
+    result = train(task, cfg, out, resume=resume, quiet=as_json)
+    if result["rank"] == 0:
+        result.update(evaluate(model.eval(), corpus))
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    cfgm = model.config
+    active = result["parameters"] - (0 if cfgm.ffn == "dense" else cfgm.depth * (cfgm.experts - cfgm.top_k) * 3 * cfgm.width * cfgm.expert_hidden)
+    result["active_parameters"] = active
+    emit(result, as_json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} tokens/s), "
+        f"validation {result.get('bits_per_byte', float('nan')):.3f} bits/byte",
+        f"weights: {out}/    sample: {out}/samples.txt",
+        f"generate: sigma generate --model {out} --prompt 'The '",
+    ])
+
+
+@app.command()
+@command
+def generate(
+    model: Annotated[Path, typer.Option(help="An LM folder (sigma train-lm).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "The ",
+    max_new_tokens: Annotated[int, typer.Option(help="Bytes to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely bytes (0 = all).")] = 40,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole window every step.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+):
+    """Continue a prompt with a trained LM (KV cache for dense attention)."""
+    import torch
+
+    from checkpoints.io import load_model
+    from pipelines.errors import SigmaError
+    from pipelines.lm.data import decode, encode
+    from pipelines.train import resolve_device
+
+    if max_new_tokens < 1:
+        raise SigmaError("--max-new-tokens must be at least 1")
+    if temperature < 0 or top_k < 0:
+        raise SigmaError("--temperature and --top-k must not be negative")
+    if not prompt:
+        raise SigmaError("--prompt must not be empty")
+    dev = resolve_device(device)
+    lm = load_model(model, "lm", dev)
+    ids = encode(prompt)[None].to(dev)
+    out = lm.generate(ids, max_new_tokens, temperature, top_k or None, torch.Generator(device=dev).manual_seed(seed),
+                      use_cache=not no_cache)
+    text = decode(out[0, ids.shape[1]:].tolist())
+    emit({"prompt": prompt, "text": text, "tokens": max_new_tokens}, as_json, [prompt + text])
+
+
+@app.command("eval-lm")
+@command
+def eval_lm(
+    model: Annotated[Path, typer.Option(help="An LM folder (sigma train-lm).")],
+    data: Annotated[Optional[str], typer.Option(help="Text file (default: the run's own data).")] = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+):
+    """Validation loss and bits per byte on the held-out tail of the text."""
+    from checkpoints.io import RUN_META, load_model, read_json
+    from pipelines.lm.data import ByteCorpus
+    from pipelines.lm.trainer import evaluate
+    from pipelines.train import resolve_device
+
+    lm = load_model(model, "lm", resolve_device(device))
+    if data is None and (model / RUN_META).exists():
+        data = read_json(model / RUN_META).get("data_spec")
+    corpus = ByteCorpus(data, lm.config.context)
+    r = {"model": str(model), "data": corpus.name, **evaluate(lm, corpus)}
+    emit(r, as_json, [f"{corpus.name}: validation loss {r['val_loss']:.4f} nats/byte, {r['bits_per_byte']:.4f} bits/byte "
+                      f"over {r['val_bytes']:,} held-out bytes"])
+
+
+@app.command("bench-moe")
+@command
+def bench_moe(
+    tokens: Annotated[int, typer.Option(help="Tokens per call.")] = 4096,
+    dim: Annotated[int, typer.Option(help="Model width d.")] = 256,
+    experts: Annotated[int, typer.Option(help="Routed experts.")] = 16,
+    hidden: Annotated[int, typer.Option(help="Hidden size of each expert.")] = 128,
+    top_k: Annotated[int, typer.Option(help="Experts per token.")] = 4,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
+    repeats: Annotated[int, typer.Option(help="Timed runs (the minimum is reported).")] = 5,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+):
+    """Grouped dispatch vs per-expert loop vs the dense FFN of the same active size: tokens/s, fwd and fwd+bwd."""
+    from kernels.moe.bench import run_bench
+    from pipelines.errors import SigmaError
+    from pipelines.train import resolve_device
+
+    if min(tokens, dim, experts, hidden, top_k, repeats) < 1 or top_k > experts:
+        raise SigmaError("sizes must be positive and --top-k at most --experts")
+    if dtype not in ("fp32", "bf16"):
+        raise SigmaError(f"--dtype must be fp32 or bf16, not {dtype!r}")
+    r = run_bench(tokens, dim, experts, hidden, top_k, dtype, resolve_device(device).type, repeats)
+    lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
+             f"(max |grouped - reference| = {r['check_max_abs']:.1e})"]
+    for name, e in r["methods"].items():
+        lines.append(f"  {name:<8} fwd {e['forward_tokens_per_s']:>10,.0f} tok/s   fwd+bwd {e['forward_backward_tokens_per_s']:>10,.0f} tok/s")
+    lines.append(f"grouped / dense (fwd+bwd): {r['grouped_vs_dense']:.2f}; grouped / loop: {r['grouped_vs_loop']:.2f}")
+    emit(r, as_json, lines)

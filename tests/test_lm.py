@@ -1,0 +1,167 @@
+"""The DeepSeekMoE LM: dispatch, router balancing, causality per attention kind, KV cache, Muon, save/load, CLI."""
+import json
+
+import pytest
+import torch
+
+from kernels.moe import moe_ffn, moe_reference
+from pipelines.lm.model import MoE, MoELM
+
+TINY = dict(width=32, depth=2, heads=2, context=32, experts=4, expert_hidden=8, top_k=2, shared_experts=1)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["grouped", "loop"])
+def test_dispatch_matches_reference_forward_and_gradients(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = [torch.randn(6, 16, 8, generator=g, requires_grad=True), torch.randn(6, 16, 8, generator=g, requires_grad=True),
+         torch.randn(6, 8, 16, generator=g, requires_grad=True)]
+    scores = torch.rand(50, 6, generator=g)
+    scores[:, 5] = -1  # an expert nobody picks: an empty group
+    gate, idx = scores.topk(3, -1)
+    gate = gate.requires_grad_()
+    ref = moe_reference(x, *w, idx, gate)
+    out = moe_ffn(x, *w, idx, gate, backend)
+    assert rel(out, ref) < 1e-6
+    dy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [x, *w, gate], dy), torch.autograd.grad(ref, [x, *w, gate], dy)):
+        assert rel(a, b) < 1e-5
+
+
+def test_bias_update_balances_a_skewed_router():
+    torch.manual_seed(0)
+    moe = MoE(16, 8, 8, top_k=2, shared=0)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)  # token-dependent scores (identical ones could never be balanced)
+        moe.router.weight[0] += 0.5  # expert 0 wins for most tokens
+    x = torch.randn(4, 64, 16).abs()
+
+    def spread():
+        moe.load.zero_()
+        moe(x)
+        return moe.load.max().item() / moe.load.mean().item()
+
+    moe.train()
+    before = spread()
+    for _ in range(300):
+        moe(x)
+        moe.update_bias(0.01)
+    after = spread()
+    assert before > 3 and after < 1.6, (before, after)
+    assert moe.bias[0] < moe.bias[1:].min()  # the overloaded expert's bias went down
+
+
+@pytest.mark.parametrize("attn", ["dense", "nsa", "mta"])
+def test_future_tokens_change_no_earlier_logit(attn):
+    torch.manual_seed(0)
+    cfg = {"nsa": {"block": 4, "top_n": 2, "window": 6}, "mta": {"kq_every": 1}}.get(attn)
+    m = MoELM(**TINY, attn=attn, attn_config=cfg).eval()
+    with torch.no_grad():  # waken the zero-initialised parts so every path carries signal
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 256, (1, 30))
+    logits = m(idx)
+    idx2 = idx.clone()
+    idx2[0, 20:] = (idx2[0, 20:] + 7) % 256
+    logits2 = m(idx2)
+    assert torch.allclose(logits[0, :20], logits2[0, :20], atol=1e-5)
+    assert not torch.allclose(logits[0, 20:], logits2[0, 20:], atol=1e-5)
+
+
+def test_kv_cache_generates_the_same_tokens():
+    torch.manual_seed(0)
+    m = MoELM(**TINY).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompt = torch.randint(0, 256, (2, 5))
+    a = m.generate(prompt, 20, temperature=0)
+    b = m.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    c = m.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    d = m.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert torch.equal(c, d)
+
+
+def test_muon_steps_expert_weights():
+    from pipelines.lm.muon import MuonAdamW, newton_schulz
+    from pipelines.lm.trainer import LMStage, make_lm_optimizer
+    from pipelines.train import TrainConfig
+
+    o = newton_schulz(torch.randn(3, 16, 8))  # a batch of matrices: near-orthonormal columns each
+    assert torch.allclose(o.transpose(1, 2) @ o, torch.eye(8).expand(3, 8, 8), atol=0.35)
+    m = MoELM(**TINY)
+    opt = make_lm_optimizer(m, TrainConfig(lr=1e-2), LMStage(optimizer="muon"))
+    assert isinstance(opt, MuonAdamW)
+    muon = opt.param_groups[0]["params"]
+    expert = m.blocks[0].ffn.w_gate
+    assert any(p is expert for p in muon) and all(p is not m.embed.weight for p in muon)
+    before = expert.detach().clone()
+    loss = m(torch.randint(0, 256, (2, 16))).logsumexp(-1).mean()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, expert)
+
+
+def test_save_load_round_trip_with_the_tied_head(tmp_path):
+    from checkpoints.io import load_model, save_model
+
+    torch.manual_seed(0)
+    m = MoELM(**TINY)
+    with torch.no_grad():
+        m.blocks[0].ffn.bias.fill_(0.25)  # the router bias is state too
+    save_model(m, tmp_path / "lm")
+    back = load_model(tmp_path / "lm", "lm")
+    idx = torch.randint(0, 256, (1, 12))
+    assert torch.equal(m.eval()(idx), back(idx))
+    assert torch.equal(back.blocks[0].ffn.bias, torch.full((4,), 0.25))
+    assert not any("head" in k for k in back.state_dict())  # the head is the embedding, stored once
+
+
+def test_cli_train_resume_generate_eval(cli, tmp_path):
+    common = ["--width", "32", "--depth", "2", "--heads", "2", "--context", "32", "--experts", "4", "--batch-size", "4",
+              "--sample-every", "0", "--save-every", "2", "--out", tmp_path / "lm"]
+    r = cli("train-lm", *common, "--steps", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    first = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first["steps"] == 2 and first["bits_per_byte"] > 0
+    r = cli("train-lm", "--out", tmp_path / "lm", "--resume", "--steps", "4", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["resumed_from"] == 2
+    r = cli("generate", "--model", tmp_path / "lm", "--prompt", "\u00e9\u00e8 \x01", "--max-new-tokens", "5", "--json")
+    assert r.exit_code == 0, r.stderr  # any bytes are fine in a prompt
+    r = cli("eval-lm", "--model", tmp_path / "lm", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["bits_per_byte"] > 0
+    r = cli("train-lm", "--dense", "--optimizer", "muon", *common[:-1], tmp_path / "dense", "--steps", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_lm_bad_inputs_fail_with_one_line(cli, tmp_path, runs_tok=None):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00def" * 100)
+    from checkpoints.io import save_model
+    from pipelines.evaluation.classifier import ShapesClassifier
+
+    save_model(ShapesClassifier(), tmp_path / "clf")
+    cases = [(("train-lm", "--data", tmp_path / "empty.txt", "--out", tmp_path / "a"), "is empty"),
+             (("train-lm", "--data", tmp_path / "bin.txt", "--out", tmp_path / "b"), "looks binary"),
+             (("train-lm", "--data", tmp_path / "missing.txt", "--out", tmp_path / "c"), "is not a text file"),
+             (("generate", "--model", tmp_path / "clf"), "holds a classifier model, but this needs an lm model"),
+             (("train-lm", "--attn", "flash", "--out", tmp_path / "d"), "not available for the LM"),
+             (("bench-moe", "--top-k", "20"), "--top-k at most --experts")]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 1, (args, r.stdout)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_bench_moe_runs(cli):
+    r = cli("bench-moe", "--tokens", "64", "--dim", "16", "--experts", "4", "--hidden", "8", "--top-k", "2",
+            "--repeats", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["check_max_abs"] < 1e-5 and set(res["methods"]) == {"grouped", "loop", "dense"}
