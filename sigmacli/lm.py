@@ -182,7 +182,8 @@ def bench_moe(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):
-    """Grouped dispatch vs per-expert loop vs the dense FFN of the same active size: tokens/s, fwd and fwd+bwd."""
+    """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same
+    active size: tokens/s, forward and forward + backward."""
     from kernels.moe.bench import run_bench
     from pipelines.errors import SigmaError
     from pipelines.train import resolve_device
@@ -195,6 +196,6 @@ def bench_moe(
     lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
              f"(max |grouped - reference| = {r['check_max_abs']:.1e})"]
     for name, e in r["methods"].items():
-        lines.append(f"  {name:<8} fwd {e['forward_tokens_per_s']:>10,.0f} tok/s   fwd+bwd {e['forward_backward_tokens_per_s']:>10,.0f} tok/s")
+        lines.append(f"  {name:<12} fwd {e['forward_tokens_per_s']:>10,.0f} tok/s   fwd+bwd {e['forward_backward_tokens_per_s']:>10,.0f} tok/s")
     lines.append(f"grouped / dense (fwd+bwd): {r['grouped_vs_dense']:.2f}; grouped / loop: {r['grouped_vs_loop']:.2f}")
     emit(r, as_json, lines)

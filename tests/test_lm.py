@@ -14,12 +14,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["grouped", "sorted-loop", "loop"])
 def test_dispatch_matches_reference_forward_and_gradients(backend):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 16, generator=g, requires_grad=True)
-    w = [torch.randn(6, 16, 8, generator=g, requires_grad=True), torch.randn(6, 16, 8, generator=g, requires_grad=True),
-         torch.randn(6, 8, 16, generator=g, requires_grad=True)]
+    w = [torch.randn(6, 16, 16, generator=g, requires_grad=True), torch.randn(6, 8, 16, generator=g, requires_grad=True)]
     scores = torch.rand(50, 6, generator=g)
     scores[:, 5] = -1  # an expert nobody picks: an empty group
     gate, idx = scores.topk(3, -1)
@@ -98,7 +97,7 @@ def test_muon_steps_expert_weights():
     opt = make_lm_optimizer(m, TrainConfig(lr=1e-2), LMStage(optimizer="muon"))
     assert isinstance(opt, MuonAdamW)
     muon = opt.param_groups[0]["params"]
-    expert = m.blocks[0].ffn.w_gate
+    expert = m.blocks[0].ffn.w_in
     assert any(p is expert for p in muon) and all(p is not m.embed.weight for p in muon)
     before = expert.detach().clone()
     loss = m(torch.randint(0, 256, (2, 16))).logsumexp(-1).mean()
@@ -164,4 +163,4 @@ def test_bench_moe_runs(cli):
             "--repeats", "1", "--json")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["check_max_abs"] < 1e-5 and set(res["methods"]) == {"grouped", "loop", "dense"}
+    assert res["check_max_abs"] < 1e-5 and set(res["methods"]) == {"grouped", "sorted-loop", "loop", "dense"}

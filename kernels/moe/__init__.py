@@ -1,21 +1,24 @@
 """Routed expert FFNs (DeepSeekMoE): dispatch by sorting tokens by expert, then grouped matmuls.
 
-    moe_ffn(x, w_gate, w_up, w_down, topk_idx, topk_gate, backend="auto") -> [T, D]
+    moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend="auto") -> [T, D]
 
-x: [T, D]; w_gate, w_up: [E, D, F]; w_down: [E, F, D]; topk_idx: [T, k] int64; topk_gate: [T, k].
-backend: "grouped" (argsort by expert -> gather -> torch._grouped_mm for the three SwiGLU matmuls -> scale
-by the gate -> index_add back; dropless), "loop" (the same dispatch with one matmul per expert: the
-fallback where grouped_mm is missing), "reference" (every expert on every token), "auto" = grouped when
-this torch has it. index_add_ on the CPU is sequential, so the result is deterministic.
+x: [T, D]; w_in: [E, D, 2F] (SwiGLU gate | up, one matmul for both); w_out: [E, F, D];
+topk_idx: [T, k] int64; topk_gate: [T, k].
+backend: "grouped" (argsort by expert -> gather -> torch._grouped_mm for the two SwiGLU matmuls, the gate
+folded into the hidden activations (F wide, not D) -> index_add back; dropless), "sorted-loop" (the same dispatch with one matmul per expert: the
+fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
+expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
+every token), "auto" = grouped when this torch has it, else sorted-loop. index_add_ on the CPU is
+sequential, so every path is deterministic.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference import expert_ffn, moe_reference
+from .reference import expert_ffn, moe_reference, swiglu
 
-BACKENDS = ("auto", "grouped", "loop", "reference")
+BACKENDS = ("auto", "grouped", "sorted-loop", "loop", "reference")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -34,25 +37,32 @@ def dispatch(topk_idx: torch.Tensor, num_experts: int):
     return order, order // topk_idx.shape[1], counts
 
 
-def moe_ffn(x, w_gate, w_up, w_down, topk_idx, topk_gate, backend: str = "auto"):
+def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r} (have: {', '.join(BACKENDS)})")
     if backend == "reference":
-        return moe_reference(x, w_gate, w_up, w_down, topk_idx, topk_gate)
+        return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
     if backend == "auto":
-        backend = "grouped" if HAS_GROUPED_MM else "loop"
-    E = w_gate.shape[0]
+        backend = "grouped" if HAS_GROUPED_MM else "sorted-loop"
+    E = w_in.shape[0]
+    if backend == "loop":
+        out = torch.zeros_like(x)
+        for e in range(E):
+            token, slot = (topk_idx == e).nonzero(as_tuple=True)
+            if len(token):
+                y = expert_ffn(x[token], w_in[e], w_out[e]) * topk_gate[token, slot, None].to(x.dtype)
+                out = out.index_add(0, token, y)
+        return out
     order, token, counts = dispatch(topk_idx, E)
     xs = x.index_select(0, token)  # [T*k, D], grouped by expert
     gate = topk_gate.reshape(-1)[order].to(x.dtype)[:, None]
     if backend == "grouped":
         offs = counts.cumsum(0).to(torch.int32)
-        h = F.silu(_grouped_mm(xs, w_gate, offs)) * _grouped_mm(xs, w_up, offs)
-        ys = _grouped_mm(h, w_down, offs)
+        ys = _grouped_mm(swiglu(_grouped_mm(xs, w_in, offs)) * gate, w_out, offs)
     else:
-        ys = torch.cat([expert_ffn(part, w_gate[e], w_up[e], w_down[e])
-                        for e, part in enumerate(xs.split(counts.tolist()))])
-    return torch.zeros_like(x).index_add_(0, token, ys * gate)
+        ys = torch.cat([swiglu(part @ w_in[e]) * g @ w_out[e]
+                        for e, (part, g) in enumerate(zip(xs.split(counts.tolist()), gate.split(counts.tolist())))])
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 __all__ = ["moe_ffn", "moe_reference", "dispatch", "BACKENDS", "HAS_GROUPED_MM"]

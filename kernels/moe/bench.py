@@ -1,5 +1,7 @@
-"""The harness behind `sigma bench-moe`: grouped dispatch vs per-expert loop vs a dense SwiGLU FFN with the
-same active hidden size (top_k x hidden), forward and forward + backward, in tokens per second."""
+"""The harness behind `sigma bench-moe`: grouped dispatch vs the per-expert loop (mask, gather, compute,
+scatter per expert, as in the usual reference MoE code) vs the sorted dispatch with a matmul loop (our
+fallback) vs a dense SwiGLU FFN with the same active hidden size (top_k x hidden), forward and forward +
+backward, in tokens per second."""
 from __future__ import annotations
 
 import time
@@ -29,8 +31,7 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     g = torch.Generator().manual_seed(0)
     make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dt).requires_grad_()  # noqa: E731
     x = make(tokens, dim)
-    wg, wu = make(experts, dim, hidden, scale=dim**-0.5), make(experts, dim, hidden, scale=dim**-0.5)
-    wd = make(experts, hidden, dim, scale=hidden**-0.5)
+    w_in, w_out = make(experts, dim, 2 * hidden, scale=dim**-0.5), make(experts, hidden, dim, scale=hidden**-0.5)
     router = torch.randn(dim, experts, generator=g).to(device, dt)
     with torch.no_grad():  # a realistic, uneven routing: sigmoid scores of a random router
         scores = torch.sigmoid((x @ router).float())
@@ -41,13 +42,14 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     dy = torch.randn(tokens, dim, generator=g).to(device, dt)
 
     fns = {
-        "grouped": (lambda: moe_ffn(x, wg, wu, wd, idx, gate, "grouped"), [x, wg, wu, wd]),
-        "loop": (lambda: moe_ffn(x, wg, wu, wd, idx, gate, "loop"), [x, wg, wu, wd]),
+        "grouped": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "grouped"), [x, w_in, w_out]),
+        "sorted-loop": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "sorted-loop"), [x, w_in, w_out]),
+        "loop": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "loop"), [x, w_in, w_out]),
         "dense": (lambda: (F.silu(x @ dense_g) * (x @ dense_u)) @ dense_d, [x, dense_g, dense_u, dense_d]),
     }
     with torch.no_grad():
-        ref = moe_ffn(x, wg, wu, wd, idx, gate, "reference")
-        check = (moe_ffn(x, wg, wu, wd, idx, gate, "grouped") - ref).abs().max().item()
+        ref = moe_ffn(x, w_in, w_out, idx, gate, "reference")
+        check = (moe_ffn(x, w_in, w_out, idx, gate, "grouped") - ref).abs().max().item()
     methods = {}
     for name, (fn, leaves) in fns.items():
         with torch.no_grad():

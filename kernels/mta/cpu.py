@@ -16,7 +16,45 @@ from torch.utils.checkpoint import checkpoint
 
 from .reference import head_conv, kq_padding, up
 
-CHUNK_BYTES = 8 << 20  # one [H, rows, S] fp32 score slab per chunk
+CHUNK_BYTES = 32 << 20  # one [B, H, rows, S] fp32 score slab per chunk
+
+
+class KQConv(torch.autograd.Function):
+    """Depthwise 'valid' 2D convolution of a padded score slab x [B, H, R, Sk] with w [H, c_q, c_k].
+
+    Forward: a sum of c_q * c_k shifted multiply-adds (2x faster than mkldnn's depthwise conv here).
+    Backward: dx by the transposed shifted sum; dw[h] = x[h] correlated with g[h], computed as a forward
+    convolution with g as the kernel (mkldnn's own depthwise backward is ~4x slower here).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        B, H, R, Sk = x.shape
+        cq, ck = w.shape[1:]
+        C, S = R - cq + 1, Sk - ck + 1
+        out = torch.zeros(B, H, C, S, dtype=x.dtype, device=x.device)
+        wv = w.to(x.dtype)
+        for i in range(cq):
+            for j in range(ck):
+                out.addcmul_(x[:, :, i : i + C, j : j + S], wv[:, i, j].view(1, H, 1, 1))
+        ctx.save_for_backward(x, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        H, cq, ck = w.shape
+        g = g.contiguous()
+        C, S = g.shape[2:]
+        dx = torch.zeros_like(x)
+        wv = w.to(g.dtype)
+        for i in range(cq):  # the transpose of the forward's shifted sum
+            for j in range(ck):
+                dx[:, :, i : i + C, j : j + S].addcmul_(g, wv[:, i, j].view(1, H, 1, 1))
+        B = x.shape[0]
+        dw = F.conv2d(x.reshape(1, B * H, *x.shape[2:]), g.reshape(B * H, 1, *g.shape[2:]), groups=B * H)
+        dw = dw.view(B, H, cq, ck).sum(0)  # every (batch, head) is a channel; the batch is summed
+        return dx, dw.to(w.dtype)
 
 
 def _chunk_rows(q, k, v, kq_pre, head_pre, kq_post, head_post, t0: int, t1: int, causal: bool):
@@ -36,7 +74,7 @@ def _chunk_rows(q, k, v, kq_pre, head_pre, kq_post, head_post, t0: int, t1: int,
         if causal:
             a = a.masked_fill(future, 0.0)
         a = F.pad(a, (left, right, lo - want0, want1 - hi))  # the reference's zero padding, where it applies
-        a = F.conv2d(a, kq_pre[:, None].to(a.dtype), groups=H)  # valid on rows: [want0 + top, want1 - bottom)
+        a = KQConv.apply(a, kq_pre)  # valid on rows: [want0 + top, want1 - bottom)
         lo_p, hi_p = want0 + pre_h[0], want1 - pre_h[1]
     else:
         a = F.pad(a, (0, 0, lo - want0, want1 - hi))
@@ -53,7 +91,7 @@ def _chunk_rows(q, k, v, kq_pre, head_pre, kq_post, head_post, t0: int, t1: int,
         p = p * inside.to(p.dtype)
     if kq_post is not None:
         p = F.pad(p, (left, right, 0, 0))
-        p = F.conv2d(p, kq_post[:, None].to(p.dtype), groups=H)  # rows [t0, t1)
+        p = KQConv.apply(p, kq_post)  # rows [t0, t1)
         if causal:
             p = p.masked_fill(torch.arange(n_keys, device=q.device)[None, :] > torch.arange(t0, t1, device=q.device)[:, None], 0.0)
     if head_post is not None:

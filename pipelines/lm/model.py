@@ -52,9 +52,8 @@ class MoE(nn.Module):
         self.top_k, self.router_kind, self.route_scale = top_k, router, route_scale
         self.balance_weight, self.backend = balance_loss, backend
         std = dim**-0.5
-        self.w_gate = nn.Parameter(torch.randn(experts, dim, hidden) * std)  # [E, D, F]
-        self.w_up = nn.Parameter(torch.randn(experts, dim, hidden) * std)
-        self.w_down = nn.Parameter(torch.zeros(experts, hidden, dim))  # zero: each expert starts silent
+        self.w_in = nn.Parameter(torch.randn(experts, dim, 2 * hidden) * std)  # [E, D, 2F]: SwiGLU gate | up
+        self.w_out = nn.Parameter(torch.zeros(experts, hidden, dim))  # [E, F, D]; zero: each expert starts silent
         self.router = nn.Linear(dim, experts, bias=False)
         self.register_buffer("bias", torch.zeros(experts))  # chooses experts only; saved with the weights
         self.register_buffer("load", torch.zeros(experts), persistent=False)  # tokens per expert since the update
@@ -71,7 +70,7 @@ class MoE(nn.Module):
         if self.router_kind == "sigmoid":
             gate = gate / gate.sum(-1, keepdim=True)
         gate = gate * self.route_scale
-        out = moe_ffn(flat, self.w_gate, self.w_up, self.w_down, choice, gate, self.backend).view(B, T, D)
+        out = moe_ffn(flat, self.w_in, self.w_out, choice, gate, self.backend).view(B, T, D)
         if self.training:
             with torch.no_grad():
                 self.load += torch.bincount(choice.flatten(), minlength=self.load.numel()).to(self.load.dtype)
