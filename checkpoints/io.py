@@ -55,7 +55,8 @@ def save_model(model: torch.nn.Module, folder: Path | str, state_dict: dict | No
     """Write config.json + weights (default: the model's own; pass `state_dict` for e.g. EMA weights)."""
     folder = Path(folder)
     config = {k: v for k, v in model.config.items() if k != "_use_default_values"}  # diffusers' own bookkeeping
-    config["_class_name"] = type(model).__name__
+    # FSDP2 swaps in a subclass (FSDPDiT(FSDPModule, DiT)): record the model's own class
+    config["_class_name"] = next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
     atomic_save_tensors(state_dict if state_dict is not None else model.state_dict(), folder / WEIGHTS)
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, sort_keys=True))
 
@@ -139,14 +140,16 @@ def checkpoint_dir(run_dir: Path | str) -> Path | None:
     return None
 
 
-def load_training_state(run_dir: Path | str, model, ema, optimizer) -> dict:
-    """Restore weights, EMA and optimiser in place; return the counters saved with them."""
+def load_training_state(run_dir: Path | str, model, ema, optimizer, weights: bool = True) -> dict:
+    """Restore weights (unless weights=False: FSDP loads them before sharding), EMA and optimiser in place;
+    return the counters saved with them."""
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no training checkpoint to resume in '{run_dir}'")
     meta = read_json(ckpt / "state.json", "training state")
-    load_state_checked(model, ckpt / "model.safetensors")
-    if ema is not None:
+    if weights:
+        load_state_checked(model, ckpt / "model.safetensors")
+    if weights and ema is not None:
         load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
     read_safetensors_header(ckpt / "optimizer.safetensors")
     tensors = load_file(str(ckpt / "optimizer.safetensors"))

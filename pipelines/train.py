@@ -44,6 +44,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block, then the root) instead of DDP
+    compile: bool = False  # torch.compile the network (backend: $SIGMA_COMPILE_BACKEND, default inductor)
 
 
 class Task(Protocol):
@@ -132,6 +134,60 @@ class _Distributed:
             dist.destroy_process_group()
 
 
+# ---- FSDP2 ---------------------------------------------------------------------------------------------------
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (every element of a ModuleList named `blocks`): FSDP2's units of sharding."""
+    return [block for name, mod in model.named_modules() if name.split(".")[-1] == "blocks"
+            and isinstance(mod, nn.ModuleList) for block in mod]
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, world: int, bf16: bool):
+    """fully_shard each block, then the root, on an explicit 1D mesh (the default mesh would move a gloo model
+    to CUDA); bf16 parameters with fp32 gradient reduction on CUDA."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kw = {"mesh": mesh}
+    if bf16 and device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in shard_units(model):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def full_state(state: dict) -> dict:
+    """Gather sharded (DTensor) entries into whole tensors on CPU. Collective: every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
+
+
+class _GatheredOptimizer:
+    """What save_training_state needs from an optimiser (state_dict), with sharded states made whole."""
+
+    def __init__(self, optimizer):
+        sd = optimizer.state_dict()
+        self._sd = {"state": {i: full_state(st) for i, st in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+    def state_dict(self):
+        return self._sd
+
+
+def shard_optimizer_state(optimizer):
+    """After loading whole tensors into an optimiser over sharded parameters: cut each state to the parameter's
+    placement (same index order on every rank, so every rank keeps its own shard)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
 def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra: dict | None = None):
     meta = {"kind": task.kind, "step": step, "train": asdict(cfg), **task.metadata(), **(extra or {})}
     atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))
@@ -156,27 +212,49 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
     model = task.model.to(device)
     task.trainable(model)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+    sharded = cfg.fsdp and ddp.enabled  # one process holds everything anyway: --fsdp alone changes nothing
+    if resume and checkpoint_dir(run_dir) is None:
+        raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
+    if not resume and checkpoint_dir(run_dir) is not None:
+        raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    if sharded:
+        if resume:  # whole weights into the whole model first; fully_shard then cuts them
+            from checkpoints.io import load_state_checked
+
+            ckpt = checkpoint_dir(run_dir)
+            load_state_checked(model, ckpt / "model.safetensors")
+            if ema is not None:
+                load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+        apply_fsdp(model, device, ddp.world, use_bf16)
+        if ema is not None:  # sharded alike, so the EMA update runs on local shards
+            apply_fsdp(ema, device, ddp.world, False)
     optimizer = task.make_optimizer(model, cfg) if hasattr(task, "make_optimizer") else make_optimizer(model, cfg)
     start = 0
     if resume:
-        if checkpoint_dir(run_dir) is None:
-            raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
-        start = load_training_state(run_dir, model, ema, optimizer)["step"]
+        if sharded:
+            start = load_training_state(run_dir, None, None, optimizer, weights=False)["step"]
+            shard_optimizer_state(optimizer)
+        else:
+            start = load_training_state(run_dir, model, ema, optimizer)["step"]
         if start >= cfg.steps:
             raise SigmaError(f"'{run_dir}' is already at step {start}; pass --steps above {start} to continue")
-    elif checkpoint_dir(run_dir) is not None:
-        raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
     net = model
-    if ddp.enabled:
+    if ddp.enabled and not sharded:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
+    if cfg.compile:
+        net = torch.compile(net, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
 
     def save(step: int):
+        # under FSDP2 gathering the whole tensors is collective: every rank takes part, rank 0 writes
+        model_state = full_state(model.state_dict()) if sharded else model.state_dict()
+        ema_state = (full_state(ema.state_dict()) if sharded else ema.state_dict()) if ema is not None else None
+        opt = _GatheredOptimizer(optimizer) if sharded else optimizer
         if ddp.rank != 0:
             return
-        save_training_state(run_dir, model_state=model.state_dict(), ema_state=ema.state_dict() if ema else None,
-                            optimizer=optimizer, counters={"step": step, "world": ddp.world})
-        save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=(ema or model).state_dict())
+        save_training_state(run_dir, model_state=model_state, ema_state=ema_state, optimizer=opt,
+                            counters={"step": step, "world": ddp.world})
+        save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=ema_state or model_state)
         write_run_meta(run_dir, task, cfg, step)
 
     # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
@@ -237,7 +315,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             done = step + 1
             last = {"step": done, "loss": shared[0].item(), "lr": lr, **logs}
             if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
+                last["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if metrics_file and (done % cfg.log_every == 0 or done == cfg.steps):
                 last["samples_per_s"] = (done - start) * task.samples_per_step / (time.time() - t_start)
                 metrics_file.write(json.dumps(last) + "\n")
@@ -246,14 +324,15 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 progress.update(bar, completed=done, info=f"loss {last['loss']:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
                 save(done)
-            if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and ddp.rank == 0:
+            if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and ddp.rank == 0 and not sharded:
                 task.pictures(ema or model, done, run_dir)
             if shared[1].item() > 0:
                 save(done)
                 raise Interrupted(f"interrupted at step {done}; saved, continue with --resume")
         step = cfg.steps
         save(step)
-        pictures = task.pictures(ema or model, step, run_dir) if ddp.rank == 0 else None
+        # sharded weights cannot sample on one rank: pictures of FSDP runs come from the saved folder (sigma sample)
+        pictures = task.pictures(ema or model, step, run_dir) if ddp.rank == 0 and not sharded else None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if progress:

@@ -15,6 +15,8 @@ import typer
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object of the results on stdout.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, masks, sampling).")]
+FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]
 
 
 def fail(message: str, code: int = 1):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit, parse_grid
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit, parse_grid
 from sigmacli.tokenizer import DataOpt
 
 
@@ -54,6 +54,8 @@ def train_imm(
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    fsdp: FsdpOpt = False,
+    compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -179,6 +181,7 @@ def train_imm(
             sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
             IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data)
+    cfg.fsdp, cfg.compile = fsdp, compile_
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective
@@ -257,6 +260,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option(help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
     save_individual: Annotated[Optional[Path], typer.Option(help="Also write every sample to this folder.")] = None,
     nrow: Annotated[int, typer.Option(help="Samples per row of the grid.")] = 8,
+    compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -283,6 +287,10 @@ def sample(
         raise SigmaError("--num and --nrow must be at least 1")
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
     labels = parse_labels(class_label or [], class_names, num)
+    if compile_:  # the transformer only: the sampler loop is a few Python steps
+        import os
+
+        net.forward = torch.compile(net.forward, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start
@@ -340,6 +348,10 @@ def eval_(
     real_a, _ = heldout.get_batch(torch.arange(n_ref))
     real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))
     labels = torch.arange(num) % c.num_classes
+    if compile_:  # the transformer only: the sampler loop is a few Python steps
+        import os
+
+        net.forward = torch.compile(net.forward, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
 
 
 @app.command("train-lm")
@@ -35,6 +35,8 @@ def train_lm(
     sample_every: Annotated[int, typer.Option(help="Write samples.txt every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/lm, or runs/lm-dense).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    fsdp: FsdpOpt = False,
+    compile_: CompileOpt = False,
     preset: Annotated[str, typer.Option(help="Size preset: tiny.")] = "tiny",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -95,6 +97,7 @@ def train_lm(
     torch.manual_seed(cfg.seed)
     corpus = ByteCorpus(data, model.config.context)
     task = LMTask(model, corpus, stage, cfg.batch_size, data, cfg)
+    cfg.fsdp, cfg.compile = fsdp, compile_
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     if result["rank"] == 0:
         result.update(evaluate(model.eval(), corpus))

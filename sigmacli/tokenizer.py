@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
@@ -35,6 +35,8 @@ def train_tokenizer(
     sample_every: Annotated[int, typer.Option(help="Write a reconstruction grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/tokenizer, or runs/tokenizer-ft).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    fsdp: FsdpOpt = False,
+    compile_: CompileOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -93,6 +95,7 @@ def train_tokenizer(
     task = TokenizerTask(model, train_set, heldout, stage, cfg.batch_size, cfg.seed, data_spec=data, steps=cfg.steps)
     if 0 < task.finetune_from < cfg.steps:  # decoder fine-tuning is a stage of its own: fresh warm-up + cosine
         cfg.restart_at = task.finetune_from
+    cfg.fsdp, cfg.compile = fsdp, compile_
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     emit(result, as_json, [

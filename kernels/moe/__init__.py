@@ -44,6 +44,8 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
     if backend == "auto":
         backend = "grouped" if HAS_GROUPED_MM else "sorted-loop"
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            backend = "sorted-loop"  # grouped_mm's fake (tracing) kernel accepts only bf16 in torch 2.14
     E = w_in.shape[0]
     if backend == "loop":
         out = torch.zeros_like(x)

@@ -14,7 +14,7 @@ from pipelines.lm.model import MoELM
 
 # sized for the 2-core CPU: `sigma train-lm` with no options finishes in a few minutes
 LM_PRESETS = {"tiny": dict(width=128, depth=4, heads=4, context=128, experts=16, expert_hidden=64, top_k=2, shared_experts=1)}
-LM_TRAIN = {"tiny": dict(steps=1500, batch_size=16, lr=2e-3, warmup=100, ema=0.0, weight_decay=0.1)}
+LM_TRAIN = {"tiny": dict(steps=1000, batch_size=16, lr=2e-3, warmup=100, ema=0.0, weight_decay=0.1)}
 
 
 @dataclass

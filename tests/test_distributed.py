@@ -1,0 +1,128 @@
+"""Two gloo processes (DDP and FSDP2) give the weights of one process on the combined batch, for the tokenizer,
+IMM and the LM; a checkpoint saved under FSDP2 loads in a single process and resumes under FSDP2."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from checkpoints.io import load_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_task(kind: str):
+    """A tiny model + task of each trainer, identical in every process (fixed seeds)."""
+    from pipelines.train import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, ema=0.9, save_every=0, sample_every=0, device="cpu",
+                      grad_clip=1.0)
+    if kind == "tokenizer":
+        from pipelines.data import make_dataset
+        from pipelines.maetok.model import MAETok
+        from pipelines.maetok.trainer import TokenizerStage, TokenizerTask
+
+        model = MAETok(image_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, num_latents=4, latent_dim=4)
+        data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
+        held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
+        task = TokenizerTask(model, data, held, TokenizerStage(), cfg.batch_size, cfg.seed, "shapes")
+    elif kind == "imm":
+        from pipelines.data import make_dataset
+        from pipelines.imm.model import DiT
+        from pipelines.imm.schedule import IMMSchedule
+        from pipelines.imm.trainer import IMMStage, IMMTask
+
+        model = DiT(space="pixels", num_tokens=16, token_dim=48, grid=(1, 4, 4), cube=(1, 2, 2), image_size=16,
+                    width=32, depth=2, heads=2)
+        data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
+        held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
+        task = IMMTask(model, IMMSchedule(), IMMStage(group_size=4), data, held, None, cfg.batch_size, cfg.seed, "shapes")
+    else:
+        from pipelines.lm.data import ByteCorpus
+        from pipelines.lm.model import MoELM
+        from pipelines.lm.trainer import LMStage, LMTask
+
+        model = MoELM(width=32, depth=2, heads=2, context=16, experts=4, expert_hidden=8, top_k=2)
+        task = LMTask(model, ByteCorpus(None, 16), LMStage(), cfg.batch_size, None, cfg)
+    return task, cfg
+
+
+def worker(rank: int, world: int, port: int, kind: str, out: str, fsdp: bool, steps: int, resume: bool):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pipelines.train import train
+
+    task, cfg = make_task(kind)
+    cfg.fsdp, cfg.steps = fsdp, steps
+    train(task, cfg, out, resume=resume, quiet=True)
+    if rank == 0:  # what actually ran: FSDP2 turns the model's class into FSDP<Name>
+        with open(os.path.join(out, "ran_as.txt"), "w") as f:
+            f.write(type(task.model).__name__)
+
+
+def run(kind, out, world=1, fsdp=False, steps=2, resume=False):
+    if world == 1:
+        _single(kind, out, steps, resume)
+    else:
+        mp.spawn(worker, args=(world, free_port(), kind, str(out), fsdp, steps, resume), nprocs=world, join=True)
+    return load_model(out / ("transformer" if kind == "imm" else ""), {"tokenizer": "tokenizer", "imm": "imm", "lm": "lm"}[kind])
+
+
+def _single(kind, out, steps, resume):
+    from pipelines.train import train
+
+    for k in ("RANK", "WORLD_SIZE"):
+        os.environ.pop(k, None)
+    task, cfg = make_task(kind)
+    cfg.steps = steps
+    train(task, cfg, out, resume=resume, quiet=True)
+
+
+def assert_same_weights(a, b, atol=2e-5):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), (k, (sa[k] - sb[k]).abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "imm", "lm"])
+def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
+    one = run(kind, tmp_path / "one")
+    ddp = run(kind, tmp_path / "ddp", world=2)
+    fsdp = run(kind, tmp_path / "fsdp", world=2, fsdp=True)
+    assert (tmp_path / "fsdp" / "ran_as.txt").read_text().startswith("FSDP")
+    assert not (tmp_path / "ddp" / "ran_as.txt").read_text().startswith("FSDP")
+    assert_same_weights(ddp, one)
+    assert_same_weights(fsdp, one)
+
+
+def test_fsdp2_checkpoint_resumes_sharded_and_matches(tmp_path):
+    # 2 steps under FSDP2, then 2 more resumed under FSDP2 == 4 steps in one process
+    run("lm", tmp_path / "fsdp", world=2, fsdp=True, steps=2)
+    state = json.loads((tmp_path / "fsdp" / "checkpoint" / "state.json").read_text())
+    assert state["counters"] == {"step": 2, "world": 2}
+    resumed = run("lm", tmp_path / "fsdp", world=2, fsdp=True, steps=4, resume=True)
+    one = run("lm", tmp_path / "one", steps=4)
+    assert_same_weights(resumed, one)
+
+
+def test_compile_trains_and_samples(cli, tmp_path, monkeypatch):
+    # aot_eager traces the whole graph (custom ops included) without waiting for inductor's C++ build
+    monkeypatch.setenv("SIGMA_COMPILE_BACKEND", "aot_eager")
+    from tests.test_cli_imm import TINY_DIT, last_json
+
+    last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--attn", "nsa", "--top-n", "1",
+                  "--steps", "2", "--compile", "--out", tmp_path / "imm", "--json"))
+    s = last_json(cli("sample", "--model", tmp_path / "imm", "--num", "4", "--compile", "--out", tmp_path / "s.png", "--json"))
+    assert s["num"] == 4
+    r = cli("train-lm", "--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4",
+            "--batch-size", "4", "--steps", "2", "--sample-every", "0", "--compile", "--out", tmp_path / "lm", "--json")
+    assert r.exit_code == 0, r.stderr
