@@ -57,7 +57,7 @@ def test_bias_update_balances_a_skewed_router():
 @pytest.mark.parametrize("attn", ["dense", "nsa", "mta"])
 def test_future_tokens_change_no_earlier_logit(attn):
     torch.manual_seed(0)
-    cfg = {"nsa": {"block": 4, "top_n": 2, "window": 6}, "mta": {"kq_every": 1}}.get(attn)
+    cfg = {"nsa": {"block": 4, "top_n": 3, "window": 6}, "mta": {"kq_every": 1}}.get(attn)
     m = MoELM(**TINY, attn=attn, attn_config=cfg).eval()
     with torch.no_grad():  # waken the zero-initialised parts so every path carries signal
         for p in m.parameters():
@@ -96,9 +96,10 @@ def test_muon_steps_expert_weights():
     m = MoELM(**TINY)
     opt = make_lm_optimizer(m, TrainConfig(lr=1e-2), LMStage(optimizer="muon"))
     assert isinstance(opt, MuonAdamW)
-    muon = opt.param_groups[0]["params"]
+    muon = [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
     expert = m.blocks[0].ffn.w_in
     assert any(p is expert for p in muon) and all(p is not m.embed.weight for p in muon)
+    assert all(p is not m.blocks[0].norm1.weight and p is not m.blocks[0].ffn.router.weight for p in muon)
     before = expert.detach().clone()
     loss = m(torch.randint(0, 256, (2, 16))).logsumexp(-1).mean()
     loss.backward()

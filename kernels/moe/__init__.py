@@ -8,8 +8,8 @@ backend: "grouped" (argsort by expert -> gather -> torch._grouped_mm for the two
 folded into the hidden activations (F wide, not D) -> index_add back; dropless), "sorted-loop" (the same dispatch with one matmul per expert: the
 fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
 expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
-every token), "auto" = grouped when this torch has it, else sorted-loop. index_add_ on the CPU is
-sequential, so every path is deterministic.
+every token), "auto" = grouped when this torch has it, else sorted-loop. index_add_ is sequential on the
+CPU, so every path is deterministic there (on CUDA it uses atomics: not bitwise reproducible).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
             token, slot = (topk_idx == e).nonzero(as_tuple=True)
             if len(token):
                 y = expert_ffn(x[token], w_in[e], w_out[e]) * topk_gate[token, slot, None].to(x.dtype)
-                out = out.index_add(0, token, y)
+                out = out.index_add(0, token, y.to(x.dtype))
         return out
     order, token, counts = dispatch(topk_idx, E)
     xs = x.index_select(0, token)  # [T*k, D], grouped by expert
@@ -64,7 +64,7 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     else:
         ys = torch.cat([swiglu(part @ w_in[e]) * g @ w_out[e]
                         for e, (part, g) in enumerate(zip(xs.split(counts.tolist()), gate.split(counts.tolist())))])
-    return torch.zeros_like(x).index_add_(0, token, ys)
+    return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # autocast may have made ys bf16
 
 
 __all__ = ["moe_ffn", "moe_reference", "dispatch", "BACKENDS", "HAS_GROUPED_MM"]

@@ -20,6 +20,9 @@ BACKENDS = ("auto", "cpu", "reference")
 def mta(q, k, v, kq_pre=None, head_pre=None, kq_post=None, head_post=None, causal: bool = False, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown MTA backend {backend!r} (have: {', '.join(BACKENDS)}; no Triton kernel yet)")
+    if kq_pre is not None and kq_post is not None and kq_pre.shape != kq_post.shape:
+        raise ValueError(f"MTA: the pre- and post-softmax kernels must have one shape, not {tuple(kq_pre.shape)} "
+                         f"and {tuple(kq_post.shape)}")
     if backend == "reference":
         return mta_reference(q, k, v, kq_pre, head_pre, kq_post, head_post, causal)
     return mta_cpu(q, k, v, kq_pre, head_pre, kq_post, head_post, causal)

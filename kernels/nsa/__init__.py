@@ -120,11 +120,15 @@ _selected.register_autograd(_selected_backward, setup_context=_selected_setup)
 
 def compressed_attention(q, k_cmp, v_cmp, block: int, backend: str = "auto"):
     """All queries against the compressed keys: (o [B, H, N, K], lse [B, H, N], scores [B, H, N/block, NB])."""
+    if q.shape[2] % block:
+        raise ValueError(f"{q.shape[2]} tokens do not split into blocks of {block}")
     return _compressed(q, k_cmp, v_cmp, block, resolve_backend(backend, q.device))
 
 
 def selected_attention(q, k, v, index, block: int, backend: str = "auto"):
     """Block-sparse attention: query block i attends to the KV blocks index[b, h // G, i, :]. Returns o."""
+    if q.shape[2] % block:
+        raise ValueError(f"{q.shape[2]} tokens do not split into blocks of {block}")
     return _selected(q, k, v, index, block, resolve_backend(backend, q.device))[0]
 
 

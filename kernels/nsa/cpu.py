@@ -163,9 +163,9 @@ def causal_selected(q, k, v, index, block: int, chunk: int = 256):
         kr, vr = torch.nn.functional.pad(kr, (0, 0, 0, pad)), torch.nn.functional.pad(vr, (0, 0, 0, pad))
     kt, vt = kr.reshape(-1, block, K), vr.reshape(-1, block, K)
     idx = _rows(index, H)  # [R, N, S]
-    base = torch.arange(B * H)[:, None, None] * nb
+    base = torch.arange(B * H, device=q.device)[:, None, None] * nb
     flat = (idx.clamp(min=0) + base).reshape(B * H, N * S)
-    offs = torch.arange(block)
+    offs = torch.arange(block, device=q.device)
     qr = q.reshape(B * H, N, K)
     out = []
     for t0 in range(0, N, chunk):
@@ -174,7 +174,7 @@ def causal_selected(q, k, v, index, block: int, chunk: int = 256):
         ks = kt.index_select(0, ids).view(B * H, t1 - t0, S * block, K)
         vs = vt.index_select(0, ids).view(B * H, t1 - t0, S * block, K)
         key_pos = (idx[:, t0:t1, :, None] * block + offs).reshape(B * H, t1 - t0, S * block)
-        t = torch.arange(t0, t1)[None, :, None]
+        t = torch.arange(t0, t1, device=q.device)[None, :, None]
         ok = (idx[:, t0:t1, :, None] >= 0).expand(-1, -1, -1, block).reshape_as(key_pos) & (key_pos <= t)
         s = (qr[:, t0:t1, None, :] @ ks.transpose(-1, -2)).squeeze(2).float() * K**-0.5
         p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
@@ -190,8 +190,8 @@ def causal_window(q, k, v, window: int, chunk: int = 256):
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         k0 = max(0, t0 - window + 1)
-        t = torch.arange(t0, t1)[:, None]
-        j = torch.arange(k0, t1)[None, :]
+        t = torch.arange(t0, t1, device=q.device)[:, None]
+        j = torch.arange(k0, t1, device=q.device)[None, :]
         mask = (j <= t) & (t - j < window)
         out.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, t0:t1], kr[:, :, k0:t1], vr[:, :, k0:t1], attn_mask=mask))
     return torch.cat(out, 2)

@@ -89,6 +89,8 @@ class NSACausal(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, block: int = 16, top_n: int = 4,
                  window: int = 0, compress: str = "mlp", backend: str = "auto"):
         super().__init__()
+        if top_n < 3:
+            raise ValueError(f"causal NSA: top_n {top_n} must cover the 1 initial + 2 local blocks it always selects")
         self.block, self.top_n, self.window, self.backend = block, top_n, window, backend
         self.heads = heads
         self.compress_k = Compressor(kv_heads, head_dim, block, compress)

@@ -212,6 +212,14 @@ class MoELM(ModelMixin, ConfigMixin):
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """prompt: [B, T0] -> [B, T0 + max_new_tokens]. The KV cache serves dense attention; sparse kinds
         (and prompts past the context) recompute the window each step."""
+        was_training = self.training
+        self.eval()  # sampled tokens must not count as router load (the aux-loss-free update reads it)
+        try:
+            return self._generate(prompt, max_new_tokens, temperature, top_k, generator, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, generator, use_cache):
         idx = prompt
         ctx = self.config.context
         cache_ok = use_cache and self.config.attn == "dense"

@@ -23,6 +23,19 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.transpose(-1, -2) if transpose else x).to(g.dtype)
 
 
+def orthogonalised(m: torch.Tensor, group: dict) -> torch.Tensor:
+    """Newton-Schulz of the momentum, scaled by sqrt(max(1, fan_out / fan_in)). Groups of stacked expert weights
+    say in_out=True (stored [E, in, out], not nn.Linear's [out, in]); split_out=k orthogonalises k matrices side by
+    side along the output dim separately (the fused SwiGLU gate | up projection)."""
+    in_out = group.get("in_out", False)
+    parts = m.chunk(group.get("split_out", 1), dim=-1 if in_out else -2) if m.shape[-1 if in_out else -2] % group.get("split_out", 1) == 0 else [m]
+    out = []
+    for part in parts:
+        fan_out, fan_in = (part.shape[-1], part.shape[-2]) if in_out else (part.shape[-2], part.shape[-1])
+        out.append(newton_schulz(part) * max(1.0, fan_out / fan_in) ** 0.5)
+    return torch.cat(out, dim=-1 if in_out else -2) if len(out) > 1 else out[0]
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry use_muon: True (Muon: lr, momentum, weight_decay) or False (AdamW: lr, betas, eps,
     weight_decay). One optimiser, so the shared loop's state saving and lr schedule see one object."""
@@ -40,8 +53,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["use_muon"]:
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
-                    update *= max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                    update = orthogonalised(p.grad.add(buf, alpha=group["momentum"]), group)  # Nesterov
                     p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
                 else:
                     if not state:

@@ -25,20 +25,30 @@ class LMStage:
 
 
 def make_lm_optimizer(model: MoELM, cfg, stage: LMStage) -> torch.optim.Optimizer:
-    decay, no_decay, muon = [], [], []
+    """Weight matrices (Linear weights, stacked expert weights) get weight decay, and Muon with --optimizer muon;
+    everything else (embedding, router, norms, NSA position codes, MTA kernels and head mixing) is AdamW, and
+    only the embedding of those is decayed (identity-initialised kernels and gains must not decay to 0)."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    experts = {id(p) for n, p in model.named_parameters() if n.endswith(("w_in", "w_out"))}
+    decay, no_decay, muon, muon_experts = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        matrix = p.dim() >= 2 and "embed" not in name and "router" not in name
+        matrix = (id(p) in linear or id(p) in experts) and "router" not in name
         if stage.optimizer == "muon" and matrix:
-            muon.append(p)
+            (muon_experts if id(p) in experts else muon).append(p)
+        elif matrix or "embed" in name:
+            decay.append(p)
         else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            no_decay.append(p)
     if stage.optimizer == "muon":
         from pipelines.lm.muon import MuonAdamW
 
+        muon_kw = {"use_muon": True, "weight_decay": cfg.weight_decay, "lr_scale": stage.muon_lr_scale}
         return MuonAdamW([
-            {"params": muon, "use_muon": True, "weight_decay": cfg.weight_decay, "lr_scale": stage.muon_lr_scale},
+            {"params": muon, **muon_kw},  # nn.Linear: [out, in]
+            # experts are stored [in, out]; w_in holds gate | up side by side: orthogonalised as two matrices
+            {"params": muon_experts, **muon_kw, "in_out": True, "split_out": 2},
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -106,7 +116,7 @@ class LMTask:
     def pictures(self, model: MoELM, step: int, run_dir: Path) -> Path:
         """The LM's 'picture': a text sample and the validation figures, in samples.txt."""
         prompt = encode(self.stage.sample_prompt)[None].to(model.device)
-        out = model.generate(prompt, 200, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+        out = model.generate(prompt, 200, temperature=0.8, top_k=40, generator=torch.Generator(device=model.device).manual_seed(0))
         ev = evaluate(model, self.corpus, max_windows=64)
         path = run_dir / "samples.txt"
         from checkpoints.io import atomic_write_text
