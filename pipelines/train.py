@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,8 +130,10 @@ class _Distributed:
             values /= self.world
         return values
 
-    def close(self):
+    def close(self, clean: bool = True):
         if self.enabled and dist.is_initialized():
+            if clean:  # every rank past its last collective (rank 0 may still be writing the checkpoint) before
+                dist.barrier()  # the group goes: tearing down gloo under a peer's pending work aborts the process
             dist.destroy_process_group()
 
 
@@ -284,6 +287,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         bar = progress.add_task(task.kind, total=cfg.steps, completed=start, info="")
         progress.start()
     step, last = start, {}
+    finished = False
     t_start = time.time()
     try:
         model.train()
@@ -333,13 +337,16 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         save(step)
         # sharded weights cannot sample on one rank: pictures of FSDP runs come from the saved folder (sigma sample)
         pictures = task.pictures(ema or model, step, run_dir) if ddp.rank == 0 and not sharded else None
+        finished = True
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if progress:
             progress.stop()
         if metrics_file:
             metrics_file.close()
-        ddp.close()
+        # a stop every rank agreed on (finished, Ctrl-C, non-finite loss) ends cleanly; anything else may have left a
+        # peer inside a collective, where a barrier would hang
+        ddp.close(clean=finished or isinstance(sys.exc_info()[1], (Interrupted, NonFiniteLoss)))
     elapsed = time.time() - t_start
     return {"run_dir": str(run_dir), "steps": step, "resumed_from": start, "final_loss": last.get("loss"),
             "seconds": round(elapsed, 2), "samples_per_s": round((step - start) * task.samples_per_step / max(elapsed, 1e-9), 2),

@@ -348,10 +348,6 @@ def eval_(
     real_a, _ = heldout.get_batch(torch.arange(n_ref))
     real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))
     labels = torch.arange(num) % c.num_classes
-    if compile_:  # the transformer only: the sampler loop is a few Python steps
-        import os
-
-        net.forward = torch.compile(net.forward, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start
