@@ -180,6 +180,15 @@ def methods(cfg: BenchConfig, grid) -> dict:
     return out
 
 
+def errors(o, grads, o_ref, grads_ref) -> dict:
+    """Relative errors of the output, dq, dk, dv and of all parameter gradients taken as one vector (some are
+    ~0 in exact arithmetic, e.g. a bias shared by every compressed key cancels in the softmax, so per-tensor
+    ratios would mislead)."""
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    return {"o": rel_err(o, o_ref), "dq": rel_err(grads[0], grads_ref[0]), "dk": rel_err(grads[1], grads_ref[1]),
+            "dv": rel_err(grads[2], grads_ref[2]), "dparams": rel_err(flat(grads[3:]), flat(grads_ref[3:]))}
+
+
 def check_backends(cfg: BenchConfig) -> dict:
     """Each NSA backend against the reference on a grid of 2 x 2 x 2 cubes (top-n capped at 3): relative error
     of the output and of dq, dk, dv, and of the module's parameter gradients."""
@@ -198,12 +207,7 @@ def check_backends(cfg: BenchConfig) -> dict:
         if ref is None:
             ref = (o, grads)
             continue
-        results[backend] = {"o": rel_err(o, ref[0]), "dq": rel_err(grads[0], ref[1][0]),
-                            "dk": rel_err(grads[1], ref[1][1]), "dv": rel_err(grads[2], ref[1][2]),
-                            # all parameter gradients as one vector: some are ~0 in exact arithmetic (a bias
-                            # shared by every compressed key cancels in the softmax), so per-tensor ratios mislead
-                            "dparams": rel_err(torch.cat([g.flatten() for g in grads[3:]]),
-                                               torch.cat([r.flatten() for r in ref[1][3:]]))}
+        results[backend] = errors(o, grads, *ref)
     if cfg.mta:  # MTA backends against the MTA reference on 64 tokens
         x, q, k, v, do = _inputs(small, (1, 8, 8), requires_grad=True, seed=2)
         ref = None
@@ -214,10 +218,7 @@ def check_backends(cfg: BenchConfig) -> dict:
             if ref is None:
                 ref = (o, grads)
                 continue
-            results[f"mta-{backend}"] = {"o": rel_err(o, ref[0]), "dq": rel_err(grads[0], ref[1][0]),
-                                         "dk": rel_err(grads[1], ref[1][1]), "dv": rel_err(grads[2], ref[1][2]),
-                                         "dparams": rel_err(torch.cat([g.flatten() for g in grads[3:]]),
-                                                            torch.cat([r.flatten() for r in ref[1][3:]]))}
+            results[f"mta-{backend}"] = errors(o, grads, *ref)
     return results
 
 

@@ -62,12 +62,7 @@ def bench_attn(
     if "triton" in (chosen or have) and (head_dim < 16 or head_dim & (head_dim - 1) or math.prod(cube_t) < 16
                                          or math.prod(cube_t) & (math.prod(cube_t) - 1)):
         raise SigmaError("the Triton kernels need a power-of-two head dim and cube volume, both >= 16")
-    try:
-        kernel = tuple(int(n) for n in mta_kernel.lower().split("x"))
-    except ValueError:
-        kernel = ()
-    if len(kernel) != 2 or min(kernel) < 1:
-        raise SigmaError(f"--mta-kernel must look like QxK with positive integers (e.g. 6x11), not {mta_kernel!r}")
+    kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
                       compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
                       mta=mta, mta_kernel=kernel, reference_max_tokens=reference_max_tokens)

@@ -56,15 +56,15 @@ def emit(result: dict, as_json: bool, lines: list[str]):
             typer.echo(line)
 
 
-def parse_grid(text: str, what: str, minimum: int = 1) -> tuple[int, int, int]:
-    """'16x32x32' -> (16, 32, 32); anything else is a one-line SigmaError naming the option."""
+def parse_grid(text: str, what: str, minimum: int = 1, form: str = "TxHxW", example: str = "1x4x4") -> tuple[int, ...]:
+    """'16x32x32' -> (16, 32, 32) (as many sizes as `form` names); anything else is a one-line SigmaError."""
     from pipelines.errors import SigmaError
 
     try:
         parts = tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or min(parts) < minimum:
+    if len(parts) != len(form.split("x")) or min(parts) < minimum:
         floor = "positive" if minimum >= 1 else "non-negative"
-        raise SigmaError(f"{what} must look like TxHxW with {floor} integers (e.g. 1x4x4), not {text!r}")
+        raise SigmaError(f"{what} must look like {form} with {floor} integers (e.g. {example}), not {text!r}")
     return parts

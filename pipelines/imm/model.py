@@ -72,6 +72,7 @@ class DiT(ModelMixin, ConfigMixin):
         class_names: list | None = None,
         second_time: str = "stride",  # the second time embedding: "stride" (t - s) or "s"
         attn: str = "dense",
+        class_init_std: float = 0.02,  # initial scale of the class embedding (beside the O(1) time embeddings)
         attn_config: dict | None = None,  # options of the attention kind, e.g. nsa: {"top_n": 2, "radius": [0, 1, 1]}, mta: {"kq_every": 4}
     ):
         super().__init__()
@@ -112,7 +113,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
         init_transformer(self)
-        nn.init.normal_(self.class_embed.weight, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=class_init_std)
         for m in (self.final_ada[1], self.out):  # DiT's adaLN-zero: the network starts by predicting 0
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
