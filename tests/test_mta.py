@@ -98,7 +98,7 @@ def test_dit_with_mta_trains_a_step():
 
     torch.manual_seed(0)
     m = DiT(space="latent", num_tokens=16, token_dim=8, width=32, depth=4, heads=2, attn="mta")
-    assert [b.attn.sparse.use_kq for b in m.blocks] == [False, False, False, True]
+    assert [b.attn.op_layer.use_kq for b in m.blocks] == [False, False, False, True]
     y = m(torch.randn(2, 16, 8), torch.rand(2), torch.rand(2) * 0.1, torch.tensor([0, 1]))
     y.square().mean().backward()
     assert all(p.grad is not None for p in m.blocks[3].ada.parameters())

@@ -203,7 +203,7 @@ def test_dit_with_nsa_attention_trains_a_step():
     torch.manual_seed(0)
     m = DiT(space="pixels", num_tokens=64, token_dim=12, grid=(1, 8, 8), cube=(1, 4, 4), patch_size=2, image_size=16,
             width=32, depth=1, heads=2, attn="nsa", attn_config={"top_n": 1})
-    assert m.blocks[0].attn.sparse is not None
+    assert m.blocks[0].attn.op_layer is not None
     y = m(torch.randn(2, 64, 12), torch.rand(2), torch.rand(2) * 0.1, torch.tensor([0, 1]))
     y.square().mean().backward()
     assert all(p.grad is not None for p in m.blocks[0].ada.parameters())

@@ -106,15 +106,15 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim, self.attn = heads, kv_heads, dim // heads, attn
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.sparse = None
+        self.op_layer = None
         if attn == "nsa":
             from kernels.nsa.module import NSACausal
 
-            self.sparse = NSACausal(dim, heads, kv_heads, self.head_dim, **(attn_config or {}))
+            self.op_layer = NSACausal(dim, heads, kv_heads, self.head_dim, **(attn_config or {}))
         elif attn == "mta":
             from kernels.mta.module import MTA
 
-            self.sparse = MTA(dim, heads, self.head_dim, causal=True, layer=layer, **(attn_config or {}))
+            self.op_layer = MTA(dim, heads, self.head_dim, causal=True, layer=layer, **(attn_config or {}))
 
     def forward(self, x, cos, sin, cache: dict | None = None):
         B, T, D = x.shape
@@ -125,10 +125,10 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        if self.sparse is not None:
+        if self.op_layer is not None:
             if self.attn == "mta" and Hkv != H:
                 k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-            o = self.sparse(x, q.contiguous(), k.contiguous(), v.contiguous())
+            o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous())
         else:
             # new queries sit at the end: with a cache and one new token it sees every key; from an empty cache
             # (or none) the usual causal mask applies

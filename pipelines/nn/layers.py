@@ -58,7 +58,7 @@ class Attention(nn.Module):
     needs the token `layout` {"grid": (t, h, w), "cube": (t, h, w)} (tokens stored cube-major) and takes its
     options (top_n, radius, compress, backend) from `attn_config`; "mta" is Multi-Token Attention
     (kernels/mta; options kernel, head_group, kq_every, depth_scale; `layer` decides where the key-query
-    convolutions run). Tokens that carry no position (e.g. latent
+    convolutions run). Their own parameters live in `op_layer`. Tokens that carry no position (e.g. latent
     tokens) get the identity rotation (cos = 1, sin = 0) in the tables passed as `rope`.
     """
 
@@ -74,17 +74,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self.sparse = None
+        self.op_layer = None
         if attn == "nsa":
             if layout is None:
                 raise ValueError("attn='nsa' needs the token layout (grid and cube)")
             from kernels.nsa.module import NSA3D
 
-            self.sparse = NSA3D(dim, heads, self.head_dim, layout["grid"], layout["cube"], **(attn_config or {}))
+            self.op_layer = NSA3D(dim, heads, self.head_dim, layout["grid"], layout["cube"], **(attn_config or {}))
         elif attn == "mta":  # bidirectional here (the DiT, the tokenizer); the LM builds its causal layer itself
             from kernels.mta.module import MTA
 
-            self.sparse = MTA(dim, heads, self.head_dim, causal=False, layer=layer, **(attn_config or {}))
+            self.op_layer = MTA(dim, heads, self.head_dim, causal=False, layer=layer, **(attn_config or {}))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, N, D = x.shape
@@ -92,8 +92,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.sparse is not None:
-            o = self.sparse(x, q.contiguous(), k.contiguous(), v.contiguous())
+        if self.op_layer is not None:
+            o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous())
         else:
             o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, K]
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
