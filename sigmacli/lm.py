@@ -17,7 +17,10 @@ def train_lm(
     data: Annotated[Optional[str], typer.Option(help="A text file (default: CPython's pydoc_data.topics, read at run time).")] = None,
     ffn: Annotated[str, typer.Option(help="moe (DeepSeekMoE) | dense (SwiGLU of the same active size).")] = "moe",
     dense: Annotated[bool, typer.Option("--dense", help="Shorthand for --ffn dense.")] = False,
-    attn: Annotated[str, typer.Option(help="Attention: dense | nsa (causal 1D) | mta (causal).")] = "dense",
+    attn: Annotated[str, typer.Option(help="Attention: dense | nsa (causal 1D) | mta (causal) | dsa (lightning indexer + top-k).")] = "dense",
+    dsa_stage: Annotated[str, typer.Option(help="DSA: warmup (dense attention, only the indexer learns) | sparse.")] = "sparse",
+    dsa_top_k: Annotated[int, typer.Option(help="DSA: tokens each query attends to.")] = 32,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this LM's weights (e.g. a dense run before DSA's warm-up; missing indexer weights start fresh).")] = None,
     router: Annotated[str, typer.Option(help="sigmoid (DeepSeek-V3, with the aux-loss-free bias) | softmax.")] = "sigmoid",
     bias_update: Annotated[float, typer.Option(help="gamma of the aux-loss-free bias update (0 = off).")] = 1e-3,
     balance_loss: Annotated[float, typer.Option(help="alpha of the sequence-wise balance loss (0 = off).")] = 0.0,
@@ -86,10 +89,23 @@ def train_lm(
             if v is not None:
                 setattr(cfg, k, v)
         stage = LMStage(optimizer=optimizer)
+        attn_config = {"stage": dsa_stage, "top_k": dsa_top_k} if attn == "dsa" else None
+        if init is not None:  # the architecture comes from the run we start from
+            src = load_model(init, "lm")
+            arch = {k: src.config[k] for k in ("width", "depth", "heads", "kv_heads", "context", "experts", "expert_hidden",
+                                               "top_k", "shared_experts")}
+            ffn = src.config.ffn
         try:
-            model = MoELM(**arch, ffn=ffn, router=router, bias_update=bias_update, balance_loss=balance_loss, attn=attn)
+            model = MoELM(**arch, ffn=ffn, router=router, bias_update=bias_update, balance_loss=balance_loss, attn=attn,
+                          attn_config=attn_config)
         except ValueError as e:
             raise SigmaError(str(e)) from None
+        if init is not None:
+            missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+            indexer = {n for n, _ in model.named_parameters() if ".index_" in n}
+            if unexpected or set(missing) - indexer:
+                raise SigmaError(f"--init '{init}' does not fit this model (missing {sorted(set(missing) - indexer)[:3]}, "
+                                 f"unexpected {sorted(unexpected)[:3]})")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise SigmaError("--steps and --batch-size must be at least 1")
     if cfg.batch_size % world:

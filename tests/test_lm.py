@@ -54,10 +54,12 @@ def test_bias_update_balances_a_skewed_router():
     assert moe.bias[0] < moe.bias[1:].min()  # the overloaded expert's bias went down
 
 
-@pytest.mark.parametrize("attn", ["dense", "nsa", "mta"])
+@pytest.mark.parametrize("attn", ["dense", "nsa", "mta", "dsa", "dsa-warmup"])
 def test_future_tokens_change_no_earlier_logit(attn):
     torch.manual_seed(0)
-    cfg = {"nsa": {"block": 4, "top_n": 3, "window": 6}, "mta": {"kq_every": 1}}.get(attn)
+    cfg = {"nsa": {"block": 4, "top_n": 3, "window": 6}, "mta": {"kq_every": 1}, "dsa": {"top_k": 5},
+           "dsa-warmup": {"top_k": 5, "stage": "warmup"}}.get(attn)
+    attn = attn.split("-")[0]
     m = MoELM(**TINY, attn=attn, attn_config=cfg).eval()
     with torch.no_grad():  # waken the zero-initialised parts so every path carries signal
         for p in m.parameters():
@@ -165,3 +167,47 @@ def test_bench_moe_runs(cli):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["check_max_abs"] < 1e-5 and set(res["methods"]) == {"grouped", "sorted-loop", "loop", "dense"}
+
+
+def test_dsa_warmup_trains_only_the_indexer_and_sparse_selects_top_k():
+    from kernels.dsa import indexer_scores, topk_mask
+    from pipelines.lm.data import ByteCorpus
+    from pipelines.lm.trainer import LMStage, LMTask, make_lm_optimizer
+    from pipelines.train import TrainConfig
+
+    torch.manual_seed(0)
+    m = MoELM(**TINY, attn="dsa", attn_config={"stage": "warmup", "top_k": 4})
+    cfg = TrainConfig(lr=1e-2, batch_size=4)
+    task = LMTask(m, ByteCorpus(None, 32), LMStage(), 4, None, cfg)
+    task.trainable(m)
+    indexer = {id(p) for p in m.indexer_parameters()}
+    assert indexer and all(p.requires_grad == (id(p) in indexer) for p in m.parameters())
+    opt = make_lm_optimizer(m, cfg, LMStage())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for step in range(8):
+        loss, logs = task.loss(m, m, step, torch.Generator().manual_seed(step), 0, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert logs["indexer_kl"] > 0
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]) != (".index_" in n), n  # the indexer moved, nothing else did
+    # the selection: causal before top-k, so an early query never picks a future token
+    s = indexer_scores(torch.randn(1, 6, 2, 4), torch.randn(1, 6, 4), torch.rand(1, 6, 2))
+    mask = topk_mask(s, 3)
+    assert not (mask & torch.ones(6, 6, dtype=torch.bool).triu(1)).any()
+    assert mask.sum(-1).tolist() == [[1, 2, 3, 3, 3, 3]]
+
+
+def test_cli_dsa_two_stages_from_a_dense_run(cli, tmp_path):
+    common = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "32", "--experts", "4", "--batch-size", "4",
+              "--sample-every", "0", "--steps", "2", "--json"]
+    assert cli("train-lm", *common, "--out", tmp_path / "dense").exit_code == 0
+    r = cli("train-lm", *common, "--attn", "dsa", "--dsa-stage", "warmup", "--init", tmp_path / "dense", "--out", tmp_path / "w")
+    assert r.exit_code == 0, r.stderr
+    r = cli("train-lm", *common, "--attn", "dsa", "--dsa-stage", "sparse", "--dsa-top-k", "8", "--init", tmp_path / "w",
+            "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["bits_per_byte"] > 0
+    r = cli("train-lm", *common, "--attn", "mta", "--init", tmp_path / "dense", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "does not fit this model" in r.stderr

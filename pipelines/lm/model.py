@@ -22,7 +22,7 @@ from torch import nn
 from kernels.moe import moe_ffn
 from pipelines.nn.layers import RMSNorm, apply_rope
 
-LM_ATTN_KINDS = ("dense", "nsa", "mta")
+LM_ATTN_KINDS = ("dense", "nsa", "mta", "dsa")
 
 
 def rope_1d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
@@ -115,6 +115,10 @@ class Attention(nn.Module):
             from kernels.mta.module import MTA
 
             self.op_layer = MTA(dim, heads, self.head_dim, causal=True, layer=layer, **(attn_config or {}))
+        elif attn == "dsa":
+            from kernels.dsa.module import DSA
+
+            self.op_layer = DSA(dim, heads, self.head_dim, **(attn_config or {}))
 
     def forward(self, x, cos, sin, cache: dict | None = None):
         B, T, D = x.shape
@@ -126,7 +130,7 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
         if self.op_layer is not None:
-            if self.attn == "mta" and Hkv != H:
+            if self.attn in ("mta", "dsa") and Hkv != H:
                 k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
             o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous())
         else:
@@ -204,8 +208,21 @@ class MoELM(ModelMixin, ConfigMixin):
         return self.norm(h) @ self.embed.weight.t()  # tied head
 
     def aux_loss(self):
+        """The routers' sequence balance losses (if on)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else None
+
+    def indexer_loss(self):
+        """DSA: the lightning indexers' KL to the main attention (mean over layers), or None."""
+        from kernels.dsa.module import DSA
+
+        losses = [m.indexer_loss for m in self.modules() if isinstance(m, DSA) and m.indexer_loss is not None]
+        return sum(losses) / len(losses) if losses else None
+
+    def indexer_parameters(self) -> list:
+        from kernels.dsa.module import DSA
+
+        return [p for m in self.modules() if isinstance(m, DSA) for p in m.indexer_parameters()]
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

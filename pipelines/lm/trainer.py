@@ -81,7 +81,13 @@ class LMTask:
         self.train_cfg = train_cfg
 
     def trainable(self, model):
-        model.requires_grad_(True)
+        dsa = model.config.attn_config or {}
+        if model.config.attn == "dsa" and dsa.get("stage", "sparse") == "warmup":
+            model.requires_grad_(False)  # DSA stage 1: only the lightning indexers learn
+            for p in model.indexer_parameters():
+                p.requires_grad_(True)
+        else:
+            model.requires_grad_(True)
 
     def make_optimizer(self, model, cfg):
         return make_lm_optimizer(model, cfg, self.stage)
@@ -97,6 +103,10 @@ class LMTask:
         if aux is not None:
             loss = loss + aux
             logs["balance_loss"] = aux.item()
+        kl = model.indexer_loss()
+        if kl is not None:  # its gradient reaches only the indexers (frozen model, or detached indexer input)
+            loss = loss + kl
+            logs["indexer_kl"] = kl.item()
         return loss, logs
 
     @torch.no_grad()
