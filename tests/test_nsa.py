@@ -179,6 +179,59 @@ def test_causal_future_tokens_change_no_earlier_output(backend):
     assert not torch.allclose(o[:, :, t:], o2[:, :, t:])
 
 
+def causal_index(B, hkv, N, block, top_n, seed=0):
+    from kernels.nsa.reference import select_causal
+
+    scores = torch.rand(B, hkv, N, -(-N // block), generator=torch.Generator().manual_seed(seed))
+    return select_causal(scores, top_n, block)
+
+
+@pytest.mark.parametrize("H,hkv", [(4, 2), (2, 2), (4, 1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_causal_triton_selected_matches_cpu_path(H, hkv, dtype, tol):
+    from kernels.nsa import causal_selected_attention
+
+    g = torch.Generator().manual_seed(1)
+    B, N, K, block = 1, 40, 16, 16  # 2.5 blocks: a partial last block; early tokens have unused (-1) slots
+    q, k, v = (torch.randn(B, h, N, K, generator=g).to(dtype).requires_grad_() for h in (H, hkv, hkv))
+    index = causal_index(B, hkv, N, block, 3)
+    assert (index == -1).any()
+    do = torch.randn(B, H, N, K, generator=g).to(dtype)
+    o = causal_selected_attention(q, k, v, index, block, backend="triton")
+    up = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    o_ref = causal_selected_attention(*up, index, block, backend="cpu")
+    assert rel(o.float(), o_ref) < tol
+    grads = torch.autograd.grad(o, [q, k, v], do)
+    ref = torch.autograd.grad(o_ref, up, do.float())
+    for a, b in zip(grads, ref):
+        assert rel(a.float(), b) < tol
+    again = torch.autograd.grad(causal_selected_attention(q, k, v, index, block, backend="triton"), [q, k, v], do)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bitwise reproducible
+
+
+def test_causal_triton_nsa_matches_reference_and_respects_the_future():
+    g = torch.Generator().manual_seed(2)
+    H, hkv, N, K, block = 4, 2, 48, 16, 16
+    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)  # noqa: E731
+    q, k, v = r(1, H, N, K), r(1, hkv, N, K), r(1, hkv, N, K)
+    kc, vc = r(1, hkv, N // block, K), r(1, hkv, N // block, K)
+    g1, g2, g3 = (torch.rand(1, H, N, generator=g) for _ in range(3))
+    kw = dict(block=block, top_n=3, window=20, g_win=g3)
+    o = nsa_causal(q, k, v, kc, vc, g1, g2, backend="triton", **kw)
+    o_ref, _ = nsa_causal_reference(q, k, v, kc, vc, g1, g2, block, 3, 20, g3)
+    assert rel(o, o_ref) < 1e-5
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, [q, k, v, kc, vc], do), torch.autograd.grad(o_ref, [q, k, v, kc, vc], do)):
+        assert rel(a, b) < 1e-5
+    t = 29
+    with torch.no_grad():
+        later = [x.clone() for x in (q, k, v)]
+        for x in later:
+            x[:, :, t:] += 1.0
+        o2 = nsa_causal(*later, kc, vc, g1, g2, backend="triton", **kw)
+    assert torch.equal(o[:, :, :t], o2[:, :, :t])
+
+
 def test_custom_ops_pass_opcheck():
     inputs, do = make_inputs(H=2, hkv=2, cube_grid=(1, 1, 2))
     q, k, v, kc, vc, _, _ = inputs

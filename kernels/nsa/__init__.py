@@ -118,6 +118,55 @@ def _selected_backward(ctx, do, dlse):
 _selected.register_autograd(_selected_backward, setup_context=_selected_setup)
 
 
+@torch.library.custom_op("sigma::nsa_causal_selected", mutates_args=())
+def _causal_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton as impl
+
+    o, lse = impl.causal_selected_fwd(q, k, v, index, block)
+    return o, lse
+
+
+@_causal_selected.register_fake
+def _(q, k, v, index, block):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("sigma::nsa_causal_selected_bwd", mutates_args=())
+def _causal_selected_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import triton as impl
+
+    dq, dk, dv = impl.causal_selected_bwd(do, q, k, v, o, lse, index, block)
+    return dq, dk, dv
+
+
+@_causal_selected_bwd.register_fake
+def _(do, q, k, v, o, lse, index, block):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _causal_selected_setup(ctx, inputs, output):
+    q, k, v, index, block = inputs
+    ctx.save_for_backward(q, k, v, *output, index)
+    ctx.block = block
+
+
+def _causal_selected_backward(ctx, do, dlse):
+    q, k, v, o, lse, index = ctx.saved_tensors
+    dq, dk, dv = _causal_selected_bwd(do.contiguous(), q, k, v, o, lse, index, ctx.block)
+    return dq, dk, dv, None, None
+
+
+_causal_selected.register_autograd(_causal_selected_backward, setup_context=_causal_selected_setup)
+
+
+def causal_selected_attention(q, k, v, index, block: int, backend: str = "auto"):
+    """Per-token selected attention, causal: token t of head h attends to the keys <= t of the KV blocks
+    index[b, h // G, t, :] (-1 = unused slot). Triton kernel (a custom op) or the vectorised PyTorch path."""
+    if resolve_backend(backend, q.device) == "triton":
+        return _causal_selected(q, k, v, index, block)[0]
+    return cpu.causal_selected(q, k, v, index, block)
+
+
 def compressed_attention(q, k_cmp, v_cmp, block: int, backend: str = "auto"):
     """All queries against the compressed keys: (o [B, H, N, K], lse [B, H, N], scores [B, H, N/block, NB])."""
     if q.shape[2] % block:
@@ -162,9 +211,9 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
 
 def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, window: int = 0, g_win=None,
                n_initial: int = 1, n_local: int = 2, backend: str = "auto"):
-    """Causal 1D NSA for the LM (per-token selection shared within a GQA group). The CPU path gathers each
-    token's selected blocks (no N x N tensor); the Triton path for this variant is not written yet, so CUDA
-    tensors run the same vectorised PyTorch code."""
+    """Causal 1D NSA for the LM (per-token selection shared within a GQA group). The selected branch runs the
+    Triton kernel (backend triton, auto on CUDA) or the CPU path that gathers each token's selected blocks (no
+    N x N tensor); the compressed branch (N x N / block scores, small) and the window run in PyTorch."""
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
         return nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, window, g_win, n_initial, n_local)[0]
@@ -180,11 +229,11 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
         scores = p.view(B, hkv, H // hkv, N, nb).sum(2)
         scores = torch.nn.functional.pad(scores, (0, -(-N // block) - nb))
         index = select_causal(scores, top_n, block, n_initial, n_local)
-    o = o + g_slc[..., None] * cpu.causal_selected(q, k, v, index, block)
+    o = o + g_slc[..., None] * causal_selected_attention(q, k, v, index, block, backend)
     if window > 0:
         o = o + g_win[..., None] * cpu.causal_window(q, k, v, window)
     return o
 
 
-__all__ = ["nsa_3d", "nsa_causal", "compressed_attention", "selected_attention", "cube_neighbourhood",
+__all__ = ["nsa_3d", "nsa_causal", "compressed_attention", "selected_attention", "causal_selected_attention", "cube_neighbourhood",
            "select_cubes", "select_causal", "selection_size", "BACKENDS"]

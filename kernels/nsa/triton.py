@@ -10,6 +10,11 @@
 
 GQA: G = H / Hkv query heads share kv head h // G and its selection. Shapes: q [B, H, Nq, D], k, v
 [B, Hkv, Nk, D], contiguous; D a power of two >= 16; block sizes powers of two >= 16 (tl.dot tiles).
+Causal 1D (LM): selection is per token, shared by the G query heads of a GQA group, so a program takes one
+token and stacks its group's heads as the rows of the query tile (padded to 16 rows for tl.dot), as the NSA
+paper's kernel does; keys after the token are masked. dK/dV walk the tokens that selected each KV block
+from the same CSR inverted index.
+
 Naming (fla style): i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ blocks in registers.
 """
 from __future__ import annotations
@@ -148,6 +153,109 @@ def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
         tl.store(p_out + o_c, tl.sum(b_p, 0), mask=m_c)
 
 
+# ---- causal 1D: per-token selection, one program per (token, kv head) ----------------------------------------
+@triton.jit
+def _causal_fwd_kernel(Q, K, V, O, LSE, IDX, sm_scale, N, S, H, HKV,
+                       G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    i_t, i_bhkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
+    o_g = tl.arange(0, GP)  # the group's query heads: rows of the tile
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)  # [GP] row of (head, token) in [B*H*N]
+    b_q = tl.load(Q + o_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.0)
+    p_k = K + i_bhkv.to(tl.int64) * N * D
+    p_v = V + i_bhkv.to(tl.int64) * N * D
+    p_idx = IDX + (i_bhkv.to(tl.int64) * N + i_t) * S
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, D], dtype=tl.float32)
+    for s in range(S):
+        i_kb = tl.load(p_idx + s)  # -1: an unused slot, every key masked
+        o_k = i_kb * BLOCK + tl.arange(0, BLOCK)
+        m_k = (o_k <= i_t) & (i_kb >= 0)  # causal: o_k < N follows from o_k <= i_t
+        b_k = tl.load(p_k + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k)) * sm_scale, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no keys yet: exp(-inf - 0) = 0, not NaN
+        b_p = tl.exp(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    b_o = b_acc / b_l[:, None]  # the token's own block is always selected: l > 0
+    tl.store(O + o_row[:, None] * D + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_g[:, None])
+    tl.store(LSE + o_row, b_m + tl.log(b_l), mask=m_g)
+
+
+@triton.jit
+def _causal_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, sm_scale, N, S, H, HKV,
+                          G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    i_t, i_bhkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)
+    o_qd = o_row[:, None] * D + o_d[None, :]
+    b_q = tl.load(Q + o_qd, mask=m_g[:, None], other=0.0)
+    b_do = tl.load(DO + o_qd, mask=m_g[:, None], other=0.0)
+    b_lse = tl.load(LSE + o_row, mask=m_g, other=0.0)
+    b_delta = tl.load(DELTA + o_row, mask=m_g, other=0.0)
+    p_k = K + i_bhkv.to(tl.int64) * N * D
+    p_v = V + i_bhkv.to(tl.int64) * N * D
+    p_idx = IDX + (i_bhkv.to(tl.int64) * N + i_t) * S
+    b_dq = tl.zeros([GP, D], dtype=tl.float32)
+    for s in range(S):
+        i_kb = tl.load(p_idx + s)
+        o_k = i_kb * BLOCK + tl.arange(0, BLOCK)
+        m_k = (o_k <= i_t) & (i_kb >= 0)
+        b_k = tl.load(p_k + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v + o_k[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale
+        b_p = tl.where(m_g[:, None] & m_k[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    tl.store(DQ + o_qd, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def _causal_bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, TOKENS, sm_scale, N, NKB, H, HKV,
+                           G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    i_kb, i_bhkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    o_k = i_kb * BLOCK + tl.arange(0, BLOCK)
+    o_kd = i_bhkv.to(tl.int64) * N * D + o_k[:, None] * D + o_d[None, :]
+    b_k = tl.load(K + o_kd, mask=(o_k < N)[:, None], other=0.0)
+    b_v = tl.load(V + o_kd, mask=(o_k < N)[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+    row = i_bhkv * NKB + i_kb
+    start = tl.load(OFFSETS + row)
+    end = tl.load(OFFSETS + row + 1)
+    for e in range(start, end):  # the tokens that selected this block, ascending: a fixed sum order
+        i_t = tl.load(TOKENS + e)
+        o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)
+        o_qd = o_row[:, None] * D + o_d[None, :]
+        b_q = tl.load(Q + o_qd, mask=m_g[:, None], other=0.0)
+        b_do = tl.load(DO + o_qd, mask=m_g[:, None], other=0.0)
+        b_lse = tl.load(LSE + o_row, mask=m_g, other=0.0)
+        b_delta = tl.load(DELTA + o_row, mask=m_g, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * sm_scale
+        b_p = tl.where(m_g[:, None] & (o_k <= i_t)[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q)
+    tl.store(DK + o_kd, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=(o_k < N)[:, None])
+    tl.store(DV + o_kd, b_dv.to(DV.dtype.element_ty), mask=(o_k < N)[:, None])
+
+
 # ---- host side ----------------------------------------------------------------------------------------------
 FILL_NAN = False  # tests set this: outputs start as NaN, so a tile a kernel forgets to write cannot pass
 
@@ -252,3 +360,40 @@ def selected_fwd(q, k, v, index, block: int):
 
 def selected_bwd(do, q, k, v, o, lse, index, block: int):
     return sparse_bwd(do, q, k, v, o, lse, index, block, block)
+
+
+def _group_rows(H: int, hkv: int) -> tuple[int, int]:
+    G = H // hkv
+    return G, max(16, triton.next_power_of_2(G))
+
+
+def causal_selected_fwd(q, k, v, index, block: int):
+    """o [B, H, N, D] and lse [B, H, N] (fp32) of causal per-token selected attention; index [B, Hkv, N, S]
+    (KV block ids, -1 = unused slot)."""
+    _check(q, block)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, N, D = q.shape
+    hkv, S = k.shape[1], index.shape[-1]
+    G, GP = _group_rows(H, hkv)
+    o = _empty_like(q)
+    lse = _empty_like(q[..., 0], dtype=torch.float32)
+    idx = index.to(torch.int32).contiguous()
+    _causal_fwd_kernel[(N, B * hkv)](q, k, v, o, lse, idx, D**-0.5, N, S, H, hkv, G=G, GP=GP, BLOCK=block, D=D)
+    return o, lse
+
+
+def causal_selected_bwd(do, q, k, v, o, lse, index, block: int):
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    B, H, N, D = q.shape
+    hkv, S = k.shape[1], index.shape[-1]
+    G, GP = _group_rows(H, hkv)
+    nkb = triton.cdiv(N, block)
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    idx = index.to(torch.int32).contiguous()
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    _causal_bwd_dq_kernel[(N, B * hkv)](q, k, v, do, lse, delta, dq, idx, D**-0.5, N, S, H, hkv,
+                                        G=G, GP=GP, BLOCK=block, D=D)
+    offsets, tokens = inverted_index(index, nkb)  # "query blocks" here are single tokens
+    _causal_bwd_dkv_kernel[(nkb, B * hkv)](q, k, v, do, lse, delta, dk, dv, offsets, tokens, D**-0.5, N, nkb, H, hkv,
+                                           G=G, GP=GP, BLOCK=block, D=D)
+    return dq, dk, dv
