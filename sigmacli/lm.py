@@ -197,7 +197,7 @@ def bench_moe(
     hidden: Annotated[int, typer.Option(help="Hidden size of each expert.")] = 128,
     top_k: Annotated[int, typer.Option(help="Experts per token.")] = 4,
     dtype: Annotated[str, typer.Option(help="fp32 | bf16")] = "fp32",
-    repeats: Annotated[int, typer.Option(help="Timed runs (the minimum is reported).")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed rounds, the methods taking turns (the minimum is reported).")] = 10,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):

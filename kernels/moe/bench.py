@@ -12,17 +12,22 @@ import torch.nn.functional as F
 from . import moe_ffn
 
 
-def _time(fn, device: str, repeats: int) -> float:
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
+def _time_round_robin(fns: dict, device: str, repeats: int) -> dict:
+    """Minimum wall time of each fn over `repeats` rounds, the fns taking turns within a round, so that a slow
+    spell of a shared machine hits every method alike instead of whichever happened to be running."""
+    def once(fn):
         t0 = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    for fn in fns.values():  # warm-up
+        once(fn)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], once(fn))
     return best
 
 
@@ -50,13 +55,12 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     with torch.no_grad():
         ref = moe_ffn(x, w_in, w_out, idx, gate, "reference")
         check = (moe_ffn(x, w_in, w_out, idx, gate, "grouped") - ref).abs().max().item()
-    methods = {}
-    for name, (fn, leaves) in fns.items():
-        with torch.no_grad():
-            t_f = _time(fn, device, repeats)
-        t_fb = _time(lambda: torch.autograd.grad(fn(), leaves, dy), device, repeats)
-        methods[name] = {"forward_s": t_f, "forward_backward_s": t_fb, "forward_tokens_per_s": tokens / t_f,
-                         "forward_backward_tokens_per_s": tokens / t_fb}
+    with torch.no_grad():
+        t_f = _time_round_robin({name: fn for name, (fn, _) in fns.items()}, device, repeats)
+    t_fb = _time_round_robin({name: (lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, dy))
+                              for name, (fn, leaves) in fns.items()}, device, repeats)
+    methods = {name: {"forward_s": t_f[name], "forward_backward_s": t_fb[name], "forward_tokens_per_s": tokens / t_f[name],
+                      "forward_backward_tokens_per_s": tokens / t_fb[name]} for name in fns}
     m = methods
     return {"tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
             "device": device, "check_max_abs": check, "methods": methods,
