@@ -32,6 +32,7 @@ def train_imm(
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance).")] = 0.1,
+    latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel).")] = "channel",
     schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
     parameterization: Annotated[str, typer.Option(help="euler_fm | simple_edm")] = "euler_fm",
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
@@ -115,7 +116,9 @@ def train_imm(
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
             if value is not None:
                 setattr(cfg, name, value)
-        stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout,
+        if latent_norm not in ("token", "channel"):
+            raise SigmaError(f"--latent-norm must be token or channel, not {latent_norm!r}")
+        stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          sample_steps=sample_steps, cfg_scale=cfg_scale)
         tok = None
         if space == "latent":
@@ -158,7 +161,8 @@ def train_imm(
             raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
         if space == "latent":
             tc = tok.config
-            mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev)
+            mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev,
+                                          per_token=stage.latent_norm == "token")
             model = DiT(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim,
                         grid=(tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size),
                         latent_mean=mean, latent_std=std, **common)

@@ -240,3 +240,26 @@ def test_class_groups_share_one_label():
         if label != 3:
             assert (members == label).all()
     assert group_labels.tolist() == [0, 0, 1, 2, 2, 3]  # leftovers (one 0, one 1) form a null-class group
+
+
+def test_per_token_latent_statistics_normalise_each_token():
+    from pipelines.imm.trainer import latent_statistics
+
+    class Tok:  # a 1D tokenizer whose latent tokens have their own means and scales
+        def encode(self, x):
+            z = x.flatten(1)[:, :12].view(-1, 3, 4)
+            return (z * torch.tensor([1.0, 5.0, 0.2])[:, None] + torch.tensor([0.0, 3.0, -2.0])[:, None],)
+
+    class Data:
+        def get_batch(self, idx):
+            return torch.randn(len(idx), 3, 1, 4, 4, generator=torch.Generator().manual_seed(int(idx[0]))), None
+
+    mean, std = latent_statistics(Tok(), Data(), 2048, "cpu", batch_size=512, per_token=True)
+    assert torch.tensor(mean).shape == (3, 4) and torch.tensor(std).shape == (3, 4)
+    model = tiny_dit("latent", num_tokens=3, latent_mean=mean, latent_std=std)
+    z = Tok().encode(Data().get_batch(torch.arange(4096, 8192))[0])[0]
+    tokens = model.tokens_from_latents(z)
+    assert tokens.mean((0,)).abs().max() < 0.05 and (tokens.std(0) - model.config.data_std).abs().max() < 0.05
+    assert torch.allclose(model.latents_from_tokens(tokens), z, atol=1e-5)
+    channel_mean, _ = latent_statistics(Tok(), Data(), 2048, "cpu", batch_size=512)
+    assert torch.tensor(channel_mean).shape == (4,)

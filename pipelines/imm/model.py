@@ -61,7 +61,7 @@ class DiT(ModelMixin, ConfigMixin):
         channels: int = 3,
         patch_size: int = 4,  # pixels: patch side and tubelet length
         tubelet: int = 1,
-        latent_mean: list | None = None,  # latent: per-channel statistics of the tokenizer's latents
+        latent_mean: list | None = None,  # latent: statistics of the tokenizer's latents, [c] or per token [L][c]
         latent_std: list | None = None,
         data_std: float = 0.5,  # latents are scaled to this std (IMM's sigma_d)
         width: int = 256,
