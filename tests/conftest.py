@@ -4,6 +4,8 @@ import os
 # cannot mix interpreted and compiled kernels, so the GPU suite (SIGMA_TEST_GPU=1 pytest -m gpu) leaves it unset.
 if os.environ.get("SIGMA_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # fp32 tl.dot exact (IEEE) rather than TF32, for the tight fp32 comparisons of the GPU suite
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest
 import torch

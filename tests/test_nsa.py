@@ -209,6 +209,22 @@ def test_causal_triton_selected_matches_cpu_path(H, hkv, dtype, tol):
     assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bitwise reproducible
 
 
+def test_causal_triton_token_without_visible_keys_gives_zero_and_op_passes_opcheck():
+    from kernels import nsa
+    from kernels.nsa import causal_selected_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g, requires_grad=True) for _ in range(3))
+    index = causal_index(1, 2, 32, 16, 2)
+    index[:, :, 5] = -1  # token 5 sees nothing (only possible through the public op, not select_causal)
+    index[:, :, 6] = torch.tensor([-1, 1])  # token 6 only a block entirely in its future
+    o = causal_selected_attention(q, k, v, index, 16, backend="triton")
+    o_cpu = causal_selected_attention(q, k, v, index, 16, backend="cpu")
+    assert torch.equal(o[:, :, 5:7], torch.zeros_like(o[:, :, 5:7])) and rel(o, o_cpu) < 1e-5
+    assert all(not torch.isnan(x).any() for x in torch.autograd.grad(o.sum(), [q, k, v]))
+    torch.library.opcheck(nsa._causal_selected, (q, k, v, causal_index(1, 2, 32, 16, 2), 16))
+
+
 def test_causal_triton_nsa_matches_reference_and_respects_the_future():
     g = torch.Generator().manual_seed(2)
     H, hkv, N, K, block = 4, 2, 48, 16, 16

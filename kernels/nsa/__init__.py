@@ -9,8 +9,9 @@ key/value per block (made by the learnable compressor in module.py); g_cmp, g_sl
 
 backend: "auto" (Triton on CUDA, the vectorised CPU path otherwise), "triton", "cpu", "reference", or "flex"
 (the selected branch through torch's compiled flex_attention; forward only on the CPU).
-The two attention branches are torch.library custom ops with registered fake and autograd implementations,
-so torch.compile traces them without graph breaks.
+The attention branches (3D: compressed and selected; causal: the per-token selected branch on Triton) are
+torch.library custom ops with registered fake and autograd implementations, so torch.compile traces them
+without graph breaks.
 """
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def _causal_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
 
 
 @_causal_selected.register_fake
-def _(q, k, v, index, block):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _(q, k, v, index, block):  # the kernel makes its inputs contiguous: so are its outputs
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("sigma::nsa_causal_selected_bwd", mutates_args=())
@@ -141,7 +142,7 @@ def _causal_selected_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 @_causal_selected_bwd.register_fake
 def _(do, q, k, v, o, lse, index, block):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _causal_selected_setup(ctx, inputs, output):
@@ -162,9 +163,17 @@ _causal_selected.register_autograd(_causal_selected_backward, setup_context=_cau
 def causal_selected_attention(q, k, v, index, block: int, backend: str = "auto"):
     """Per-token selected attention, causal: token t of head h attends to the keys <= t of the KV blocks
     index[b, h // G, t, :] (-1 = unused slot). Triton kernel (a custom op) or the vectorised PyTorch path."""
-    if resolve_backend(backend, q.device) == "triton":
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton" and backend == "auto" and not _triton_shapes_ok(q.shape[-1], block):
+        chosen = "cpu"  # e.g. an LM with head dim 24: the PyTorch path runs on CUDA too
+    if chosen == "triton":
         return _causal_selected(q, k, v, index, block)[0]
     return cpu.causal_selected(q, k, v, index, block)
+
+
+def _triton_shapes_ok(head_dim: int, block: int) -> bool:
+    """The Triton tiles need a power-of-two head dim and block of at least 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (head_dim, block))
 
 
 def compressed_attention(q, k_cmp, v_cmp, block: int, backend: str = "auto"):

@@ -184,7 +184,7 @@ def _causal_fwd_kernel(Q, K, V, O, LSE, IDX, sm_scale, N, S, H, HKV,
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
-    b_o = b_acc / b_l[:, None]  # the token's own block is always selected: l > 0
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]  # a token with no visible key gets 0, as in the CPU path
     tl.store(O + o_row[:, None] * D + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_g[:, None])
     tl.store(LSE + o_row, b_m + tl.log(b_l), mask=m_g)
 

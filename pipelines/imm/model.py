@@ -3,7 +3,7 @@
 It maps a token sequence to a token sequence, conditioned on two times and a class label:
     G(x [B, N, c], t [B], s [B], y [B]) -> [B, N, c]
 The tokens live in a *space*:
-  latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel to std `data_std`
+  latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel (or per token and channel) to std `data_std`
           (statistics in the config); positions: the grid spots the tokenizer gives its latents
   pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (DESIGN.md) so that sparse
           attention sees every cube as one contiguous block; positions: each patch's (t, h, w)
@@ -150,7 +150,7 @@ class DiT(ModelMixin, ConfigMixin):
         return unpatchify(row_major, tuple(c.grid), c.channels, c.tubelet, c.patch_size)
 
     def tokens_from_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """latent: the tokenizer's z [B, L, c] -> per-channel normalised tokens of std data_std."""
+        """latent: the tokenizer's z [B, L, c] -> tokens normalised (per channel, or per token and channel) to std data_std."""
         return (z - self.z_mean) / self.z_std * self.config.data_std
 
     def latents_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
