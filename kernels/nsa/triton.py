@@ -155,14 +155,19 @@ def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
 
 # ---- causal 1D: per-token selection, one program per (token, kv head) ----------------------------------------
 @triton.jit
+def _token_group_rows(i_b, i_hkv, i_t, H, N, G: tl.constexpr, GP: tl.constexpr):
+    """The rows (head, token) in [B*H*N] of token i_t's GQA group as one tile of GP >= 16 rows, and their mask."""
+    o_g = tl.arange(0, GP)
+    return (i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t, o_g < G
+
+
+@triton.jit
 def _causal_fwd_kernel(Q, K, V, O, LSE, IDX, sm_scale, N, S, H, HKV,
                        G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     i_t, i_bhkv = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
-    o_g = tl.arange(0, GP)  # the group's query heads: rows of the tile
-    m_g = o_g < G
+    o_row, m_g = _token_group_rows(i_b, i_hkv, i_t, H, N, G, GP)  # the group's query heads: rows of the tile
     o_d = tl.arange(0, D)
-    o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)  # [GP] row of (head, token) in [B*H*N]
     b_q = tl.load(Q + o_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.0)
     p_k = K + i_bhkv.to(tl.int64) * N * D
     p_v = V + i_bhkv.to(tl.int64) * N * D
@@ -194,10 +199,8 @@ def _causal_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, sm_scale, N, S, H, H
                           G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     i_t, i_bhkv = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
-    o_g = tl.arange(0, GP)
-    m_g = o_g < G
+    o_row, m_g = _token_group_rows(i_b, i_hkv, i_t, H, N, G, GP)
     o_d = tl.arange(0, D)
-    o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)
     o_qd = o_row[:, None] * D + o_d[None, :]
     b_q = tl.load(Q + o_qd, mask=m_g[:, None], other=0.0)
     b_do = tl.load(DO + o_qd, mask=m_g[:, None], other=0.0)
@@ -226,8 +229,6 @@ def _causal_bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, TOKENS, sm_
                            G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     i_kb, i_bhkv = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bhkv // HKV, i_bhkv % HKV
-    o_g = tl.arange(0, GP)
-    m_g = o_g < G
     o_d = tl.arange(0, D)
     o_k = i_kb * BLOCK + tl.arange(0, BLOCK)
     o_kd = i_bhkv.to(tl.int64) * N * D + o_k[:, None] * D + o_d[None, :]
@@ -240,7 +241,7 @@ def _causal_bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, TOKENS, sm_
     end = tl.load(OFFSETS + row + 1)
     for e in range(start, end):  # the tokens that selected this block, ascending: a fixed sum order
         i_t = tl.load(TOKENS + e)
-        o_row = ((i_b * H + i_hkv * G + o_g).to(tl.int64) * N + i_t)
+        o_row, m_g = _token_group_rows(i_b, i_hkv, i_t, H, N, G, GP)
         o_qd = o_row[:, None] * D + o_d[None, :]
         b_q = tl.load(Q + o_qd, mask=m_g[:, None], other=0.0)
         b_do = tl.load(DO + o_qd, mask=m_g[:, None], other=0.0)
