@@ -121,9 +121,7 @@ _selected.register_autograd(_selected_backward, setup_context=_selected_setup)
 
 @torch.library.custom_op("sigma::nsa_causal_selected", mutates_args=())
 def _causal_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton as impl
-
-    o, lse = impl.causal_selected_fwd(q, k, v, index, block)
+    o, lse = _impl("triton").causal_selected_fwd(q, k, v, index, block)
     return o, lse
 
 
@@ -134,9 +132,7 @@ def _(q, k, v, index, block):  # the kernel makes its inputs contiguous: so are 
 
 @torch.library.custom_op("sigma::nsa_causal_selected_bwd", mutates_args=())
 def _causal_selected_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton as impl
-
-    dq, dk, dv = impl.causal_selected_bwd(do, q, k, v, o, lse, index, block)
+    dq, dk, dv = _impl("triton").causal_selected_bwd(do, q, k, v, o, lse, index, block)
     return dq, dk, dv
 
 
@@ -164,16 +160,11 @@ def causal_selected_attention(q, k, v, index, block: int, backend: str = "auto")
     """Per-token selected attention, causal: token t of head h attends to the keys <= t of the KV blocks
     index[b, h // G, t, :] (-1 = unused slot). Triton kernel (a custom op) or the vectorised PyTorch path."""
     chosen = resolve_backend(backend, q.device)
-    if chosen == "triton" and backend == "auto" and not _triton_shapes_ok(q.shape[-1], block):
+    if chosen == "triton" and backend == "auto" and not _impl("triton").shapes_ok(q.shape[-1], block):
         chosen = "cpu"  # e.g. an LM with head dim 24: the PyTorch path runs on CUDA too
     if chosen == "triton":
         return _causal_selected(q, k, v, index, block)[0]
     return cpu.causal_selected(q, k, v, index, block)
-
-
-def _triton_shapes_ok(head_dim: int, block: int) -> bool:
-    """The Triton tiles need a power-of-two head dim and block of at least 16."""
-    return all(n >= 16 and n & (n - 1) == 0 for n in (head_dim, block))
 
 
 def compressed_attention(q, k_cmp, v_cmp, block: int, backend: str = "auto"):

@@ -266,12 +266,21 @@ def _empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return out.fill_(float("nan")) if FILL_NAN else out
 
 
+def _tileable(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def shapes_ok(head_dim: int, *blocks: int) -> bool:
+    """Whether the kernels' tl.dot tiles fit: a power-of-two head dim and blocks, each >= 16."""
+    return all(_tileable(n) for n in (head_dim, *blocks))
+
+
 def _check(q: torch.Tensor, *blocks: int):
     D = q.shape[-1]
-    if D < 16 or D & (D - 1):
+    if not _tileable(D):
         raise ValueError(f"the Triton NSA kernels need a power-of-two head dim >= 16, got {D}")
     for b in blocks:
-        if b < 16 or b & (b - 1):
+        if not _tileable(b):
             raise ValueError(f"the Triton NSA kernels need power-of-two blocks of >= 16 tokens, got {b}")
 
 
