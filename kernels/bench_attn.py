@@ -35,13 +35,17 @@ class BenchConfig:
     reference_max_tokens: int = 4096  # the references materialise N x N: skip them above this
     mta: bool = False  # also Multi-Token Attention (bidirectional, key-query kernel mta_kernel)
     mta_kernel: tuple = (6, 11)
-    mta_backends: list = field(default_factory=lambda: ["cpu", "reference"])
+    mta_backends: list | None = None  # default: triton on CUDA, cpu, reference
 
 
 def available_nsa_backends(device: str, with_optional: bool = False) -> list[str]:
     """The default set; with_optional adds "flex" (compiles for tens of seconds per shape; CPU: forward only)."""
     out = ["cpu"] if device == "cpu" else ["triton"]
     return out + ["reference"] + (["flex"] if with_optional else [])
+
+
+def available_mta_backends(device: str) -> list[str]:
+    return (["triton"] if device == "cuda" else []) + ["cpu", "reference"]
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def methods(cfg: BenchConfig, grid) -> dict:
             continue
         m = nsa_module(cfg, grid, backend)
         out[f"nsa-{backend}"] = (m, list(m.parameters()))
-    for backend in cfg.mta_backends if cfg.mta else []:
+    for backend in (cfg.mta_backends or available_mta_backends(cfg.device)) if cfg.mta else []:
         if backend == "reference" and math.prod(grid) > cfg.reference_max_tokens:
             continue
         m = mta_module(cfg, backend)
@@ -211,7 +215,7 @@ def check_backends(cfg: BenchConfig) -> dict:
     if cfg.mta:  # MTA backends against the MTA reference on 64 tokens
         x, q, k, v, do = _inputs(small, (1, 8, 8), requires_grad=True, seed=2)
         ref = None
-        for backend in ["reference"] + [b for b in cfg.mta_backends if b != "reference"]:
+        for backend in ["reference"] + [b for b in (cfg.mta_backends or available_mta_backends(cfg.device)) if b != "reference"]:
             m = mta_module(small, backend)
             o = m(x, q, k, v)
             grads = torch.autograd.grad(o, [q, k, v, *m.parameters()], do)

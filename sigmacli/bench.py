@@ -24,7 +24,8 @@ def bench_attn(
     backends: Annotated[str, typer.Option(help="NSA backends, comma-separated: cpu, triton (CUDA), reference (small sizes), flex (compiled flex_attention selected branch; CPU: forward only). Default: cpu or triton, and reference.")] = "",
     backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the minimum is reported).")] = 3,
-    mta: Annotated[bool, typer.Option(help="Also Multi-Token Attention (bidirectional; cpu path and reference).")] = False,
+    mta: Annotated[bool, typer.Option(help="Also Multi-Token Attention (bidirectional).")] = False,
+    mta_backends: Annotated[str, typer.Option(help="MTA backends, comma-separated: triton (fused kernel; CUDA, or the interpreter), cpu, reference. Default: triton on CUDA, cpu, reference.")] = "",
     mta_kernel: Annotated[str, typer.Option(help="MTA key-query kernel QxK (query rows x key columns).")] = "6x11",
     reference_max_tokens: Annotated[int, typer.Option(help="Skip the materialising references above this many tokens.")] = 4096,
     out: Annotated[Path, typer.Option(help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
@@ -62,10 +63,16 @@ def bench_attn(
     if "triton" in (chosen or have) and (head_dim < 16 or head_dim & (head_dim - 1) or math.prod(cube_t) < 16
                                          or math.prod(cube_t) & (math.prod(cube_t) - 1)):
         raise SigmaError("the Triton kernels need a power-of-two head dim and cube volume, both >= 16")
+    mta_chosen = [b.strip() for b in mta_backends.split(",") if b.strip()] or None
+    for b in mta_chosen or []:
+        if b not in ("triton", "cpu", "reference"):
+            raise SigmaError(f"MTA backend {b!r} is unknown (have: triton, cpu, reference)")
+    if "triton" in (mta_chosen or []) and (heads & (heads - 1) or head_dim < 16 or head_dim & (head_dim - 1)):
+        raise SigmaError("the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16")
     kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
                       compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
-                      mta=mta, mta_kernel=kernel, reference_max_tokens=reference_max_tokens)
+                      mta=mta, mta_kernel=kernel, mta_backends=mta_chosen, reference_max_tokens=reference_max_tokens)
     from rich.progress import Progress
 
     with Progress(transient=True, disable=as_json) as bar:

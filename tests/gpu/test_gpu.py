@@ -95,6 +95,27 @@ def test_triton_causal_nsa_matches_reference():
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_triton_mta_matches_reference(causal, dtype, tol):
+    from kernels.mta import identity_kq, mta, mta_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, S, K, kernel = 2, 8, 300, 64, (6, 11)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale)  # noqa: E731
+    w = [identity_kq(H, *kernel, causal).cuda() + r(H, *kernel, scale=0.1), torch.eye(H, device="cuda") + r(H, H, scale=0.1),
+         identity_kq(H, *kernel, causal).cuda() + r(H, *kernel, scale=0.1), torch.eye(2, device="cuda") + r(H // 2, 2, 2, scale=0.1)]
+    q, k, v = (r(B, H, S, K).to(dtype).requires_grad_() for _ in range(3))
+    w = [t.requires_grad_() for t in w]
+    do = r(B, H, S, K).to(dtype)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, *w)]
+    o_ref = mta_reference(*ref_in, causal=causal)
+    o = mta(q, k, v, *w, causal=causal, backend="triton")
+    assert rel(o, o_ref) < tol
+    for a, b in zip(torch.autograd.grad(o, [q, k, v, *w], do), torch.autograd.grad(o_ref, ref_in, do.double())):
+        assert rel(a, b) < tol
+
+
 def test_full_selection_equals_flash_sdpa():
     from kernels.nsa import cube_neighbourhood, nsa_3d
 
