@@ -21,6 +21,8 @@ Passes (grid: row or column tiles x batch):
             _dk      dk, dB at the c_k column shifts;   _dv   dv, P at the c_k column shifts
 Weight gradients are per-program partial sums added on the host: deterministic, no atomics.
 
+Loops over heads and taps are runtime loops (not unrolled): a 6 x 11 kernel with 8 heads would otherwise
+unroll into thousands of tl.dot calls per kernel.
 Cost: a tile is recomputed c_q (forward) or c_q / c_k (backward) times; the fused kernel trades FLOPs for
 memory. Shapes: q, k, v [B, H, S, D]; H and D powers of two (D >= 16); any S.
 Naming (fla style): i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ blocks in registers.
@@ -68,9 +70,9 @@ def _bilinear_conv(p_x, p_y, p_w, r0, c0, S, SIGN: tl.constexpr, BM: tl.constexp
         if c0 + (BN - 1 + j_max) <= r0 + i_min:
             acc = _bilinear_factored(p_x, p_y, p_w, o_r, o_c, S, SIGN, BN, D, CQ, CK, T, L, acc)
         else:
-            for i in tl.static_range(CQ):
+            for i in range(CQ):
                 b_x = _rows(p_x, o_r + SIGN * (i - T), S, D)
-                for j in tl.static_range(CK):
+                for j in range(CK):
                     b_s = tl.dot(b_x, tl.trans(_rows(p_y, o_c + SIGN * (j - L), S, D)))
                     m = (o_c + SIGN * (j - L))[None, :] <= (o_r + SIGN * (i - T))[:, None]
                     acc += tl.load(p_w + i * CK + j) * tl.where(m, b_s, 0.0)
@@ -82,9 +84,9 @@ def _bilinear_conv(p_x, p_y, p_w, r0, c0, S, SIGN: tl.constexpr, BM: tl.constexp
 @triton.jit
 def _bilinear_factored(p_x, p_y, p_w, o_r, o_c, S, SIGN: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                        CQ: tl.constexpr, CK: tl.constexpr, T: tl.constexpr, L: tl.constexpr, acc):
-    for i in tl.static_range(CQ):
+    for i in range(CQ):
         b_y = tl.zeros([BN, D], dtype=tl.float32)  # y convolved with kernel row i
-        for j in tl.static_range(CK):
+        for j in range(CK):
             b_y += tl.load(p_w + i * CK + j) * _rows(p_y, o_c + SIGN * (j - L), S, D)
         acc += tl.dot(_rows(p_x, o_r + SIGN * (i - T), S, D), tl.trans(b_y))
     return acc
@@ -98,7 +100,7 @@ def _mixed_scores(p_q, p_k, p_w1, p_m1, r0, c0, S, scale, H: tl.constexpr, BM: t
     o_h = tl.arange(0, H)
     b_b = tl.zeros([H, BM, BN], dtype=tl.float32)
     b_c = tl.zeros([H, BM, BN], dtype=tl.float32)
-    for h in tl.static_range(H):
+    for h in range(H):
         b_s = _bilinear_conv(p_q + h * S * D, p_k + h * S * D, p_w1 + h * CQ * CK, r0, c0, S, 1, BM, BN, D,
                              CQ, CK, T, L, CAUSAL) * scale
         b_b += tl.where((o_h == h)[:, None, None], b_s[None, :, :], 0.0)
@@ -132,10 +134,10 @@ def _dprobs(p_g, p_v, p_w2, p_m2, r0, c0, S, H: tl.constexpr, BM: tl.constexpr, 
     (the adjoint of P V, the head convolution (6) and the post-softmax convolution (5) with its re-mask)."""
     o_h = tl.arange(0, H)
     b_dp = tl.zeros([H, BM, BN], dtype=tl.float32)
-    for hp in tl.static_range(H):
-        g0: tl.constexpr = (hp // CH) * CH
+    for hp in range(H):
+        g0 = (hp // CH) * CH
         b_d = tl.zeros([BM, BN], dtype=tl.float32)
-        for h in tl.static_range(g0, g0 + CH):
+        for h in range(g0, g0 + CH):
             b_d += tl.load(p_m2 + h * H + hp) * _bilinear_conv(p_g + h * S * D, p_v + h * S * D, p_w2 + hp * CQ * CK,
                                                                r0, c0, S, -1, BM, BN, D, CQ, CK, T, L, CAUSAL)
         b_dp += tl.where((o_h == hp)[:, None, None], b_d[None, :, :], 0.0)
@@ -213,20 +215,20 @@ def _post_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, O, DW2, DM2, S, scale, H: tl.
         c_end = S
     for c0 in range(0, c_end, BN):
         o_c = c0 + tl.arange(0, BN)
-        for i in tl.static_range(CQ2):
+        for i in range(CQ2):
             b_p, _ = _probs(p_q, p_k, W1, M1, p_lse, r0 + (i - T2), c0, S, scale, H, BM, BN, D, CQ1, CK1, T1, L1,
                             CAUSAL)
-            for hp in tl.static_range(H):
-                g0: tl.constexpr = (hp // CH) * CH
+            for hp in range(H):
+                g0 = (hp // CH) * CH
                 b_ph = _pick(b_p, hp, H)
-                for j in tl.static_range(CK2):
+                for j in range(CK2):
                     o_cv = o_c - (j - L2)  # the output column c of P's column c' for this tap
                     if CAUSAL:
                         b_pm = tl.where(o_cv[None, :] <= o_r[:, None], b_ph, 0.0)  # the re-mask after (5)
                     else:
                         b_pm = b_ph
                     w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
-                    for h in tl.static_range(g0, g0 + CH):
+                    for h in range(g0, g0 + CH):
                         b_z = tl.dot(b_pm, _rows(p_v + h * S * D, o_cv, S, D))  # [BM, D]
                         w_mix = tl.load(M2 + h * H + hp)
                         if BWD:
@@ -295,17 +297,17 @@ def _dq_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, DELTA, DQ, DW1, DM1, S, scale, 
         c_end = S
     for c0 in range(0, c_end, BN):
         o_c = c0 + tl.arange(0, BN)
-        for i in tl.static_range(CQ1):
+        for i in range(CQ1):
             b_dc, b_b = _dscores(p_q, p_k, DO + base, V + base, W1, M1, W2, M2, p_lse, p_delta, r0 - (i - T1), c0,
                                  S, scale, H, BM, BN, D, CQ1, CK1, T1, L1, CQ2, CK2, T2, L2, CH, CAUSAL)
             if i == T1:  # the unshifted tile: dW1[h, hp] = sum dC[h] B[hp]
-                for hp in tl.static_range(H):
+                for hp in range(H):
                     col = tl.sum(tl.sum(b_dc * _pick(b_b, hp, H)[None, :, :], 2), 1)
                     acc_dm += tl.where((o_h == hp)[None, :], col[:, None], 0.0)
-            for hp in tl.static_range(H):
+            for hp in range(H):
                 b_db = tl.sum(tl.load(M1 + o_h * H + hp)[:, None, None] * b_dc, 0)  # dB = W1^T dC  (3)
                 b_q = _rows(p_q + hp * S * D, o_r, S, D)
-                for j in tl.static_range(CK1):
+                for j in range(CK1):
                     if CAUSAL:
                         b_dbm = tl.where((o_c + (j - L1))[None, :] <= o_r[:, None], b_db, 0.0)
                     else:
@@ -343,12 +345,12 @@ def _dk_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, DELTA, DK, S, scale, H: tl.cons
         r_start = 0
     for r0 in range(r_start, S, BM):
         o_r = r0 + tl.arange(0, BM)
-        for j in tl.static_range(CK1):
+        for j in range(CK1):
             b_dc, _ = _dscores(p_q, K + base, DO + base, V + base, W1, M1, W2, M2, p_lse, p_delta, r0, c0 - (j - L1),
                                S, scale, H, BM, BN, D, CQ1, CK1, T1, L1, CQ2, CK2, T2, L2, CH, CAUSAL)
-            for hp in tl.static_range(H):
+            for hp in range(H):
                 b_db = tl.sum(tl.load(M1 + o_h * H + hp)[:, None, None] * b_dc, 0)
-                for i in tl.static_range(CQ1):
+                for i in range(CQ1):
                     if CAUSAL:
                         b_dbm = tl.where(o_c[None, :] <= (o_r + (i - T1))[:, None], b_db, 0.0)
                     else:
@@ -381,19 +383,19 @@ def _dv_kernel(Q, K, DO, W1, M1, W2, M2, LSE, DV, S, scale, H: tl.constexpr, BM:
         r_start = 0
     for r0 in range(r_start, S, BM):
         o_r = r0 + tl.arange(0, BM)
-        for j in tl.static_range(CK2):
+        for j in range(CK2):
             b_p, _ = _probs(Q + base, K + base, W1, M1, p_lse, r0, c0 + (j - L2), S, scale, H, BM, BN, D,
                             CQ1, CK1, T1, L1, CAUSAL)
-            for hp in tl.static_range(H):
-                g0: tl.constexpr = (hp // CH) * CH
+            for hp in range(H):
+                g0 = (hp // CH) * CH
                 b_ph = _pick(b_p, hp, H)
-                for i in tl.static_range(CQ2):
+                for i in range(CQ2):
                     if CAUSAL:
                         b_pm = tl.where(o_c[None, :] <= (o_r - (i - T2))[:, None], b_ph, 0.0)
                     else:
                         b_pm = b_ph
                     w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
-                    for h in tl.static_range(g0, g0 + CH):
+                    for h in range(g0, g0 + CH):
                         b_y = tl.dot(tl.trans(b_pm), _rows(p_do + h * S * D, o_r - (i - T2), S, D))  # [BN, D]
                         acc += tl.where((o_h == h)[:, None, None], (tl.load(M2 + h * H + hp) * w * b_y)[None, :, :], 0.0)
     p_dv = DV + base + o_h[:, None, None] * S * D + o_c[None, :, None] * D + o_d[None, None, :]
