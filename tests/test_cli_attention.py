@@ -24,7 +24,9 @@ def test_bench_attn_bad_inputs_fail_with_one_line(cli):
     for args, message in [(("--grid", "1x6x8", "--cube", "1x4x4"), "not divisible by the cube"),
                           (("--grid", "8x8"), "must look like TxHxW"),
                           (("--dtype", "fp8"), "--dtype must be one of"),
-                          (("--backends", "triton"), "not available on cpu")]:
+                          (("--backends", "triton"), "not available on cpu"),
+                          (("--mta", "--mta-backends", "fused"), "MTA backend 'fused' is unknown"),
+                          (("--mta", "--mta-backends", "triton", "--heads", "6"), "power-of-two number of heads")]:
         r = cli("bench-attn", *args)
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
@@ -51,9 +53,11 @@ def test_train_imm_with_mta_trains_and_samples(cli, tmp_path):
 
 
 def test_bench_attn_with_mta(cli, tmp_path):
-    r = cli("bench-attn", "--grid", "1x8x8", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--top-n", "1",
-            "--repeats", "1", "--mta", "--mta-kernel", "3x5", "--backends", "cpu", "--out", tmp_path / "b.png", "--json")
+    r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--top-n", "1",
+            "--repeats", "1", "--mta", "--mta-kernel", "2x3", "--mta-backends", "triton,cpu,reference", "--backends", "cpu",
+            "--out", tmp_path / "b.png", "--json")  # triton: interpreted here
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["check"]["mta-cpu"]["o"] < 1e-5 and res["check"]["mta-cpu"]["dparams"] < 1e-5
-    assert {"mta-cpu", "mta-reference"} <= set(res["rows"][0]["methods"])
+    for b in ("mta-cpu", "mta-triton"):
+        assert res["check"][b]["o"] < 1e-5 and res["check"][b]["dparams"] < 1e-5
+    assert {"mta-triton", "mta-cpu", "mta-reference"} <= set(res["rows"][0]["methods"])

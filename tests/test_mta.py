@@ -39,6 +39,23 @@ def test_cpu_path_matches_reference_forward_and_gradients(causal, parts):
         assert rel(a, b) < 1e-12
 
 
+
+def test_compiled_cpu_convolutions_match(monkeypatch):
+    """Large slabs run the convolutions through torch.compile: forced on here at a small size, in fp64."""
+    from kernels.mta import cpu
+
+    monkeypatch.setattr(cpu, "COMPILE_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 21, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    w = weights(H=2, kernel=(3, 4))
+    leaves = [q, k, v, *w]
+    ref = mta_reference(q, k, v, *w, causal=True)
+    out = cpu.mta_cpu(q, k, v, *w, causal=True, chunk=8)  # causal chunks differ in width: dynamic shapes
+    assert rel(out, ref) < 1e-12 and not cpu._compiled.get("failed")
+    do = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do)):
+        assert rel(a, b) < 1e-12
+
 def test_fp32_and_bf16_tolerances():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 4, 50, 16, generator=g) for _ in range(3))

@@ -10,6 +10,9 @@ backward and autograd differentiates it, so saved memory stays one chunk's worth
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -19,41 +22,86 @@ from .reference import head_conv, kq_padding, up
 CHUNK_BYTES = 32 << 20  # one [B, H, rows, S] fp32 score slab per chunk
 
 
+# Score slabs of at least this many elements run the convolutions through torch.compile (inductor fuses the
+# c_q x c_k shifted products into one cache-friendly loop: ~4x faster than c_q x c_k passes over memory, see
+# BENCHMARKS.md); smaller ones, and machines where compiling fails, use the eager loops. SIGMA_MTA_COMPILE=0
+# turns compiling off.
+COMPILE_MIN_ELEMENTS = 1 << 22
+_compiled: dict = {}
+
+
+def _shifted_sum(x, w):
+    """out[b, h, r, c] = sum_ij w[h, i, j] x[b, h, r + i, c + j] ('valid' depthwise correlation), one expression
+    so that inductor fuses it."""
+    H, cq, ck = w.shape
+    C, S = x.shape[2] - cq + 1, x.shape[3] - ck + 1
+    out = None
+    for i in range(cq):
+        for j in range(ck):
+            t = x[:, :, i : i + C, j : j + S] * w[:, i, j].view(1, H, 1, 1)
+            out = t if out is None else out + t
+    return out
+
+
+def _tap_sums(x, g):
+    """dw[h, i, j] = sum_{b, r, c} x[b, h, r + i, c + j] g[b, h, r, c]."""
+    C, S = g.shape[2:]
+    cq, ck = x.shape[2] - C + 1, x.shape[3] - S + 1
+    return torch.stack([torch.stack([(x[:, :, i : i + C, j : j + S] * g).sum((0, 2, 3)) for j in range(ck)], -1)
+                        for i in range(cq)], -2)
+
+
+def _shifted_sum_eager(x, w):  # the same, in place: c_q x c_k multiply-adds (2x faster than mkldnn's depthwise conv)
+    H, cq, ck = w.shape
+    C, S = x.shape[2] - cq + 1, x.shape[3] - ck + 1
+    out = torch.zeros(x.shape[0], H, C, S, dtype=x.dtype, device=x.device)
+    for i in range(cq):
+        for j in range(ck):
+            out.addcmul_(x[:, :, i : i + C, j : j + S], w[:, i, j].view(1, H, 1, 1))
+    return out
+
+
+def _tap_sums_eager(x, g):  # as a forward convolution with g as the kernel (mkldnn's depthwise backward is ~4x slower)
+    B, H = x.shape[:2]
+    dw = F.conv2d(x.reshape(1, B * H, *x.shape[2:]), g.reshape(B * H, 1, *g.shape[2:]), groups=B * H)
+    return dw.view(B, H, *dw.shape[2:]).sum(0)
+
+
+def _run(name: str, x, *args):
+    """The compiled function `name` for large slabs (compiled once, dynamic shapes), else the eager one."""
+    eager = {"shifted_sum": _shifted_sum_eager, "tap_sums": _tap_sums_eager}[name]
+    if x.numel() < COMPILE_MIN_ELEMENTS or x.device.type != "cpu" or _compiled.get("failed") \
+            or os.environ.get("SIGMA_MTA_COMPILE") == "0":
+        return eager(x, *args)
+    try:
+        if name not in _compiled:
+            _compiled[name] = torch.compile({"shifted_sum": _shifted_sum, "tap_sums": _tap_sums}[name], dynamic=True)
+        return _compiled[name](x, *args)
+    except Exception as e:  # no C++ compiler, unsupported platform: the eager loops, with one warning
+        _compiled["failed"] = True
+        warnings.warn(f"MTA: compiling the CPU convolutions failed ({type(e).__name__}); using the eager loops")
+        return eager(x, *args)
+
+
 class KQConv(torch.autograd.Function):
     """Depthwise 'valid' 2D convolution of a padded score slab x [B, H, R, Sk] with w [H, c_q, c_k].
 
-    Forward: a sum of c_q * c_k shifted multiply-adds (2x faster than mkldnn's depthwise conv here).
-    Backward: dx by the transposed shifted sum; dw[h] = x[h] correlated with g[h], computed as a forward
-    convolution with g as the kernel (mkldnn's own depthwise backward is ~4x slower here).
+    Backward: dx is the 'full' correlation of g with the flipped kernel (the same shifted sum on g padded by
+    the kernel size); dw[h] = x[h] correlated with g[h].
     """
 
     @staticmethod
     def forward(ctx, x, w):
-        B, H, R, Sk = x.shape
-        cq, ck = w.shape[1:]
-        C, S = R - cq + 1, Sk - ck + 1
-        out = torch.zeros(B, H, C, S, dtype=x.dtype, device=x.device)
-        wv = w.to(x.dtype)
-        for i in range(cq):
-            for j in range(ck):
-                out.addcmul_(x[:, :, i : i + C, j : j + S], wv[:, i, j].view(1, H, 1, 1))
         ctx.save_for_backward(x, w)
-        return out
+        return _run("shifted_sum", x, w.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         H, cq, ck = w.shape
         g = g.contiguous()
-        C, S = g.shape[2:]
-        dx = torch.zeros_like(x)
-        wv = w.to(g.dtype)
-        for i in range(cq):  # the transpose of the forward's shifted sum
-            for j in range(ck):
-                dx[:, :, i : i + C, j : j + S].addcmul_(g, wv[:, i, j].view(1, H, 1, 1))
-        B = x.shape[0]
-        dw = F.conv2d(x.reshape(1, B * H, *x.shape[2:]), g.reshape(B * H, 1, *g.shape[2:]), groups=B * H)
-        dw = dw.view(B, H, cq, ck).sum(0)  # every (batch, head) is a channel; the batch is summed
+        dx = _run("shifted_sum", F.pad(g, (ck - 1, ck - 1, cq - 1, cq - 1)), w.to(g.dtype).flip(1, 2))
+        dw = _run("tap_sums", x, g)
         return dx, dw.to(w.dtype)
 
 
