@@ -9,8 +9,10 @@ product of two matrices, so a shift of the score plane is a shift of the rows th
   pre-softmax  (2): B[r, c]  = sum_ij w1[i, j] q[r+i-T1] . k[c+j-L1]  = sum_i q_i[r] . (sum_j w1[i, j] k_j)[c]
   post-softmax (5) and P V: sum_c D[r, c] v[c] = sum_ij w2[i, j] sum_c' P[r+i-T2, c'] v[c'-j+L2]
 so a P tile at a shifted row origin is recomputed (from Q, K and lse), and the column shift lands on V.
-Causal masks (scores before (2) and after (5)) depend on the tap, so tiles near the diagonal take the
-per-tap form (one tl.dot per tap, masked) and tiles below it the factored form (one tl.dot per kernel row).
+The same holds for every pass: a sum over taps of (tile) @ (rows shifted by the tap) is one tl.dot with the
+kernel row applied to the loaded rows (_weighted_rows). Causal masks (scores before (2) and after (5))
+depend on the tap, so tiles near the diagonal take the per-tap form (one masked tl.dot per tap) and tiles
+below it the factored form; the post-convolution weight gradient needs every tap's product separately.
 
 Passes (grid: row or column tiles x batch):
   forward   _stats   lse[h, r] over all keys (online softmax of the mixed scores C, eq. 3-4)
@@ -85,10 +87,20 @@ def _bilinear_conv(p_x, p_y, p_w, r0, c0, S, SIGN: tl.constexpr, BM: tl.constexp
 def _bilinear_factored(p_x, p_y, p_w, o_r, o_c, S, SIGN: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                        CQ: tl.constexpr, CK: tl.constexpr, T: tl.constexpr, L: tl.constexpr, acc):
     for i in range(CQ):
-        b_y = tl.zeros([BN, D], dtype=tl.float32)  # y convolved with kernel row i
-        for j in range(CK):
-            b_y += tl.load(p_w + i * CK + j) * _rows(p_y, o_c + SIGN * (j - L), S, D)
+        b_y = _weighted_rows(p_y, o_c, S, p_w + i * CK, 1, CK, SIGN, L, BN, D)  # y convolved with kernel row i
         acc += tl.dot(_rows(p_x, o_r + SIGN * (i - T), S, D), tl.trans(b_y))
+    return acc
+
+
+@triton.jit
+def _weighted_rows(p, o_rows, S, p_w, W_STRIDE: tl.constexpr, N: tl.constexpr, SIGN: tl.constexpr, OFF: tl.constexpr,
+                   BR: tl.constexpr, D: tl.constexpr):
+    """sum_t w[t * W_STRIDE] rows(o_rows + SIGN (t - OFF)): one row (or column) of a key-query kernel applied to
+    the rows of a [S, D] matrix. Where no tap is masked, a sum over taps of (tile) @ (shifted rows) is one
+    tl.dot with these rows: the factored form of every pass below."""
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    for t in range(N):
+        acc += tl.load(p_w + t * W_STRIDE) * _rows(p, o_rows + SIGN * (t - OFF), S, D)
     return acc
 
 
@@ -215,28 +227,40 @@ def _post_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, O, DW2, DM2, S, scale, H: tl.
         c_end = S
     for c0 in range(0, c_end, BN):
         o_c = c0 + tl.arange(0, BN)
+        if CAUSAL:
+            full = c0 + (BN - 1 + L2) <= r0  # every output column c = c'-j+L2 <= every row r
+        else:
+            full = c0 >= 0
+        if BWD:
+            full = c0 < 0  # never: the weight gradients need every tap's product
         for i in range(CQ2):
             b_p, _ = _probs(p_q, p_k, W1, M1, p_lse, r0 + (i - T2), c0, S, scale, H, BM, BN, D, CQ1, CK1, T1, L1,
                             CAUSAL)
             for hp in range(H):
                 g0 = (hp // CH) * CH
                 b_ph = _pick(b_p, hp, H)
-                for j in range(CK2):
-                    o_cv = o_c - (j - L2)  # the output column c of P's column c' for this tap
-                    if CAUSAL:
-                        b_pm = tl.where(o_cv[None, :] <= o_r[:, None], b_ph, 0.0)  # the re-mask after (5)
-                    else:
-                        b_pm = b_ph
-                    w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
+                if full:  # no tap masked: O[h] += W2[h, hp] P[hp] (sum_j w2[hp, i, j] V[h] shifted)
                     for h in range(g0, g0 + CH):
-                        b_z = tl.dot(b_pm, _rows(p_v + h * S * D, o_cv, S, D))  # [BM, D]
-                        w_mix = tl.load(M2 + h * H + hp)
-                        if BWD:
-                            b_gz = tl.sum(tl.sum(_rows(p_do + h * S * D, o_r, S, D) * b_z, 1), 0)
-                            acc_dw += tl.where((o_h == hp)[:, None] & (o_tap == i * CK2 + j)[None, :], w_mix * b_gz, 0.0)
-                            acc_dm += tl.where((o_h == h)[:, None] & (o_h == hp)[None, :], w * b_gz, 0.0)
+                        b_vc = _weighted_rows(p_v + h * S * D, o_c, S, W2 + hp * CQ2 * CK2 + i * CK2, 1, CK2, -1, L2, BN, D)
+                        b_z = tl.load(M2 + h * H + hp) * tl.dot(b_ph, b_vc)
+                        acc_o += tl.where((o_h == h)[:, None, None], b_z[None, :, :], 0.0)
+                else:  # one product per tap (the weight gradients need them separately)
+                    for j in range(CK2):
+                        o_cv = o_c - (j - L2)  # the output column c of P's column c' for this tap
+                        if CAUSAL:
+                            b_pm = tl.where(o_cv[None, :] <= o_r[:, None], b_ph, 0.0)  # the re-mask after (5)
                         else:
-                            acc_o += tl.where((o_h == h)[:, None, None], (w_mix * w * b_z)[None, :, :], 0.0)
+                            b_pm = b_ph
+                        w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
+                        for h in range(g0, g0 + CH):
+                            b_z = tl.dot(b_pm, _rows(p_v + h * S * D, o_cv, S, D))  # [BM, D]
+                            w_mix = tl.load(M2 + h * H + hp)
+                            if BWD:
+                                b_gz = tl.sum(tl.sum(_rows(p_do + h * S * D, o_r, S, D) * b_z, 1), 0)
+                                acc_dw += tl.where((o_h == hp)[:, None] & (o_tap == i * CK2 + j)[None, :], w_mix * b_gz, 0.0)
+                                acc_dm += tl.where((o_h == h)[:, None] & (o_h == hp)[None, :], w * b_gz, 0.0)
+                            else:
+                                acc_o += tl.where((o_h == h)[:, None, None], (w_mix * w * b_z)[None, :, :], 0.0)
     if BWD:
         i_p = (i_b * tl.num_programs(0) + i_r).to(tl.int64)
         tl.store(DW2 + i_p * H * TP2 + o_h[:, None] * TP2 + o_tap[None, :], acc_dw)
@@ -297,6 +321,10 @@ def _dq_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, DELTA, DQ, DW1, DM1, S, scale, 
         c_end = S
     for c0 in range(0, c_end, BN):
         o_c = c0 + tl.arange(0, BN)
+        if CAUSAL:
+            full = c0 + (BN - 1 + CK1 - 1 - L1) <= r0  # every key c+j-L1 <= every row r'
+        else:
+            full = c0 >= 0
         for i in range(CQ1):
             b_dc, b_b = _dscores(p_q, p_k, DO + base, V + base, W1, M1, W2, M2, p_lse, p_delta, r0 - (i - T1), c0,
                                  S, scale, H, BM, BN, D, CQ1, CK1, T1, L1, CQ2, CK2, T2, L2, CH, CAUSAL)
@@ -307,15 +335,23 @@ def _dq_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, DELTA, DQ, DW1, DM1, S, scale, 
             for hp in range(H):
                 b_db = tl.sum(tl.load(M1 + o_h * H + hp)[:, None, None] * b_dc, 0)  # dB = W1^T dC  (3)
                 b_q = _rows(p_q + hp * S * D, o_r, S, D)
-                for j in range(CK1):
-                    if CAUSAL:
-                        b_dbm = tl.where((o_c + (j - L1))[None, :] <= o_r[:, None], b_db, 0.0)
-                    else:
-                        b_dbm = b_db
-                    b_x = tl.dot(b_dbm, _rows(p_k + hp * S * D, o_c + (j - L1), S, D)) * scale  # [BM, D]
-                    acc_dq += tl.where((o_h == hp)[:, None, None], (tl.load(W1 + hp * CQ1 * CK1 + i * CK1 + j) * b_x)[None, :, :], 0.0)
-                    acc_dw += tl.where((o_h == hp)[:, None] & (o_tap == i * CK1 + j)[None, :],
-                                       tl.sum(tl.sum(b_q * b_x, 1), 0), 0.0)
+                if full:  # dq += dB (sum_j w1[i, j] K shifted); dw1[i, j] += (dB^T Q) . (K shifted by j)
+                    b_kc = _weighted_rows(p_k + hp * S * D, o_c, S, W1 + hp * CQ1 * CK1 + i * CK1, 1, CK1, 1, L1, BN, D)
+                    acc_dq += tl.where((o_h == hp)[:, None, None], (scale * tl.dot(b_db, b_kc))[None, :, :], 0.0)
+                    b_u = tl.dot(tl.trans(b_db), b_q) * scale  # [BN, D]
+                    for j in range(CK1):
+                        b_uk = tl.sum(tl.sum(b_u * _rows(p_k + hp * S * D, o_c + (j - L1), S, D), 1), 0)
+                        acc_dw += tl.where((o_h == hp)[:, None] & (o_tap == i * CK1 + j)[None, :], b_uk, 0.0)
+                else:
+                    for j in range(CK1):
+                        if CAUSAL:
+                            b_dbm = tl.where((o_c + (j - L1))[None, :] <= o_r[:, None], b_db, 0.0)
+                        else:
+                            b_dbm = b_db
+                        b_x = tl.dot(b_dbm, _rows(p_k + hp * S * D, o_c + (j - L1), S, D)) * scale  # [BM, D]
+                        acc_dq += tl.where((o_h == hp)[:, None, None], (tl.load(W1 + hp * CQ1 * CK1 + i * CK1 + j) * b_x)[None, :, :], 0.0)
+                        acc_dw += tl.where((o_h == hp)[:, None] & (o_tap == i * CK1 + j)[None, :],
+                                           tl.sum(tl.sum(b_q * b_x, 1), 0), 0.0)
     p_dq = DQ + base + o_h[:, None, None] * S * D + o_r[None, :, None] * D + o_d[None, None, :]
     tl.store(p_dq, acc_dq, mask=(o_r < S)[None, :, None])
     i_p = (i_b * tl.num_programs(0) + i_r).to(tl.int64)
@@ -345,19 +381,27 @@ def _dk_kernel(Q, K, V, DO, W1, M1, W2, M2, LSE, DELTA, DK, S, scale, H: tl.cons
         r_start = 0
     for r0 in range(r_start, S, BM):
         o_r = r0 + tl.arange(0, BM)
+        if CAUSAL:
+            full = c0 + (BN - 1) <= r0 - T1  # every key c' <= every row r+i-T1
+        else:
+            full = r0 >= 0
         for j in range(CK1):
             b_dc, _ = _dscores(p_q, K + base, DO + base, V + base, W1, M1, W2, M2, p_lse, p_delta, r0, c0 - (j - L1),
                                S, scale, H, BM, BN, D, CQ1, CK1, T1, L1, CQ2, CK2, T2, L2, CH, CAUSAL)
             for hp in range(H):
                 b_db = tl.sum(tl.load(M1 + o_h * H + hp)[:, None, None] * b_dc, 0)
-                for i in range(CQ1):
-                    if CAUSAL:
-                        b_dbm = tl.where(o_c[None, :] <= (o_r + (i - T1))[:, None], b_db, 0.0)
-                    else:
-                        b_dbm = b_db
-                    b_y = tl.dot(tl.trans(b_dbm), _rows(p_q + hp * S * D, o_r + (i - T1), S, D))  # [BN, D]
-                    acc += tl.where((o_h == hp)[:, None, None],
-                                    (scale * tl.load(W1 + hp * CQ1 * CK1 + i * CK1 + j) * b_y)[None, :, :], 0.0)
+                if full:  # dk += dB^T (sum_i w1[i, j] Q shifted)
+                    b_qc = _weighted_rows(p_q + hp * S * D, o_r, S, W1 + hp * CQ1 * CK1 + j, CK1, CQ1, 1, T1, BM, D)
+                    acc += tl.where((o_h == hp)[:, None, None], (scale * tl.dot(tl.trans(b_db), b_qc))[None, :, :], 0.0)
+                else:
+                    for i in range(CQ1):
+                        if CAUSAL:
+                            b_dbm = tl.where(o_c[None, :] <= (o_r + (i - T1))[:, None], b_db, 0.0)
+                        else:
+                            b_dbm = b_db
+                        b_y = tl.dot(tl.trans(b_dbm), _rows(p_q + hp * S * D, o_r + (i - T1), S, D))  # [BN, D]
+                        acc += tl.where((o_h == hp)[:, None, None],
+                                        (scale * tl.load(W1 + hp * CQ1 * CK1 + i * CK1 + j) * b_y)[None, :, :], 0.0)
     p_dk = DK + base + o_h[:, None, None] * S * D + o_c[None, :, None] * D + o_d[None, None, :]
     tl.store(p_dk, acc, mask=(o_c < S)[None, :, None])
 
@@ -383,21 +427,31 @@ def _dv_kernel(Q, K, DO, W1, M1, W2, M2, LSE, DV, S, scale, H: tl.constexpr, BM:
         r_start = 0
     for r0 in range(r_start, S, BM):
         o_r = r0 + tl.arange(0, BM)
+        if CAUSAL:
+            full = c0 + (BN - 1) <= r0 - (CQ2 - 1 - T2)  # every column c <= every row r'-i+T2
+        else:
+            full = r0 >= 0
         for j in range(CK2):
             b_p, _ = _probs(Q + base, K + base, W1, M1, p_lse, r0, c0 + (j - L2), S, scale, H, BM, BN, D,
                             CQ1, CK1, T1, L1, CAUSAL)
             for hp in range(H):
                 g0 = (hp // CH) * CH
                 b_ph = _pick(b_p, hp, H)
-                for i in range(CQ2):
-                    if CAUSAL:
-                        b_pm = tl.where(o_c[None, :] <= (o_r - (i - T2))[:, None], b_ph, 0.0)
-                    else:
-                        b_pm = b_ph
-                    w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
+                if full:  # dv[h] += W2[h, hp] P^T (sum_i w2[hp, i, j] dO[h] shifted)
                     for h in range(g0, g0 + CH):
-                        b_y = tl.dot(tl.trans(b_pm), _rows(p_do + h * S * D, o_r - (i - T2), S, D))  # [BN, D]
-                        acc += tl.where((o_h == h)[:, None, None], (tl.load(M2 + h * H + hp) * w * b_y)[None, :, :], 0.0)
+                        b_gc = _weighted_rows(p_do + h * S * D, o_r, S, W2 + hp * CQ2 * CK2 + j, CK2, CQ2, -1, T2, BM, D)
+                        b_y = tl.load(M2 + h * H + hp) * tl.dot(tl.trans(b_ph), b_gc)
+                        acc += tl.where((o_h == h)[:, None, None], b_y[None, :, :], 0.0)
+                else:
+                    for i in range(CQ2):
+                        if CAUSAL:
+                            b_pm = tl.where(o_c[None, :] <= (o_r - (i - T2))[:, None], b_ph, 0.0)
+                        else:
+                            b_pm = b_ph
+                        w = tl.load(W2 + hp * CQ2 * CK2 + i * CK2 + j)
+                        for h in range(g0, g0 + CH):
+                            b_y = tl.dot(tl.trans(b_pm), _rows(p_do + h * S * D, o_r - (i - T2), S, D))  # [BN, D]
+                            acc += tl.where((o_h == h)[:, None, None], (tl.load(M2 + h * H + hp) * w * b_y)[None, :, :], 0.0)
     p_dv = DV + base + o_h[:, None, None] * S * D + o_c[None, :, None] * D + o_d[None, None, :]
     tl.store(p_dv, acc, mask=(o_c < S)[None, :, None])
 
