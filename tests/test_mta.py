@@ -49,6 +49,13 @@ def test_compiled_cpu_convolutions_match(monkeypatch):
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
     monkeypatch.setattr(cpu, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "_compiled", {})
+
+    def no_eager(*a):
+        raise AssertionError("the eager loops ran")
+
+    monkeypatch.setattr(cpu, "_shifted_sum_eager", no_eager)
+    monkeypatch.setattr(cpu, "_tap_sums_eager", no_eager)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 21, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     w = weights(H=2, kernel=(3, 4))
@@ -144,6 +151,18 @@ def test_triton_matches_reference_forward_and_every_gradient(causal, parts, S):
     if parts == "post":  # deterministic: no atomics, weight gradients are per-program partials summed on the host
         again = torch.autograd.grad(mta(q, k, v, *w, causal=causal, backend="triton"), leaves, do)
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+@pytest.mark.parametrize("B,H,S,kernel,causal", [(2, 4, 5, (2, 3), True), (1, 4, 16, (3, 1), True), (1, 4, 16, (1, 3), False)])
+def test_triton_edge_shapes(B, H, S, kernel, causal):
+    """Several head groups (H = 4, groups of 2), B = 2, fewer tokens than a tile, one-row and one-column kernels."""
+    q, k, v, w, leaves = _triton_case(S, causal, "all", torch.float32, kernel=kernel, H=H, B=B)
+    ref = mta_reference(*(t.double() for t in (q, k, v, *w)), causal=causal)
+    out = mta(q, k, v, *w, causal=causal, backend="triton")
+    assert rel(out, ref) < 1e-5
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do.double())):
+        assert rel(a, b) < 1e-5
 
 
 def test_triton_fp16_and_identity_and_causality():

@@ -6,7 +6,8 @@ q, k, v: [B, H, S, K]; kq_pre, kq_post: [H, c_q, c_k] key-query kernels (None sk
 head_pre: [H, H] pre-softmax head mixing; head_post: [H / c_h, c_h, c_h] post-softmax head convolution.
 The output is P V, before the per-head norm and gate of module.MTA.
 
-backend: "auto" (the fused Triton kernel on CUDA when the shapes fit, the chunked path otherwise), "triton"
+backend: "auto" (the fused Triton kernel on CUDA when the heads and head dim fit its registers, the chunked
+path otherwise), "triton"
 (triton.py: fused forward and backward, O(S) memory; a torch.library custom op, so torch.compile traces it),
 "cpu" (query chunks with a halo, checkpointed; O(H x chunk x S) memory), "reference" (materialised).
 """
@@ -18,6 +19,7 @@ from .cpu import mta_cpu
 from .reference import identity_kq, mta_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+AUTO_MAX_HEADS_X_DIM = 512  # "auto" takes the fused kernel up to heads x head dim = 512 (e.g. 8 x 64)
 
 
 def _triton():
@@ -83,7 +85,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown MTA backend {backend!r} (have: {', '.join(BACKENDS)})")
     if backend == "auto":
-        fits = q.device.type == "cuda" and _triton().shapes_ok(q.shape[1], q.shape[-1])
+        H, D = q.shape[1], q.shape[-1]  # one program holds H x 16 x D accumulators: beyond 8 x 64 they spill
+        fits = q.device.type == "cuda" and _triton().shapes_ok(H, D) and H * D <= AUTO_MAX_HEADS_X_DIM
         return "triton" if fits else "cpu"
     return backend
 

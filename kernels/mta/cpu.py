@@ -73,12 +73,15 @@ def _run(name: str, x, *args):
     if x.numel() < COMPILE_MIN_ELEMENTS or x.device.type != "cpu" or _compiled.get("failed") \
             or os.environ.get("SIGMA_MTA_COMPILE") == "0":
         return eager(x, *args)
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
     try:
         if name not in _compiled:
             _compiled[name] = torch.compile({"shifted_sum": _shifted_sum, "tap_sums": _tap_sums}[name], dynamic=True)
         return _compiled[name](x, *args)
-    except Exception as e:  # no C++ compiler, unsupported platform: the eager loops, with one warning
-        _compiled["failed"] = True
+    except (BackendCompilerFailed, InductorError) as e:  # no C++ compiler, unsupported platform: the eager
+        _compiled["failed"] = True  # loops, with one warning (other errors, e.g. out of memory, are raised)
         warnings.warn(f"MTA: compiling the CPU convolutions failed ({type(e).__name__}); using the eager loops")
         return eager(x, *args)
 

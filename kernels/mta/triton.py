@@ -462,25 +462,42 @@ def shapes_ok(heads: int, head_dim: int) -> bool:
     return heads >= 1 and heads & (heads - 1) == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def _consts(q, w1, w2, head_group: int, causal: bool) -> dict:
+def _consts(q, k, v, w1, w2, head_group: int, causal: bool) -> dict:
     B, H, S, D = q.shape
     if not shapes_ok(H, D):
         raise ValueError(f"the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16, "
                          f"got {H} heads of {D}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"MTA: q, k and v must have one shape, not {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if H * S * D >= 2**31:  # per-head offsets are int32 inside the kernels
+        raise ValueError(f"MTA: {H} x {S} x {D} elements per batch entry exceed the kernels' int32 offsets")
     (cq1, ck1), (cq2, ck2) = w1.shape[1:], w2.shape[1:]
-    l1, _, t1, _ = kq_padding(cq1, ck1, causal)
-    l2, _, t2, _ = kq_padding(cq2, ck2, causal)
+    l1, _, t1, b1 = kq_padding(cq1, ck1, causal)
+    l2, _, t2, b2 = kq_padding(cq2, ck2, causal)
+    assert not causal or (b1 == 0 and b2 == 0), "the causal loop bounds assume no padding below"
     return dict(H=H, BM=BLOCK, BN=BLOCK, D=D, CQ1=cq1, CK1=ck1, T1=t1, L1=l1, CQ2=cq2, CK2=ck2, T2=t2, L2=l2,
                 CH=head_group, CAUSAL=causal)
 
 
+def _on_device(fn):
+    """Launch on the inputs' GPU (Triton launches on the current device otherwise)."""
+    def wrapped(*args):
+        if args[0].device.type != "cuda":
+            return fn(*args)
+        with torch.cuda.device(args[0].device):
+            return fn(*args)
+
+    return wrapped
+
+
+@_on_device
 def mta_fwd(q, k, v, w1, m1, w2, m2, head_group: int, causal: bool):
     """O = P V of MTA (fp32) and lse [B, H, S]. w1, w2: [H, c_q, c_k] key-query kernels (a [H, 1, 1] ones kernel
     is no convolution); m1, m2: [H, H] head mixing (m2 block-diagonal in groups of head_group)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w1, m1, w2, m2 = (t.float().contiguous() for t in (w1, m1, w2, m2))
     B, H, S, D = q.shape
-    c = _consts(q, w1, w2, head_group, causal)
+    c = _consts(q, k, v, w1, w2, head_group, causal)
     scale = D**-0.5
     grid = (triton.cdiv(S, BLOCK), B)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
@@ -491,12 +508,13 @@ def mta_fwd(q, k, v, w1, m1, w2, m2, head_group: int, causal: bool):
     return o, lse
 
 
+@_on_device
 def mta_bwd(do, q, k, v, w1, m1, w2, m2, lse, head_group: int, causal: bool):
     """Gradients (fp32) of mta_fwd's O: dq, dk, dv, dw1, dm1, dw2, dm2."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     w1, m1, w2, m2 = (t.float().contiguous() for t in (w1, m1, w2, m2))
     B, H, S, D = q.shape
-    c = _consts(q, w1, w2, head_group, causal)
+    c = _consts(q, k, v, w1, w2, head_group, causal)
     scale = D**-0.5
     nr, nc = triton.cdiv(S, BLOCK), triton.cdiv(S, BLOCK)
     tp1 = triton.next_power_of_2(w1.shape[1] * w1.shape[2])
