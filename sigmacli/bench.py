@@ -67,7 +67,7 @@ def bench_attn(
     for b in mta_chosen or []:
         if b not in ("triton", "cpu", "reference"):
             raise SigmaError(f"MTA backend {b!r} is unknown (have: triton, cpu, reference)")
-    if "triton" in (mta_chosen or []) and (heads & (heads - 1) or head_dim < 16 or head_dim & (head_dim - 1)):
+    if "triton" in (mta_chosen or []) and not _mta_triton_shapes_ok(heads, head_dim):
         raise SigmaError("the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16")
     kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
@@ -109,3 +109,9 @@ def bench_attn(
         lines.append(f"break-even vs SDPA, {n}: " + ", ".join(f"{k.replace('_speedup', '')} {v}" for k, v in be.items()))
     lines.append(f"plot: {result['plot']}")
     emit(result, as_json, lines)
+
+
+def _mta_triton_shapes_ok(heads: int, head_dim: int) -> bool:
+    from kernels.mta.triton import shapes_ok  # imported here: triton is optional
+
+    return shapes_ok(heads, head_dim)

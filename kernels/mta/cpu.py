@@ -67,9 +67,8 @@ def _tap_sums_eager(x, g):  # as a forward convolution with g as the kernel (mkl
     return dw.view(B, H, *dw.shape[2:]).sum(0)
 
 
-def _run(name: str, x, *args):
-    """The compiled function `name` for large slabs (compiled once, dynamic shapes), else the eager one."""
-    eager = {"shifted_sum": _shifted_sum_eager, "tap_sums": _tap_sums_eager}[name]
+def _run(fn, eager, x, *args):
+    """fn compiled (once, dynamic shapes) for large slabs, else its eager twin."""
     if x.numel() < COMPILE_MIN_ELEMENTS or x.device.type != "cpu" or _compiled.get("failed") \
             or os.environ.get("SIGMA_MTA_COMPILE") == "0":
         return eager(x, *args)
@@ -77,9 +76,9 @@ def _run(name: str, x, *args):
     from torch._inductor.exc import InductorError
 
     try:
-        if name not in _compiled:
-            _compiled[name] = torch.compile({"shifted_sum": _shifted_sum, "tap_sums": _tap_sums}[name], dynamic=True)
-        return _compiled[name](x, *args)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn](x, *args)
     except (BackendCompilerFailed, InductorError) as e:  # no C++ compiler, unsupported platform: the eager
         _compiled["failed"] = True  # loops, with one warning (other errors, e.g. out of memory, are raised)
         warnings.warn(f"MTA: compiling the CPU convolutions failed ({type(e).__name__}); using the eager loops")
@@ -96,15 +95,15 @@ class KQConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return _run("shifted_sum", x, w.to(x.dtype))
+        return _run(_shifted_sum, _shifted_sum_eager, x, w.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         H, cq, ck = w.shape
         g = g.contiguous()
-        dx = _run("shifted_sum", F.pad(g, (ck - 1, ck - 1, cq - 1, cq - 1)), w.to(g.dtype).flip(1, 2))
-        dw = _run("tap_sums", x, g)
+        dx = _run(_shifted_sum, _shifted_sum_eager, F.pad(g, (ck - 1, ck - 1, cq - 1, cq - 1)), w.to(g.dtype).flip(1, 2))
+        dw = _run(_tap_sums, _tap_sums_eager, x, g)
         return dx, dw.to(w.dtype)
 
 
