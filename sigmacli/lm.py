@@ -217,4 +217,7 @@ def bench_moe(
     for name, e in r["methods"].items():
         lines.append(f"  {name:<12} fwd {e['forward_tokens_per_s']:>10,.0f} tok/s   fwd+bwd {e['forward_backward_tokens_per_s']:>10,.0f} tok/s")
     lines.append(f"grouped / dense (fwd+bwd): {r['grouped_vs_dense']:.2f}; grouped / loop: {r['grouped_vs_loop']:.2f}")
+    if "grouped_vs_loop_ceiling" in r:
+        lines.append(f"loop / grouped matmuls alone (the most any dispatch could gain over the loop here): "
+                     f"{r['grouped_vs_loop_ceiling']:.2f}")
     emit(r, as_json, lines)

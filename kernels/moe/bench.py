@@ -1,7 +1,12 @@
 """The harness behind `sigma bench-moe`: grouped dispatch vs the per-expert loop (mask, gather, compute,
 scatter per expert, as in the usual reference MoE code) vs the sorted dispatch with a matmul loop (our
 fallback) vs a dense SwiGLU FFN with the same active hidden size (top_k x hidden), forward and forward +
-backward, in tokens per second."""
+backward, in tokens per second.
+
+With grouped_mm it also times the grouped path's matmuls alone (the two forward and four backward grouped
+matmuls on the same routing, nothing else): no dispatch can beat that floor on this machine, so
+loop / floor is the most any grouped dispatch could gain over the per-expert loop here.
+"""
 from __future__ import annotations
 
 import time
@@ -9,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import moe_ffn
+from . import HAS_GROUPED_MM, dispatch, moe_ffn
 
 
 def _time_round_robin(fns: dict, device: str, repeats: int) -> dict:
@@ -46,6 +51,24 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     dense_d = make(top_k * hidden, dim, scale=(top_k * hidden) ** -0.5)
     dy = torch.randn(tokens, dim, generator=g).to(device, dt)
 
+    def matmuls_only(backward: bool):
+        """The grouped path's matmuls on ready operands: h = xs W_in and ys = a W_out; backward also
+        da = dys W_out^T, dW_out = a^T dys, dW_in = xs^T dh, dxs = dh W_in^T (all grouped by expert)."""
+        with torch.no_grad():
+            order, token, counts = dispatch(idx, experts)
+            offs = counts.cumsum(0).to(torch.int32)
+            xs = x.detach().index_select(0, token)
+            a, dys = torch.randn(len(token), hidden).to(device, dt), dy.index_select(0, token)
+            dh = torch.randn(len(token), 2 * hidden).to(device, dt)
+            wi, wo = w_in.detach(), w_out.detach()
+        gmm = lambda p, q: torch._grouped_mm(p, q, offs=offs)  # noqa: E731
+
+        def run():
+            gmm(xs, wi), gmm(a, wo)
+            if backward:
+                gmm(dys, wo.transpose(1, 2)), gmm(a.t(), dys), gmm(xs.t(), dh), gmm(dh, wi.transpose(1, 2))
+        return run
+
     fns = {
         "grouped": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "grouped"), [x, w_in, w_out]),
         "sorted-loop": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "sorted-loop"), [x, w_in, w_out]),
@@ -55,14 +78,18 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     with torch.no_grad():
         ref = moe_ffn(x, w_in, w_out, idx, gate, "reference")
         check = (moe_ffn(x, w_in, w_out, idx, gate, "grouped") - ref).abs().max().item()
+    fwd = {name: fn for name, (fn, _) in fns.items()}
+    fwd_bwd = {name: (lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, dy)) for name, (fn, leaves) in fns.items()}
+    if HAS_GROUPED_MM:
+        fwd["grouped-matmuls-only"], fwd_bwd["grouped-matmuls-only"] = matmuls_only(False), matmuls_only(True)
     with torch.no_grad():
-        t_f = _time_round_robin({name: fn for name, (fn, _) in fns.items()}, device, repeats)
-    t_fb = _time_round_robin({name: (lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, dy))
-                              for name, (fn, leaves) in fns.items()}, device, repeats)
+        t_f = _time_round_robin(fwd, device, repeats)
+    t_fb = _time_round_robin(fwd_bwd, device, repeats)
     methods = {name: {"forward_s": t_f[name], "forward_backward_s": t_fb[name], "forward_tokens_per_s": tokens / t_f[name],
-                      "forward_backward_tokens_per_s": tokens / t_fb[name]} for name in fns}
+                      "forward_backward_tokens_per_s": tokens / t_fb[name]} for name in t_f}
     m = methods
-    return {"tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
+    ceiling = {"grouped_vs_loop_ceiling": t_fb["loop"] / t_fb["grouped-matmuls-only"]} if HAS_GROUPED_MM else {}
+    return {**ceiling, "tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
             "device": device, "check_max_abs": check, "methods": methods,
             "grouped_vs_dense": m["grouped"]["forward_backward_tokens_per_s"] / m["dense"]["forward_backward_tokens_per_s"],
             "grouped_vs_loop": m["grouped"]["forward_backward_tokens_per_s"] / m["loop"]["forward_backward_tokens_per_s"]}
