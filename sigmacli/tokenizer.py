@@ -30,7 +30,9 @@ def train_tokenizer(
     hog_weight: Annotated[float, typer.Option(help="Weight of the auxiliary HOG loss on masked patches.")] = 1.0,
     finetune_tail: Annotated[Optional[float], typer.Option(help="Fraction of the steps, at the end, spent on decoder fine-tuning (encoder frozen, no masking; default: the preset's).")] = None,
     finetune_decoder: Annotated[bool, typer.Option("--finetune-decoder", help="Last stage: freeze the encoder of --init, no masking, train the pixel decoder.")] = False,
-    init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from (with --finetune-decoder).")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from: the encoder to freeze with --finetune-decoder, else a warm start (its config, its weights; a new feature decoder if --feature-teacher).")] = None,
+    feature_teacher: Annotated[Optional[Path], typer.Option(help="A classifier folder (sigma train-classifier) whose feature maps an auxiliary decoder predicts on the masked patches (MAETok's DINOv2 / SigLIP target).")] = None,
+    feature_weight: Annotated[float, typer.Option(help="Weight of the teacher-feature loss (1 - cosine) on masked patches.")] = 1.0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
     sample_every: Annotated[int, typer.Option(help="Write a reconstruction grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/tokenizer, or runs/tokenizer-ft).")] = None,
@@ -79,14 +81,31 @@ def train_tokenizer(
                 setattr(cfg, name, value)
         data = data or ("moving-shapes" if frames > 1 else "shapes")
         stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight,
-                               finetune_tail=0.0 if finetune_decoder else tail)
-        if finetune_decoder:
+                               finetune_tail=0.0 if finetune_decoder else tail, feature_weight=feature_weight)
+        teacher_dim = 0
+        if feature_teacher is not None and not finetune_decoder:
+            from pipelines.maetok.teacher import FeatureTeacher
+
+            teacher = FeatureTeacher(feature_teacher)  # fails here, with one line, if it is not a classifier
+            if teacher.net.config.image_size != image_size and init is None:
+                raise SigmaError(f"--feature-teacher was trained at {teacher.net.config.image_size} px, the tokenizer "
+                                 f"at {image_size}: frames would be resized (pass a teacher of the same size)")
+            stage.feature_teacher, teacher_dim = str(feature_teacher), teacher.dim
+        if finetune_decoder or init is not None:
             init = init or Path("runs/tokenizer")
             model = load_model(init, "tokenizer")
             stage.init_from = str(init)
             image_size, frames = model.config.image_size, model.config.frames
+            if not finetune_decoder and model.config.feature_dim != teacher_dim:  # a warm start with a new feature decoder
+                # (without diffusers' private keys: its `_use_default_values` would reset feature_dim)
+                config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+                warm = MAETok.from_config({**config, "feature_dim": teacher_dim})
+                missing, unexpected = warm.load_state_dict(model.state_dict(), strict=False)
+                assert not unexpected and all("feature" in k.split(".")[0] for k in missing), (missing, unexpected)
+                model = warm
         else:
-            model = MAETok.from_config(build_config(preset, image_size, frames, patch_size, tubelet, bottleneck))
+            model = MAETok.from_config(build_config(preset, image_size, frames, patch_size, tubelet, bottleneck)
+                                       | {"feature_dim": teacher_dim})
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise SigmaError("--steps and --batch-size must be at least 1")
     torch.manual_seed(cfg.seed)
@@ -114,6 +133,7 @@ def reconstruct(
     num: Annotated[int, typer.Option(help="Held-out samples to evaluate (the first `--grid` are drawn).")] = 256,
     grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
     out: Annotated[Path, typer.Option(help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
+    probe: Annotated[bool, typer.Option("--probe", help="Also fit a linear probe of the class on the latents of 4,000 training samples and report its held-out accuracy (labelled data).")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -122,7 +142,7 @@ def reconstruct(
     from checkpoints.io import RUN_META, load_model, read_json
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
-    from pipelines.maetok.trainer import evaluate_reconstruction
+    from pipelines.maetok.trainer import evaluate_reconstruction, linear_probe
     from pipelines.train import resolve_device
     from pipelines.visual import save_media, side_by_side
 
@@ -140,7 +160,13 @@ def reconstruct(
         n = min(grid, num)
         written = save_media(side_by_side(x[:n], recon[:n]), out, nrow=8)
     result = {"model": str(model), "data": heldout.name, **metrics, "picture": str(written) if written else None}
-    emit(result, as_json, [
-        f"{metrics['num']} held-out samples of {heldout.name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
-        *([f"picture: {written} (originals left, reconstructions right)"] if written else []),
-    ])
+    lines = [f"{metrics['num']} held-out samples of {heldout.name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
+             *([f"picture: {written} (originals left, reconstructions right)"] if written else [])]
+    if probe:
+        train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
+        if train_set.num_classes < 2:
+            raise SigmaError(f"--probe needs labelled data with at least 2 classes; {train_set.name} has {train_set.num_classes}")
+        result.update(linear_probe(tokenizer, train_set, heldout, 4000, num, dev))
+        lines.append(f"linear probe of the class on the latents: {result['probe_accuracy']:.1%} held-out "
+                     f"({result['num_classes']} classes, {result['probe_num_train']} training samples)")
+    emit(result, as_json, lines)

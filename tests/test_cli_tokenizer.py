@@ -54,6 +54,8 @@ def test_reconstruct_reports_psnr_and_picture(trained, cli, tmp_path):
     result = last_json(cli("reconstruct", "--model", out, "--num", "8", "--out", tmp_path / "r.png", "--json"))
     assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1 and result["num"] == 8
     assert Image.open(tmp_path / "r.png").size[0] > 32
+    result = last_json(cli("reconstruct", "--model", out, "--num", "8", "--grid", "0", "--probe", "--json"))
+    assert 0 <= result["probe_accuracy"] <= 1 and result["num_classes"] == 6 and result["picture"] is None
 
 
 def test_resume_continues_the_run(trained, cli, tmp_path):
@@ -72,6 +74,24 @@ def test_finetune_decoder_stage(trained, cli, tmp_path):
     assert result["steps"] == 2
     meta = json.loads((tmp_path / "ft" / "sigma.json").read_text())
     assert meta["stage"]["finetune_decoder"] and meta["stage"]["init_from"] == str(out)
+
+
+def test_warm_start_with_a_feature_teacher(trained, cli, tmp_path):
+    out, _ = trained
+    teacher = tmp_path / "teacher"
+    last_json(cli("train-classifier", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--out", teacher, "--json"))
+    run = tmp_path / "warm"
+    result = last_json(cli("train-tokenizer", "--init", out, "--feature-teacher", teacher, "--steps", "2",
+                           "--batch-size", "4", "--finetune-tail", "0", "--sample-every", "0", "--out", run, "--json"))
+    assert result["steps"] == 2
+    meta = json.loads((run / "sigma.json").read_text())
+    assert meta["stage"]["feature_teacher"] == str(teacher) and meta["stage"]["init_from"] == str(out)
+    assert json.loads((run / "config.json").read_text())["feature_dim"] == 128  # the teacher's feature width
+    assert all("feature" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    # a teacher that is not a classifier: one line
+    r = cli("train-tokenizer", "--feature-teacher", out, *TINY, "--steps", "1", "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "holds a tokenizer model, but this needs a classifier model" in r.stderr, r.stderr
 
 
 def test_video_and_image_folder_runs(cli, tmp_path):

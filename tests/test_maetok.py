@@ -92,3 +92,61 @@ def test_loss_falls_and_decoder_finetune_freezes_encoder():
     assert "hog" not in logs and "mask" not in logs
     assert all(p.grad is None for p in model.encoder_parameters())
     assert model.to_pixels.weight.grad is not None and model.to_pixels.weight.grad.abs().sum() > 0
+
+
+def test_feature_loss_reads_only_masked_patches_and_trains_the_feature_decoder():
+    model = tiny(feature_dim=8)
+    x = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    keep = model.random_keep(2, 0.5, g)
+    targets = torch.randn(2, 16, 8)
+    loss, logs = maetok_loss(model, model, x, keep, torch.Generator().manual_seed(1), feature_targets=targets)
+    assert 0 < logs["feature"] <= 2
+    loss.backward()
+    assert model.to_feature.weight.grad.abs().sum() > 0 and model.feature_pos.grad.abs().sum() > 0
+    # the targets of visible patches do not enter the loss
+    changed = targets.clone()
+    changed.scatter_(1, keep[..., None].expand(-1, -1, 8), 5.0)
+    _, logs2 = maetok_loss(model, model, x, keep, torch.Generator().manual_seed(1), feature_targets=changed)
+    assert logs2["feature"] == pytest.approx(logs["feature"], abs=1e-6)
+    # no feature decoder unless asked for: old tokenizer configs build the same modules as before
+    assert not any("feature" in name for name, _ in tiny().named_parameters())
+
+
+def test_teacher_targets_follow_patchify_order_and_average_tubelets():
+    from pipelines.evaluation.classifier import ShapesClassifier
+    from pipelines.maetok.teacher import FeatureTeacher
+
+    teacher = FeatureTeacher.__new__(FeatureTeacher)
+    teacher.net, teacher.dim = ShapesClassifier(image_size=16, width=8, feature_dim=8).eval(), 8
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1  # 4 frames, tubelet 2 -> grid (2, 4, 4)
+    out = teacher.targets(x, (2, 4, 4), tubelet=2)
+    assert out.shape == (2, 2 * 4 * 4, 8)
+    maps = torch.nn.functional.interpolate(teacher.net.feature_map(x[1:2, :, 2:4]), size=(4, 4), mode="bilinear")
+    t, h, w = 1, 2, 3  # clip 1, second tubelet (frames 2 and 3), patch row 2, column 3
+    assert torch.allclose(out[1, t * 16 + h * 4 + w], maps[:, :, h, w].mean(0), atol=1e-6)
+
+
+def test_linear_probe_finds_a_linear_class_code_and_not_noise():
+    from pipelines.data import make_dataset
+    from pipelines.maetok.trainer import linear_probe
+
+    train, heldout = (make_dataset("shapes", image_size=16, split=s) for s in ("train", "heldout"))
+
+    x_tr, y_tr = train.get_batch(torch.arange(300))
+    x_te, y_te = heldout.get_batch(torch.arange(200))
+    label_of = {img.numpy().tobytes(): int(y) for x, ys in ((x_tr, y_tr), (x_te, y_te)) for img, y in zip(x, ys)}
+
+    class Encoder:  # latents = a fixed random linear image of the one-hot class, plus noise (or noise alone)
+        def __init__(self, signal):
+            self.signal, self.mix = signal, torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+
+        def encode(self, x):
+            y = torch.tensor([label_of[img.numpy().tobytes()] for img in x])
+            z = self.signal * torch.nn.functional.one_hot(y, 6).float() @ self.mix
+            return (z + torch.randn(z.shape, generator=torch.Generator().manual_seed(len(y)))).view(-1, 8, 4), None
+
+    strong = linear_probe(Encoder(3.0), train, heldout, 300, 200, "cpu")
+    noise = linear_probe(Encoder(0.0), train, heldout, 300, 200, "cpu")
+    assert strong["probe_accuracy"] > 0.95 and noise["probe_accuracy"] < 0.4
+    assert strong["num_classes"] == 6 and strong["probe_num_train"] == 300

@@ -58,13 +58,17 @@ class ShapesClassifier(ModelMixin, ConfigMixin):
             raise ValueError(f"the classifier takes [B, 3, H, W] or [B, 3, T, H, W], got {tuple(x.shape)}")
         return x
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, (T,) H, W] in [-1, 1] -> [B*T, feature_dim]."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, (T,) H, W] in [-1, 1] -> the last block's map [B*T, feature_dim, image_size/8, image_size/8]."""
         x = self.frames(x).to(self.head.weight.dtype)
         size = self.config.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return self.body(x).mean((2, 3))  # global average pool
+        return self.body(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, (T,) H, W] in [-1, 1] -> [B*T, feature_dim]."""
+        return self.feature_map(x).mean((2, 3))  # global average pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, (T,) H, W] in [-1, 1] -> logits [B*T, num_classes]."""

@@ -7,7 +7,8 @@ visible patches), not replaced by a mask token as in the official MAETok code. I
 pixels [B,C,T,H,W] --tubelet patchify--> [B,N,P] --keep visible--> [B,Nv,D] + L latent tokens
   --encoder--> latent tokens --bottleneck--> z [B,L,c]
 z --project--> [B,L,D] + N mask tokens (one per patch, with position) --decoder--> [B,N,P] --> pixels
-auxiliary: a shallow decoder of the same form predicts HOG features of the masked patches.
+auxiliary: shallow decoders of the same form predict, for the masked patches, HOG features and (optionally)
+the features of a frozen teacher network (MAETok's DINOv2 / SigLIP targets; here any sigma classifier).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class MAETokOutput:
     z: torch.Tensor  # [B, L, c] latents (the sample, for a VAE)
     keep: torch.Tensor | None  # [B, Nv] indices of visible patches, None without masking
     hog_pred: torch.Tensor | None  # [B, N, D_hog]
+    feature_pred: torch.Tensor | None  # [B, N, feature_dim], with a teacher
     kl: torch.Tensor | None  # scalar, VAE only
 
 
@@ -77,6 +79,8 @@ class MAETok(ModelMixin, ConfigMixin):
         mask_max: float = 0.6,
         mask_mode: float = 0.6,
         mask_std: float = 0.25,
+        feature_dim: int = 0,  # width of the teacher features the auxiliary decoder predicts (0 = none)
+        feature_depth: int = 1,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -122,6 +126,13 @@ class MAETok(ModelMixin, ConfigMixin):
         self.hog_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
         self.hog_decoder = Stack(width, hog_depth, heads, mlp_ratio)
         self.to_hog = nn.Linear(width, self.hog_dim)
+
+        # auxiliary shallow teacher-feature decoder (training only), built only when a teacher is used
+        if feature_dim:
+            self.feature_from_latent = nn.Linear(latent_dim, width)
+            self.feature_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
+            self.feature_decoder = Stack(width, feature_depth, heads, mlp_ratio)
+            self.to_feature = nn.Linear(width, feature_dim)
         init_transformer(self)
         nn.init.zeros_(self.to_pixels.weight)  # start from a flat grey reconstruction, not noise
 
@@ -189,18 +200,29 @@ class MAETok(ModelMixin, ConfigMixin):
         return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values.to(self.latent_tokens.device)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False,
-                frozen_encoder: bool = False) -> MAETokOutput:
+                frozen_encoder: bool = False, with_features: bool = False) -> MAETokOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
             z, kl = self.encode(x, keep, generator, sample=self.training)
         recon = self.decode(z)
         hog_pred = None
         if with_hog:
             hog_pred = self.to_hog(self._decode_tokens(z, self.hog_from_latent, self.hog_pos, self.hog_decoder))
-        return MAETokOutput(recon=recon, z=z, keep=keep, hog_pred=hog_pred, kl=kl)
+        feature_pred = None
+        if with_features:
+            feature_pred = self.to_feature(self._decode_tokens(z, self.feature_from_latent, self.feature_pos,
+                                                               self.feature_decoder))
+        return MAETokOutput(recon=recon, z=z, keep=keep, hog_pred=hog_pred, kl=kl, feature_pred=feature_pred)
 
     def hog_targets(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, D_hog] HOG features per patch (same row-major token order as `patchify`)."""
         return hog_features(x, self.config.patch_size, self.config.tubelet)
+
+    def auxiliary_modules(self) -> list:
+        """The training-only decoders (HOG, teacher features): (name, modules, position parameter) each."""
+        aux = [("hog", (self.hog_from_latent, self.hog_decoder, self.to_hog), self.hog_pos)]
+        if self.config.feature_dim:
+            aux.append(("feature", (self.feature_from_latent, self.feature_decoder, self.to_feature), self.feature_pos))
+        return aux
 
     def encoder_parameters(self):
         """Parameters frozen during decoder fine-tuning (everything up to and including the bottleneck)."""
@@ -219,15 +241,20 @@ def masked_mean(err: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torc
 
 
 def maetok_loss(net, model: MAETok, x: torch.Tensor, keep: torch.Tensor | None, generator=None,
-                hog_weight: float = 1.0, kl_weight: float = 1e-6):
+                hog_weight: float = 1.0, kl_weight: float = 1e-6, feature_targets: torch.Tensor | None = None,
+                feature_weight: float = 1.0):
     """The training objective. `net` is the model or its DDP wrapper; `keep` [B, Nv] the visible patches,
     or None for decoder fine-tuning (no masking, encoder frozen). Returns (loss, logs).
 
     Pre-training: pixel MSE on all pixels + hog_weight x HOG MSE on the masked patches (+ kl_weight x KL
-    for the VAE). Decoder fine-tuning: pixel MSE only.
+    for the VAE) + feature_weight x (1 - cosine) between the predicted and the teacher's features
+    `feature_targets` [B, N, F] on the masked patches (MAETok's DINOv2 / SigLIP loss). Decoder fine-tuning:
+    pixel MSE only.
     """
     finetune = keep is None
-    out = net(x, keep, generator, with_hog=not finetune and hog_weight > 0, frozen_encoder=finetune)
+    with_features = not finetune and feature_targets is not None and feature_weight > 0
+    out = net(x, keep, generator, with_hog=not finetune and hog_weight > 0, frozen_encoder=finetune,
+              with_features=with_features)
     mse = F.mse_loss(out.recon.float(), x)
     loss, logs = mse, {"mse": mse.item()}
     if keep is not None:
@@ -237,6 +264,11 @@ def maetok_loss(net, model: MAETok, x: torch.Tensor, keep: torch.Tensor | None, 
         hog = masked_mean(err, keep, model.num_patches)
         loss = loss + hog_weight * hog
         logs["hog"] = hog.item()
+    if out.feature_pred is not None:
+        err = 1 - F.cosine_similarity(out.feature_pred.float(), feature_targets.float(), dim=-1)  # [B, N]
+        feature = masked_mean(err, keep, model.num_patches)
+        loss = loss + feature_weight * feature
+        logs["feature"] = feature.item()
     if out.kl is not None and not finetune:
         loss = loss + kl_weight * out.kl
         logs["kl"] = out.kl.item()

@@ -47,7 +47,9 @@ class TokenizerStage:
     finetune_tail: float = 0.0  # or only this last fraction of the steps (the default schedule's built-in stage)
     hog_weight: float = 1.0
     kl_weight: float = 1e-6
-    init_from: str | None = None  # the tokenizer folder a fine-tuning stage started from
+    init_from: str | None = None  # the tokenizer folder this run started from (decoder fine-tuning, or a warm start)
+    feature_teacher: str | None = None  # a classifier folder whose features the feature decoder predicts
+    feature_weight: float = 1.0
 
 
 class TokenizerTask:
@@ -67,27 +69,37 @@ class TokenizerTask:
             self.finetune_from = math.inf
         self.samples_per_step = batch_size
         self.picture_batch = heldout.get_batch(torch.arange(min(num_pictures, len(heldout))))[0]
+        self.teacher = None
+        if stage.feature_teacher and stage.feature_weight > 0 and not stage.finetune_decoder:
+            from pipelines.maetok.teacher import FeatureTeacher
+
+            self.teacher = FeatureTeacher(stage.feature_teacher, model.device)
 
     def trainable(self, model: MAETok):
         model.requires_grad_(True)
         if self.stage.finetune_decoder:
             for p in model.encoder_parameters():
                 p.requires_grad_(False)
-        if self.stage.finetune_decoder or self.stage.hog_weight == 0:  # the HOG decoder gets no gradient
-            for module in (model.hog_from_latent, model.hog_decoder, model.to_hog):
-                module.requires_grad_(False)
-            model.hog_pos.requires_grad_(False)
+        weights = {"hog": self.stage.hog_weight, "feature": self.stage.feature_weight if self.teacher else 0.0}
+        for name, modules, pos in model.auxiliary_modules():
+            if self.stage.finetune_decoder or weights[name] == 0:  # an auxiliary decoder that gets no gradient
+                for module in modules:
+                    module.requires_grad_(False)
+                pos.requires_grad_(False)
 
     def loss(self, net, model: MAETok, step: int, generator: torch.Generator, rank: int, world: int):
         # masks are drawn for the GLOBAL batch and sliced, so N ranks compute exactly what one process would
         indices = self.data.indices_for_step(step, self.batch_size, self.seed)
         x, _ = self.data.get_batch(indices[rank::world])
         x = x.to(model.device)
-        keep = None
+        keep = targets = None
         if step < self.finetune_from:
             ratio = model.sample_mask_ratio(generator)
             keep = model.random_keep(self.batch_size, ratio, generator)[rank::world]
-        return maetok_loss(net, model, x, keep, generator, self.stage.hog_weight, self.stage.kl_weight)
+            if self.teacher is not None:
+                targets = self.teacher.targets(x, model.grid, model.config.tubelet)
+        return maetok_loss(net, model, x, keep, generator, self.stage.hog_weight, self.stage.kl_weight,
+                           targets, self.stage.feature_weight)
 
     @torch.no_grad()
     def pictures(self, model: MAETok, step: int, run_dir: Path) -> Path:
@@ -127,3 +139,36 @@ def evaluate_reconstruction(model: MAETok, heldout, num: int, device) -> tuple[d
     p, s = psnr(recon, x), ssim(recon, x)
     metrics = {"psnr": p.mean().item(), "ssim": s.mean().item(), "psnr_min": p.min().item(), "num": num}
     return metrics, x, recon
+
+
+def linear_probe(model: MAETok, train, heldout, num_train: int, num_heldout: int, device, steps: int = 200) -> dict:
+    """How linearly the latents carry the class (MAETok's argument: a discriminative latent space is easier for a
+    diffusion model to learn). A multinomial logistic regression on the flattened, standardised latents of
+    `num_train` training samples (L-BFGS, a small L2 penalty), scored on `num_heldout` held-out samples."""
+    def latents(ds, num):
+        num = min(num, len(ds))
+        x, y = ds.get_batch(torch.arange(num))
+        with torch.no_grad():
+            z = torch.cat([model.encode(c.to(device))[0].flatten(1).float().cpu() for c in x.split(256)])
+        return z, y
+
+    z_train, y_train = latents(train, num_train)
+    z_test, y_test = latents(heldout, num_heldout)
+    mean, std = z_train.mean(0), z_train.std(0) + 1e-6
+    z_train, z_test = (z_train - mean) / std, (z_test - mean) / std
+    probe = torch.nn.Linear(z_train.shape[1], train.num_classes)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(z_train), y_train) + 1e-3 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        accuracy = (probe(z_test).argmax(-1) == y_test).float().mean().item()
+        train_accuracy = (probe(z_train).argmax(-1) == y_train).float().mean().item()
+    return {"probe_accuracy": accuracy, "probe_train_accuracy": train_accuracy, "probe_num_train": len(y_train),
+            "probe_num_heldout": len(y_test), "num_classes": train.num_classes}
