@@ -42,6 +42,9 @@ def train_imm(
     kq_every: Annotated[int, typer.Option(help="MTA: key-query convolutions (6x11) in every N-th block (0 = none; head mixing runs in all).")] = 4,
     top_n: Annotated[int, typer.Option(help="NSA: KV cubes each query cube selects beyond its forced neighbourhood.")] = 2,
     radius: Annotated[str, typer.Option(help="NSA: forced neighbourhood TxHxW in cubes (0x0x0 = the query's own cube).")] = "0x0x0",
+    align_teacher: Annotated[Optional[Path], typer.Option(help="A classifier folder (sigma train-classifier) whose pooled features of the clean image an auxiliary head predicts from early tokens (REPA).")] = None,
+    align_weight: Annotated[float, typer.Option(help="Weight of the --align-teacher loss (1 - cosine); 0.1 balances IMM's small loss.")] = 0.1,
+    align_depth: Annotated[int, typer.Option(help="The --align-teacher head reads the tokens after this many blocks.")] = 2,
     width: Annotated[Optional[int], typer.Option(help="Transformer width (default: the preset's).")] = None,
     depth: Annotated[Optional[int], typer.Option(help="Transformer blocks (default: the preset's).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Attention heads (default: the preset's).")] = None,
@@ -120,6 +123,12 @@ def train_imm(
             raise SigmaError(f"--latent-norm must be token or channel, not {latent_norm!r}")
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          sample_steps=sample_steps, cfg_scale=cfg_scale)
+        align_dim = 0
+        if align_teacher is not None:
+            teacher = load_model(align_teacher, "classifier")  # one line if it is not a classifier folder
+            if align_weight <= 0:
+                raise SigmaError(f"--align-weight must be > 0, not {align_weight}")
+            stage.align_teacher, stage.align_weight, align_dim = str(align_teacher), align_weight, teacher.config.feature_dim
         tok = None
         if space == "latent":
             tok_dir = tokenizer or default_tokenizer()
@@ -145,6 +154,8 @@ def train_imm(
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
         if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
             raise SigmaError(f"--width {arch['width']} must split into --heads {arch['heads']} heads of even size")
+        if align_dim and not 1 <= align_depth <= arch["depth"]:
+            raise SigmaError(f"--align-depth must be between 1 and --depth {arch['depth']}, not {align_depth}")
         attn_config = None
         if attn == "nsa":
             if top_n < 0:
@@ -156,7 +167,7 @@ def train_imm(
             attn_config = {"kq_every": kq_every}
         common = dict(arch, num_classes=train_set.num_classes, class_names=list(train_set.class_names),
                       second_time=second_time, attn=attn, attn_config=attn_config, image_size=image_size,
-                      frames=frames, data_std=sched.sigma_d)
+                      frames=frames, data_std=sched.sigma_d, align_dim=align_dim, align_depth=align_depth)
         if second_time not in ("stride", "s"):
             raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
         if space == "latent":

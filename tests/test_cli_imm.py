@@ -1,5 +1,6 @@
 """`sigma train-imm`, `sigma sample`, `sigma eval` end to end at tiny sizes, and their bad inputs."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -72,6 +73,24 @@ def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
                   *TINY_DIT, "--steps", "2", "--out", tmp_path / "clip", "--json"))
     s = last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--out", tmp_path / "clip.png", "--json"))
     assert s["picture"].endswith(".gif") and Image.open(s["picture"]).n_frames == 4
+
+
+def test_align_teacher_adds_the_repa_loss(runs, cli, tmp_path):
+    root, _ = runs
+    teacher = tmp_path / "teacher"
+    last_json(cli("train-classifier", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--out", teacher, "--json"))
+    last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--align-teacher", teacher,
+                  "--align-depth", "1", "--out", tmp_path / "a", "--json"))
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["align"] <= 2 for m in logged)
+    assert json.loads((tmp_path / "a" / "transformer" / "config.json").read_text())["align_dim"] == 128
+    s = last_json(cli("sample", "--model", tmp_path / "a", "--num", "2", "--out", tmp_path / "a.png", "--json"))
+    assert Path(s["picture"]).exists()
+    for args, message in (((teacher.parent / "nope",), "does not exist"), ((root / "tok",), "needs a classifier model"),
+                          ((teacher, "--align-depth", "5"), "--align-depth must be between 1 and --depth 1")):
+        r = cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "1", "--align-teacher", *args,
+                "--out", tmp_path / "bad")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):

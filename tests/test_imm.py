@@ -263,3 +263,33 @@ def test_per_token_latent_statistics_normalise_each_token():
     assert torch.allclose(model.latents_from_tokens(tokens), z, atol=1e-5)
     channel_mean, _ = latent_statistics(Tok(), Data(), 2048, "cpu", batch_size=512)
     assert torch.tensor(channel_mean).shape == (4,)
+
+
+def test_alignment_head_reads_early_tokens_only_in_training():
+    """REPA: the align head's output exists after a training forward with gradients, is a function of the first
+    `align_depth` blocks only, and the loss is 0 exactly when it points along the teacher's features."""
+    from pipelines.evaluation.classifier import ShapesClassifier
+    from pipelines.imm.trainer import alignment_loss
+
+    model = tiny_dit(align_dim=16, align_depth=1)
+    x, t, labels = torch.randn(4, 16, 48), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    model.train()
+    model(x, t, t * 0.5, labels)
+    pred = model.alignment
+    assert pred.shape == (4, 16) and pred.requires_grad
+    model.alignment = None
+    with torch.no_grad():  # the stop-gradient target's forward and sampling leave it alone
+        model(x, t, t * 0.5, labels)
+    assert model.alignment is None
+    model.blocks[1].ada[1].weight.data.add_(1.0)  # a block after align_depth does not change it
+    model(x, t, t * 0.5, labels)
+    assert torch.allclose(model.alignment, pred)
+
+    teacher = ShapesClassifier(image_size=16, width=8, feature_dim=16).eval()
+    pixels = torch.rand(4, 3, 1, 16, 16) * 2 - 1
+    target = teacher.features(pixels).detach()
+    assert alignment_loss(3.0 * target, teacher, pixels).abs() < 1e-6  # cosine ignores the scale
+    assert alignment_loss(pred, teacher, pixels) > 0.01
+    clips = torch.rand(2, 3, 4, 16, 16) * 2 - 1  # clips: the frames' features are averaged
+    clip_target = teacher.features(clips).detach().view(2, 4, 16).mean(1)
+    assert alignment_loss(clip_target, teacher, clips).abs() < 1e-6

@@ -74,6 +74,8 @@ class DiT(ModelMixin, ConfigMixin):
         attn: str = "dense",
         class_init_std: float = 0.02,  # initial scale of the class embedding (beside the O(1) time embeddings)
         attn_config: dict | None = None,  # options of the attention kind, e.g. nsa: {"top_n": 2, "radius": [0, 1, 1]}, mta: {"kq_every": 4}
+        align_dim: int = 0,  # > 0: a head that predicts a frozen teacher's image features (REPA), training only
+        align_depth: int = 2,  # ... from the tokens after this many blocks
     ):
         super().__init__()
         if space not in ("latent", "pixels"):
@@ -109,6 +111,11 @@ class DiT(ModelMixin, ConfigMixin):
             Block(width, heads, mlp_ratio, attn=attn, cond_dim=width, layout=layout, attn_config=attn_config, layer=i)
             for i in range(depth)
         )
+        if align_dim > 0:
+            if not 1 <= align_depth <= depth:
+                raise ValueError(f"align_depth must be in [1, {depth}], not {align_depth}")
+            self.align_head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, align_dim))
+        self.alignment = None  # the align head's last output in a training forward with gradients (the trainer reads it)
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
@@ -128,8 +135,12 @@ class DiT(ModelMixin, ConfigMixin):
         cond = self.t_embed(1000 * t) + self.s_embed(1000 * second) + self.class_embed(class_labels)  # [B, D]
         h = self.embed(x) + self.pos  # [B, N, D]
         rope = (self.rope_cos, self.rope_sin)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(h, rope, cond)
+            if i + 1 == self.config.align_depth and self.config.align_dim and self.training and torch.is_grad_enabled():
+                # REPA (Yu et al., 2024): early tokens of the noisy input predict the clean image's teacher features,
+                # which makes the network learn semantics (here: the class's shape) sooner
+                self.alignment = self.align_head(h.mean(1))  # [B, align_dim]
         shift, scale = self.final_ada(cond)[:, None].chunk(2, dim=-1)
         return self.out(self.final_norm(h) * (1 + scale) + shift)  # [B, N, c]
 

@@ -31,6 +31,8 @@ class IMMStage:
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel)
+    align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
+    align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
 
 
 def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False) -> tuple[list, list]:
@@ -50,6 +52,16 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
     return z.mean(0).tolist(), z.std(0).clamp_min(1e-6).tolist()
 
 
+def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
+    """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
+    features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        target = teacher.features(x).float().view(x.shape[0], x.shape[2], -1).mean(1)  # [B, F]
+    return 1 - F.cosine_similarity(pred.float(), target, dim=-1).mean()
+
+
 class IMMTask:
     kind = "imm"
     model_subfolder = "transformer"  # the run folder is a diffusers pipeline folder
@@ -64,6 +76,11 @@ class IMMTask:
         self.group = stage.group_size if stage.objective == "imm" else 1
         if tokenizer is not None:
             tokenizer.requires_grad_(False).eval()
+        self.teacher = None
+        if stage.align_teacher and stage.align_weight > 0:
+            from checkpoints.io import load_model
+
+            self.teacher = load_model(stage.align_teacher, "classifier", model.device).requires_grad_(False).eval()
 
     def trainable(self, model):
         model.requires_grad_(True)
@@ -95,9 +112,16 @@ class IMMTask:
         draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
         mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k != "noise"}
         mine["noise"] = draws["noise"][rank * b : (rank + 1) * b]
+        model.alignment = None
         if self.stage.objective == "imm":
-            return imm_loss(net, model, self.schedule, tokens, labels, mine, M)
-        return flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
+            loss, logs = imm_loss(net, model, self.schedule, tokens, labels, mine, M)
+        else:
+            loss, logs = flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
+        if self.teacher is not None:
+            align = alignment_loss(model.alignment, self.teacher, x)
+            model.alignment = None  # do not keep the step's graph alive on the module
+            loss, logs = loss + self.stage.align_weight * align, {**logs, "align": align.item()}
+        return loss, logs
 
     @torch.no_grad()
     def pictures(self, model: DiT, step: int, run_dir: Path) -> Path:
