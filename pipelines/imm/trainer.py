@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pipelines.imm.model import DiT
 from pipelines.imm.objective import class_groups, draw_global, flow_matching_loss, imm_loss
@@ -55,8 +56,6 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
     """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
     features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
-    import torch.nn.functional as F
-
     with torch.no_grad():
         target = teacher.features(x).float().view(x.shape[0], x.shape[2], -1).mean(1)  # [B, F]
     return 1 - F.cosine_similarity(pred.float(), target, dim=-1).mean()
