@@ -26,6 +26,9 @@ from checkpoints.io import RUN_META, atomic_write_text, checkpoint_dir, load_tra
 from pipelines.errors import SigmaError
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -44,7 +47,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16" (autocast on either)
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block, then the root) instead of DDP
     compile: bool = False  # torch.compile the network (backend: $SIGMA_COMPILE_BACKEND, default inductor)
 
@@ -210,6 +213,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         raise SigmaError("--steps and --batch-size must be at least 1")
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.precision not in PRECISIONS:
+        raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     model = task.model.to(device)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, PrecisionOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -28,6 +28,7 @@ def train_classifier(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -71,6 +72,7 @@ def train_classifier(
                                  class_names=list(train_set.class_names))
     task = ClassifierTask(model, train_set, cfg.batch_size, cfg.seed, data_spec=data)
     cfg.fsdp, cfg.compile = fsdp, compile_
+    cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     if result["rank"] == 0:

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,6 +17,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, masks, sampling).")]
 FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast; also fast on CPUs with AVX512-BF16 or AMX). Default: auto, or the run's own on --resume.")]
 
 
 def fail(message: str, code: int = 1):

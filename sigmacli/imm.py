@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit, parse_grid
+from sigmacli.common import CompileOpt, PrecisionOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit, parse_grid
 from sigmacli.tokenizer import DataOpt
 
 
@@ -60,6 +60,7 @@ def train_imm(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -197,6 +198,7 @@ def train_imm(
             IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data)
     cfg.fsdp, cfg.compile = fsdp, compile_
+    cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, PrecisionOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
 
 
 @app.command("train-lm")
@@ -40,6 +40,7 @@ def train_lm(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
+    precision: PrecisionOpt = None,
     preset: Annotated[str, typer.Option(help="Size preset: tiny.")] = "tiny",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -114,6 +115,7 @@ def train_lm(
     corpus = ByteCorpus(data, model.config.context)
     task = LMTask(model, corpus, stage, cfg.batch_size, data, cfg)
     cfg.fsdp, cfg.compile = fsdp, compile_
+    cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     if result["rank"] == 0:
         result.update(evaluate(model.eval(), corpus))

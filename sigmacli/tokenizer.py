@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, PrecisionOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
@@ -39,6 +39,7 @@ def train_tokenizer(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -115,6 +116,7 @@ def train_tokenizer(
     if 0 < task.finetune_from < cfg.steps:  # decoder fine-tuning is a stage of its own: fresh warm-up + cosine
         cfg.restart_at = task.finetune_from
     cfg.fsdp, cfg.compile = fsdp, compile_
+    cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     emit(result, as_json, [

@@ -63,6 +63,17 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
     assert json.loads((tmp_path / "r" / "sigma.json").read_text())["step"] == 4
 
 
+def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_path):
+    root, _ = runs
+    r = last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--precision", "bf16",
+                      "--out", tmp_path / "b", "--json"))
+    assert r["final_loss"] == r["final_loss"] and r["final_loss"] > 0  # finite
+    meta = lambda: json.loads((tmp_path / "b" / "sigma.json").read_text())  # noqa: E731
+    assert meta()["train"]["precision"] == "bf16"
+    last_json(cli("train-imm", "--resume", "--steps", "3", "--out", tmp_path / "b", "--json"))
+    assert meta()["train"]["precision"] == "bf16" and meta()["step"] == 3
+
+
 def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--steps", "2",
                       "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
@@ -105,6 +116,8 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--batch-size", "6", "--steps", "1", "--out", tmp_path / "z"), "divisible"),
         (("train-imm", "--tokenizer", root / "imm", "--steps", "1", "--out", tmp_path / "w"), "holds an imm model"),
         (("train-imm", "--tokenizer", root / "tok", "--steps", "0", "--out", tmp_path / "v"), "at least 1"),
+        (("train-imm", "--tokenizer", root / "tok", "--precision", "fp64", "--steps", "1", "--out", tmp_path / "t"),
+         "--precision must be one of auto, fp32, bf16"),
         (("train-imm", "--tokenizer", root / "tok", "--data", "moving-shapes", "--frames", "8", "--out", tmp_path / "u"),
          "encodes 1-frame 16px data"),
     ]

@@ -227,3 +227,20 @@ def test_finetune_tail_freezes_the_encoder_and_stops_masking(tmp_path):
     assert not torch.equal(enc[3], enc[4])  # step 3 (masked pre-training) moved the encoder
     assert all(torch.equal(enc[4], e) for e in enc[5:])  # the tail (steps 4-7) did not
     assert not torch.equal(dec[7], dec[8])  # but trained the decoder
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast():
+    """`--precision bf16` on the CPU: the matmuls run in bf16 but SDPA in fp32 (its bf16 backward is 2-4x
+    slower there), so the output equals fp32 attention on the bf16 inputs, rounded once; gradients flow."""
+    import torch.nn.functional as F
+
+    from pipelines.nn.layers import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = sdpa(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16())
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))

@@ -20,7 +20,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from kernels.moe import moe_ffn
-from pipelines.nn.layers import RMSNorm, apply_rope
+from pipelines.nn.layers import RMSNorm, apply_rope, sdpa
 
 LM_ATTN_KINDS = ("dense", "nsa", "mta", "dsa")
 
@@ -139,7 +139,7 @@ class Attention(nn.Module):
             causal = k.shape[2] == T
             if not causal and T != 1:
                 raise ValueError("the KV cache takes one new token at a time after the prompt")
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=Hkv != H)
+            o = sdpa(q, k, v, is_causal=causal and T > 1, enable_gqa=Hkv != H)
         return self.proj(o.transpose(1, 2).reshape(B, T, D))
 
 

@@ -32,6 +32,17 @@ def rope_3d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> t
     return angle.cos(), angle.sin()
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, in fp32 on the CPU: there, under bf16 autocast (`--precision bf16`), the
+    flash kernel's backward is 2-4x slower in bf16 than in fp32 (torch 2.14, measured in BENCHMARKS.md), and at
+    these head sizes attention is a small share of the FLOPs, so fp32 costs nothing and keeps the bf16 gain of
+    the matmuls."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the fp32 inputs back down
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x: [B, H, N, K] by tables [N, K/2] or [B, N, K/2] (per-sample positions, e.g. after masking)."""
     if cos.dim() == 3:  # per-sample tables: broadcast over heads
@@ -95,7 +106,7 @@ class Attention(nn.Module):
         if self.op_layer is not None:
             o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous())
         else:
-            o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, K]
+            o = sdpa(q, k, v)  # [B, H, N, K]
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
