@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, PrecisionOpt, DeviceOpt, FsdpOpt, JsonOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, command, emit
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
