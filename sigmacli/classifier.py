@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -34,6 +34,7 @@ def train_classifier(
     as_json: JsonOpt = False,
 ):
     """Train the shapes classifier used by `sigma eval`; print its held-out accuracy."""
+    check_precision(precision)
     import torch
 
     from checkpoints.io import CONFIG, RUN_META, read_json

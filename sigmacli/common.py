@@ -46,6 +46,15 @@ def command(fn):
     return wrapper
 
 
+def check_precision(precision: str | None):
+    """Reject a bad --precision before a command makes its run folder (train() checks it again for API users)."""
+    from pipelines.errors import SigmaError
+    from pipelines.train import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
 def emit(result: dict, as_json: bool, lines: list[str]):
     """Print results: one JSON object on stdout with --json, else readable lines. Rank 0 only."""
     if not is_main_rank():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, command, emit, parse_grid
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit, parse_grid
 from sigmacli.tokenizer import DataOpt
 
 
@@ -66,6 +66,7 @@ def train_imm(
     as_json: JsonOpt = False,
 ):
     """Train a class-conditional diffusion transformer with Inductive Moment Matching (1-8 step sampling)."""
+    check_precision(precision)
     import math
     import os
 

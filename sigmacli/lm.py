@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
 
 
 @app.command("train-lm")
@@ -47,6 +47,7 @@ def train_lm(
     as_json: JsonOpt = False,
 ):
     """Train the byte-level DeepSeekMoE language model (through the shared loop: checkpoints, resume, torchrun)."""
+    check_precision(precision)
     import torch
 
     from checkpoints.io import load_model, read_json

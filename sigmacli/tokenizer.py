@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
@@ -45,6 +45,7 @@ def train_tokenizer(
     as_json: JsonOpt = False,
 ):
     """Train a MAETok tokenizer (masked ViT autoencoder with 1D latent tokens) on images or clips."""
+    check_precision(precision)
     import torch
 
     from checkpoints.io import CONFIG, RUN_META, load_model, read_json

@@ -125,6 +125,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         r = cli(*args)
         assert r.exit_code == 1, (args, r.stdout)
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not (tmp_path / "t").exists()  # a bad --precision is caught before the run folder is made
 
 
 def test_shipped_model_samples_with_no_options(cli, tmp_path, monkeypatch):

@@ -244,3 +244,15 @@ def test_attention_runs_in_fp32_under_cpu_bf16_autocast():
     assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16())
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_nsa_sliding_window_runs_in_fp32_under_cpu_bf16_autocast():
+    """The causal NSA's window branch on the CPU goes through the same fp32 helper as dense attention."""
+    from kernels.nsa.cpu import causal_window
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = causal_window(q, k, v, window=5, chunk=8)
+    ref = causal_window(q.float(), k.float(), v.float(), window=5, chunk=8).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)

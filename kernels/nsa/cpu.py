@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import sdpa
+
 TILE_BYTES = 1 << 20  # fp32 score tile per step: small enough to stay in cache (4x faster than big chunks here)
 
 
@@ -193,5 +195,5 @@ def causal_window(q, k, v, window: int, chunk: int = 256):
         t = torch.arange(t0, t1, device=q.device)[:, None]
         j = torch.arange(k0, t1, device=q.device)[None, :]
         mask = (j <= t) & (t - j < window)
-        out.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, t0:t1], kr[:, :, k0:t1], vr[:, :, k0:t1], attn_mask=mask))
+        out.append(sdpa(q[:, :, t0:t1], kr[:, :, k0:t1], vr[:, :, k0:t1], attn_mask=mask))  # fp32 under CPU bf16
     return torch.cat(out, 2)

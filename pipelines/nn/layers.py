@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.common import sdpa  # noqa: F401  (re-exported: the models call layers.sdpa)
+
 ATTN_KINDS = ("dense", "nsa", "mta")  # kernels/ ops; the models only pass the kind, layout and options
 
 
@@ -30,17 +32,6 @@ def rope_3d(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> t
         angles.append(positions[..., axis : axis + 1].float() * freqs)  # [..., N, n]
     angle = torch.cat(angles, dim=-1)  # [..., N, pairs]
     return angle.cos(), angle.sin()
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention, in fp32 on the CPU: there, under bf16 autocast (`--precision bf16`), the
-    flash kernel's backward is 2-4x slower in bf16 than in fp32 (torch 2.14, measured in BENCHMARKS.md), and at
-    these head sizes attention is a small share of the FLOPs, so fp32 costs nothing and keeps the bf16 gain of
-    the matmuls."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the fp32 inputs back down
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
