@@ -242,6 +242,23 @@ def test_class_groups_share_one_label():
     assert group_labels.tolist() == [0, 0, 1, 2, 2, 3]  # leftovers (one 0, one 1) form a null-class group
 
 
+def test_label_dropout_counts_the_leftover_groups():
+    from pipelines.imm.objective import class_groups, unconditional_groups
+
+    gen = torch.Generator().manual_seed(0)
+    null, total, groups = 6, 0.0, 0
+    for _ in range(400):  # 64-sample batches of 6 classes in groups of 4, as the tiny preset trains
+        labels = torch.randint(0, 6, (64,), generator=gen)
+        _, group_labels = class_groups(labels, 4, null)
+        drop = unconditional_groups(torch.rand(16, generator=gen), group_labels, null, 0.25)
+        assert not (drop & (group_labels == null)).any()  # only class groups are dropped
+        total += float(((group_labels == null) | drop).sum())
+        groups += 16
+    assert abs(total / groups - 0.25) < 0.02  # leftovers alone are ~14 %; without the correction ~35 %
+    few = torch.tensor([0, 1, 2, 6, 6, 6])  # more leftovers than the dropout asks for: drop no class group
+    assert not unconditional_groups(torch.zeros(6), few, 6, 0.1).any()
+
+
 def test_per_token_latent_statistics_normalise_each_token():
     from pipelines.imm.trainer import latent_statistics
 

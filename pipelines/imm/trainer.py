@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.imm.model import DiT
-from pipelines.imm.objective import class_groups, draw_global, flow_matching_loss, imm_loss
+from pipelines.imm.objective import class_groups, draw_global, flow_matching_loss, imm_loss, unconditional_groups
 from pipelines.imm.schedule import IMMSchedule
 
 # schedules per preset (model sizes in model.PRESETS); tiny is tuned for latents of 32x32 shapes on a 2-core CPU
@@ -26,7 +26,7 @@ class IMMStage:
 
     objective: str = "imm"  # "imm" | "flow-matching" (the baseline: same network, velocity loss, Euler sampler)
     group_size: int = 4  # M particles per (s, r, t) group
-    label_dropout: float = 0.1  # whole groups get the null class (classifier-free guidance)
+    label_dropout: float = 0.1  # fraction of groups with the null class (guidance); IMM counts class_groups' leftovers in it
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float = 1.5
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
@@ -109,7 +109,9 @@ class IMMTask:
         x, labels = x.to(model.device), labels.to(model.device)
         tokens = self.to_tokens(model, x)
         draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
-        mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k != "noise"}
+        if self.stage.objective == "imm":
+            draws["drop"] = unconditional_groups(draws["u"], group_labels, model.null_class, self.stage.label_dropout)
+        mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k not in ("noise", "u")}
         mine["noise"] = draws["noise"][rank * b : (rank + 1) * b]
         model.alignment = None
         if self.stage.objective == "imm":
