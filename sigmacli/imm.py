@@ -33,6 +33,7 @@ def train_imm(
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance).")] = 0.1,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel).")] = "channel",
+    cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Encode a finite data set once instead of every step. Default: when the run passes over the data at least twice and the latents fit in 2 GiB.")] = None,
     schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
     parameterization: Annotated[str, typer.Option(help="euler_fm | simple_edm")] = "euler_fm",
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
@@ -79,7 +80,8 @@ def train_imm(
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
     from pipelines.imm.scheduler import IMMScheduler
-    from pipelines.imm.trainer import OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, latent_statistics
+    from pipelines.imm.trainer import (OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
+                                       should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, resolve_device, train
 
@@ -124,7 +126,7 @@ def train_imm(
         if latent_norm not in ("token", "channel"):
             raise SigmaError(f"--latent-norm must be token or channel, not {latent_norm!r}")
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
-                         sample_steps=sample_steps, cfg_scale=cfg_scale)
+                         sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents)
         align_dim = 0
         if align_teacher is not None:
             teacher = load_model(align_teacher, "classifier")  # one line if it is not a classifier folder
@@ -152,6 +154,7 @@ def train_imm(
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
     dev = resolve_device(cfg.device)
+    use_cache = should_cache_latents(stage.cache_latents, train_set, tok, cfg.steps, cfg.batch_size)
     if not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
         if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
@@ -197,12 +200,16 @@ def train_imm(
                 raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
             sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
             IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
-    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data)
+    latents = None
+    if use_cache:  # every rank encodes the whole set: simple, and cheap next to the training it saves
+        latents = encode_dataset(tok.to(dev), train_set, dev, show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
+    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective
+    result["latents_cached"] = use_cache
     emit(result, as_json, [
         f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4g}",

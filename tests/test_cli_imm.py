@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 TINY_DIT = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--sample-every", "0",
@@ -141,3 +142,26 @@ def test_eval_reports_fd_floor_and_accuracy(runs, cli):
 
     r = last_json(cli("eval", "--model", root / "imm", "--num", "12", "--classifier", SHIPPED["classifier"], "--json"))
     assert r["fd"] > 0 and r["fd_real_floor"] >= 0 and 0 <= r["class_accuracy"] <= 1 and r["reference"] == 12
+
+
+def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
+    """A finite set is encoded once (`--cache-latents`, automatic when the run sees it twice): the loss
+    matches per-step encoding; an endless set cannot be cached."""
+    import numpy as np
+
+    from pipelines.data import make_dataset
+
+    root, _ = runs
+    x, y = make_dataset("shapes", image_size=16).get_batch(torch.arange(24))
+    for i, (img, label) in enumerate(zip(x, y.tolist())):
+        (tmp_path / "pics" / f"c{label % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = ((img[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / "pics" / f"c{label % 2}" / f"{i}.png")
+    common = ("train-imm", "--tokenizer", root / "tok", "--data", tmp_path / "pics", *TINY_DIT, "--steps", "6", "--json")
+    auto = last_json(cli(*common, "--out", tmp_path / "auto"))
+    off = last_json(cli(*common, "--no-cache-latents", "--out", tmp_path / "off"))
+    assert auto["latents_cached"] and not off["latents_cached"]
+    assert auto["final_loss"] == pytest.approx(off["final_loss"], rel=1e-5)
+    r = cli("train-imm", "--tokenizer", root / "tok", "--cache-latents", "--steps", "1", "--out", tmp_path / "endless")
+    assert r.exit_code == 1 and "needs a finite data set" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "endless").exists()

@@ -34,6 +34,10 @@ class IMMStage:
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel)
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
+    cache_latents: bool | None = None  # encode a finite data set once (None: when the run sees it twice and it fits)
+
+
+CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 on the host)
 
 
 def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False) -> tuple[list, list]:
@@ -43,6 +47,7 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
     median 0.56 of the channel's, so per-channel scaling hands the generator data off the zero-mean, sigma_d
     std that its parameterisation assumes; per-token statistics fix that (BENCHMARKS.md: a small gain)."""
     zs = []
+    num = min(num, len(data))  # a folder may hold fewer items than the statistics would like
     with torch.no_grad():
         for start in range(0, num, batch_size):
             x, _ = data.get_batch(torch.arange(start, min(num, start + batch_size)))
@@ -51,6 +56,48 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
     if not per_token:
         z = z.flatten(0, 1)  # [B*L, c]
     return z.mean(0).tolist(), z.std(0).clamp_min(1e-6).tolist()
+
+
+def should_cache_latents(choice: bool | None, data, tokenizer, steps: int, batch_size: int) -> bool:
+    """Whether to encode the training set once (`encode_dataset`) instead of every step. None = automatic: a
+    finite data set that the run passes over at least twice and whose latents fit in CACHE_LIMIT_BYTES.
+    Forcing it on for an endless (procedural) set or an oversized one is a SigmaError."""
+    from pipelines.errors import SigmaError
+
+    if choice is False or (choice is None and tokenizer is None):
+        return False
+    if tokenizer is None:
+        raise SigmaError("--cache-latents is for latent space (pixels need no encoding)")
+    n = len(data)
+    size = n * tokenizer.config.num_latents * tokenizer.config.latent_dim * 4
+    endless = n >= 2**31 - 1
+    if choice is None:
+        return not endless and size <= CACHE_LIMIT_BYTES and steps * batch_size >= 2 * n
+    if endless:
+        raise SigmaError(f"--cache-latents needs a finite data set (an image or video folder, a torchvision set), not {data.name}")
+    if size > CACHE_LIMIT_BYTES:
+        raise SigmaError(f"--cache-latents: {n} items would take {size / 2**30:.1f} GiB of latents (at most "
+                         f"{CACHE_LIMIT_BYTES / 2**30:.0f}); pass --no-cache-latents")
+    return True
+
+
+def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress: bool = True) -> torch.Tensor:
+    """The frozen tokenizer's latents of every training item, z: fp32 [N, L, c] on the host, encoded once in a
+    fixed order and fixed batches, so a resumed run rebuilds the very same numbers. The tokenizer encodes
+    deterministically (the VAE mean, no masking), so a cached latent is what a step would compute, without
+    the encoder's ~20-25 % of a CPU training step (BENCHMARKS.md)."""
+    from rich.progress import track
+
+    n = len(data)
+    out = torch.empty(n, tokenizer.config.num_latents, tokenizer.config.latent_dim)
+    starts = range(0, n, batch_size)
+    if show_progress:
+        starts = track(starts, description="encoding the data set once", transient=True)
+    with torch.no_grad():
+        for start in starts:
+            x, _ = data.get_batch(torch.arange(start, min(n, start + batch_size)))
+            out[start : start + x.shape[0]] = tokenizer.encode(x.to(device))[0].float().cpu()
+    return out
 
 
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
@@ -66,11 +113,12 @@ class IMMTask:
     model_subfolder = "transformer"  # the run folder is a diffusers pipeline folder
 
     def __init__(self, model: DiT, schedule: IMMSchedule, stage: IMMStage, data, heldout, tokenizer, batch_size: int,
-                 seed: int, data_spec: str):
+                 seed: int, data_spec: str, latents: torch.Tensor | None = None):
         if stage.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {stage.objective!r}")
         self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
         self.tokenizer, self.batch_size, self.seed, self.data_spec = tokenizer, batch_size, seed, data_spec
+        self.latents = latents  # [N, L, c] from `encode_dataset`, or None: encode each batch
         self.samples_per_step = batch_size
         self.group = stage.group_size if stage.objective == "imm" else 1
         if tokenizer is not None:
@@ -103,11 +151,19 @@ class IMMTask:
             indices = indices[order]
             labels = group_labels[rank * g : (rank + 1) * g].repeat_interleave(M)
         indices = indices[rank * b : (rank + 1) * b]  # a contiguous share of the groups
-        x, data_labels = self.data.get_batch(indices)
+        cached = self.latents is not None
+        if cached and self.teacher is None:  # no pixels needed at all
+            x, data_labels = None, self.data.labels_of(indices)
+        else:
+            x, data_labels = self.data.get_batch(indices)
+            x = x.to(model.device)
         if self.stage.objective != "imm":
             labels = data_labels
-        x, labels = x.to(model.device), labels.to(model.device)
-        tokens = self.to_tokens(model, x)
+        labels = labels.to(model.device)
+        if cached:
+            tokens = model.tokens_from_latents(self.latents[indices].to(model.device))
+        else:
+            tokens = self.to_tokens(model, x)
         draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
         if self.stage.objective == "imm":
             draws["drop"] = unconditional_groups(draws["u"], group_labels, model.null_class, self.stage.label_dropout)
