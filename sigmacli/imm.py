@@ -31,9 +31,9 @@ def train_imm(
     cube: Annotated[Optional[str], typer.Option(help="Token cube TxHxW for cube-major order (--space pixels; default: largest <= 4 per axis).")] = None,
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
-    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance).")] = 0.1,
+    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM: at least this; the groups left over when a batch is split into one-class groups are null too.")] = 0.1,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel).")] = "channel",
-    cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Encode a finite data set once instead of every step. Default: when the run passes over the data at least twice and the latents fit in 2 GiB.")] = None,
+    cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Encode a finite data set once instead of every step. Default: when the run passes over the data at least twice and the latents fit in 2 GiB (per process); decided at the start and kept on --resume unless given again.")] = None,
     schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
     parameterization: Annotated[str, typer.Option(help="euler_fm | simple_edm")] = "euler_fm",
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
@@ -154,7 +154,10 @@ def train_imm(
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
     dev = resolve_device(cfg.device)
-    use_cache = should_cache_latents(stage.cache_latents, train_set, tok, cfg.steps, cfg.batch_size)
+    if resume and cache_latents is not None:  # the one data-path choice a resumed run may change (e.g. memory)
+        stage.cache_latents = cache_latents
+    # decided once and saved with the run, so a resume with more --steps does not switch paths mid-run
+    stage.cache_latents = should_cache_latents(stage.cache_latents, train_set, tok, cfg.steps, cfg.batch_size)
     if not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
         if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
@@ -200,16 +203,19 @@ def train_imm(
                 raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
             sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
             IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
-    latents = None
-    if use_cache:  # every rank encodes the whole set: simple, and cheap next to the training it saves
-        latents = encode_dataset(tok.to(dev), train_set, dev, show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
-    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
+    latents = None
+    if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
+        enc_dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if dev.type == "cuda" and "LOCAL_RANK" in os.environ else dev
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")  # as train() will
+        latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=bf16,
+                                 show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
+    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective
-    result["latents_cached"] = use_cache
+    result["latents_cached"] = stage.cache_latents
     emit(result, as_json, [
         f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4g}",

@@ -162,6 +162,10 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     off = last_json(cli(*common, "--no-cache-latents", "--out", tmp_path / "off"))
     assert auto["latents_cached"] and not off["latents_cached"]
     assert auto["final_loss"] == pytest.approx(off["final_loss"], rel=1e-5)
+    short = ("train-imm", "--tokenizer", root / "tok", "--data", tmp_path / "pics", *TINY_DIT, "--json")
+    assert not last_json(cli(*short, "--steps", "2", "--out", tmp_path / "r"))["latents_cached"]  # 16 samples < 2 passes
+    assert not last_json(cli(*short, "--steps", "6", "--resume", "--out", tmp_path / "r"))["latents_cached"]  # kept
+    assert last_json(cli(*short, "--steps", "8", "--resume", "--cache-latents", "--out", tmp_path / "r"))["latents_cached"]
     r = cli("train-imm", "--tokenizer", root / "tok", "--cache-latents", "--steps", "1", "--out", tmp_path / "endless")
     assert r.exit_code == 1 and "needs a finite data set" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "endless").exists()

@@ -259,6 +259,28 @@ def test_label_dropout_counts_the_leftover_groups():
     assert not unconditional_groups(torch.zeros(6), few, 6, 0.1).any()
 
 
+def test_ranks_share_the_global_groups_and_dropout(monkeypatch):
+    """Two ranks see exactly the halves of what one process sees: the same samples, group labels after
+    label dropout, times and noise (class groups and dropout are decided on the global batch)."""
+    import pipelines.imm.trainer as trainer
+    from pipelines.data import make_dataset
+    from pipelines.imm.trainer import IMMStage, IMMTask
+
+    seen = []
+    monkeypatch.setattr(trainer, "imm_loss", lambda net, model, sched, x, labels, draws, M: (
+        seen.append((x, labels, draws)) or (x.sum() * 0, {})))
+    data = make_dataset("shapes", image_size=16)
+    task = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(label_dropout=0.4), data, data, None, 64, 0, "shapes")
+    for world in (1, 2):
+        for rank in range(world):
+            task.loss(task.model, task.model, 3, torch.Generator().manual_seed(7), rank, world)
+    (x1, l1, d1), (xa, la, da), (xb, lb, db) = seen
+    assert torch.equal(torch.cat([xa, xb]), x1) and torch.equal(torch.cat([la, lb]), l1)
+    for k in ("s", "r", "t", "drop", "noise"):
+        assert torch.equal(torch.cat([da[k], db[k]]), d1[k]), k
+    assert "u" not in d1 and d1["drop"].any()  # dropout at 0.4 exceeds the leftovers: some class groups dropped
+
+
 def test_per_token_latent_statistics_normalise_each_token():
     from pipelines.imm.trainer import latent_statistics
 

@@ -26,7 +26,7 @@ class IMMStage:
 
     objective: str = "imm"  # "imm" | "flow-matching" (the baseline: same network, velocity loss, Euler sampler)
     group_size: int = 4  # M particles per (s, r, t) group
-    label_dropout: float = 0.1  # fraction of groups with the null class (guidance); IMM counts class_groups' leftovers in it
+    label_dropout: float = 0.1  # null-class groups (guidance); IMM: at least this fraction, class_groups' leftovers included
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float = 1.5
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
@@ -34,7 +34,7 @@ class IMMStage:
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel)
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
-    cache_latents: bool | None = None  # encode a finite data set once (None: when the run sees it twice and it fits)
+    cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 on the host)
@@ -81,11 +81,13 @@ def should_cache_latents(choice: bool | None, data, tokenizer, steps: int, batch
     return True
 
 
-def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress: bool = True) -> torch.Tensor:
+def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress: bool = True, bf16: bool = False
+                   ) -> torch.Tensor:
     """The frozen tokenizer's latents of every training item, z: fp32 [N, L, c] on the host, encoded once in a
     fixed order and fixed batches, so a resumed run rebuilds the very same numbers. The tokenizer encodes
-    deterministically (the VAE mean, no masking), so a cached latent is what a step would compute, without
-    the encoder's ~20-25 % of a CPU training step (BENCHMARKS.md)."""
+    deterministically (the VAE mean, no masking) and here under the training's autocast (`bf16`), so a
+    cached latent is what a step would compute (up to rounding), without the encoder's ~25 % of a CPU
+    training step (BENCHMARKS.md)."""
     from rich.progress import track
 
     n = len(data)
@@ -93,7 +95,7 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     starts = range(0, n, batch_size)
     if show_progress:
         starts = track(starts, description="encoding the data set once", transient=True)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for start in starts:
             x, _ = data.get_batch(torch.arange(start, min(n, start + batch_size)))
             out[start : start + x.shape[0]] = tokenizer.encode(x.to(device))[0].float().cpu()
@@ -119,6 +121,8 @@ class IMMTask:
         self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
         self.tokenizer, self.batch_size, self.seed, self.data_spec = tokenizer, batch_size, seed, data_spec
         self.latents = latents  # [N, L, c] from `encode_dataset`, or None: encode each batch
+        if latents is not None and model.config.space != "latent":
+            raise ValueError("cached latents are for a latent-space model")
         self.samples_per_step = batch_size
         self.group = stage.group_size if stage.objective == "imm" else 1
         if tokenizer is not None:
