@@ -289,7 +289,10 @@ def test_per_token_latent_statistics_normalise_each_token():
             z = x.flatten(1)[:, :12].view(-1, 3, 4)
             return (z * torch.tensor([1.0, 5.0, 0.2])[:, None] + torch.tensor([0.0, 3.0, -2.0])[:, None],)
 
-    class Data:
+    class Data:  # endless, like the procedural sets
+        def __len__(self):
+            return 2**31 - 1
+
         def get_batch(self, idx):
             return torch.randn(len(idx), 3, 1, 4, 4, generator=torch.Generator().manual_seed(int(idx[0]))), None
 
