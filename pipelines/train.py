@@ -29,6 +29,11 @@ from pipelines.errors import SigmaError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run of this --precision trains under bf16 autocast on this device (auto: on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -215,7 +220,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         device = torch.device("cuda", torch.cuda.current_device())
     if cfg.precision not in PRECISIONS:
         raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.precision, device)
 
     model = task.model.to(device)
     task.trainable(model)

@@ -83,7 +83,7 @@ def train_imm(
     from pipelines.imm.trainer import (OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
-    from pipelines.train import TrainConfig, resolve_device, train
+    from pipelines.train import TrainConfig, resolve_device, train, uses_bf16
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -208,8 +208,7 @@ def train_imm(
     latents = None
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
         enc_dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if dev.type == "cuda" and "LOCAL_RANK" in os.environ else dev
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")  # as train() will
-        latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=bf16,
+        latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=uses_bf16(cfg.precision, dev),
                                  show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
     result = train(task, cfg, out, resume=resume, quiet=as_json)
