@@ -29,6 +29,12 @@ from pipelines.errors import SigmaError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def check_precision(precision: str | None):
+    """A bad --precision is a SigmaError (None: not given, the run's own or auto)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether a run of this --precision trains under bf16 autocast on this device (auto: on CUDA only)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -218,8 +224,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         raise SigmaError("--steps and --batch-size must be at least 1")
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", torch.cuda.current_device())
-    if cfg.precision not in PRECISIONS:
-        raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    check_precision(cfg.precision)
     use_bf16 = uses_bf16(cfg.precision, device)
 
     model = task.model.to(device)

@@ -48,11 +48,9 @@ def command(fn):
 
 def check_precision(precision: str | None):
     """Reject a bad --precision before a command makes its run folder (train() checks it again for API users)."""
-    from pipelines.errors import SigmaError
-    from pipelines.train import PRECISIONS
+    from pipelines.train import check_precision as check
 
-    if precision is not None and precision not in PRECISIONS:
-        raise SigmaError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    check(precision)
 
 
 def emit(result: dict, as_json: bool, lines: list[str]):
