@@ -256,3 +256,24 @@ def test_nsa_sliding_window_runs_in_fp32_under_cpu_bf16_autocast():
         out = causal_window(q, k, v, window=5, chunk=8)
     ref = causal_window(q.float(), k.float(), v.float(), window=5, chunk=8).bfloat16()
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
+def test_rmsnorm_computes_in_fp32_under_cpu_bf16_autocast():
+    """bf16 in, bf16 out, computed in fp32 (torch warns and takes a slow unfused path for bf16 x with an fp32
+    weight), and the weight still gets its gradient."""
+    import warnings
+
+    from pipelines.nn.layers import RMSNorm
+
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.mul_(torch.linspace(0.5, 2.0, 16))
+    x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", torch.bfloat16):
+            out = norm(x)
+    ref = (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + norm.eps) * norm.weight).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.detach())
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0

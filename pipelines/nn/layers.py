@@ -50,7 +50,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # in fp32 whatever x is: under bf16 autocast torch would otherwise warn of mixed dtypes and take a
+        # slower unfused path (fp32 is also ~5x faster than that path on the CPU, forward)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 class Attention(nn.Module):
