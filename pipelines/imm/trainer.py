@@ -13,7 +13,7 @@ from pipelines.imm.schedule import IMMSchedule
 
 # schedules per preset (model sizes in model.PRESETS); tiny is tuned for latents of 32x32 shapes on a 2-core CPU
 TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(steps=1200, batch_size=64, lr=1e-3, warmup=100, ema=0.995),
+    "tiny": dict(steps=1800, batch_size=64, lr=2e-3, warmup=100, ema=0.995),
     "small": dict(steps=20000, batch_size=256, lr=5e-4, warmup=500, ema=0.9995),
     "base": dict(steps=200000, batch_size=1024, lr=2e-4, warmup=2000, ema=0.9999),
 }
