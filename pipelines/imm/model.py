@@ -21,7 +21,7 @@ from torch import nn
 from pipelines.nn.layers import Block, cube_major_order, grid_positions, init_transformer, patchify, rope_3d, unpatchify
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(width=128, depth=6, heads=2),  # a 2-core CPU, minutes (narrower beat 192 and 256 at equal CPU time)
+    "tiny": dict(width=128, depth=6, heads=2),  # a 2-core CPU, minutes (width 128 beat 192 at equal CPU time: BENCHMARKS.md)
     "small": dict(width=384, depth=12, heads=6),
     "base": dict(width=768, depth=12, heads=12),  # a GPU
 }
