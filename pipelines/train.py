@@ -94,6 +94,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun (RANK set) on CUDA, the GPU of its LOCAL_RANK; else `device`."""
+    if device.type == "cuda" and "RANK" in os.environ:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def step_seed(seed: int, step: int) -> int:
     """A well-mixed 63-bit seed for (seed, step): every random draw of a step comes from it."""
     x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
@@ -134,7 +141,7 @@ class _Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", 1)) if self.enabled else 1
         if self.enabled and not dist.is_initialized():
             if device.type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(rank_device(device))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:

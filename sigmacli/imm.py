@@ -83,7 +83,7 @@ def train_imm(
     from pipelines.imm.trainer import (OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
-    from pipelines.train import TrainConfig, resolve_device, train, uses_bf16
+    from pipelines.train import TrainConfig, rank_device, resolve_device, train, uses_bf16
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -207,7 +207,7 @@ def train_imm(
     cfg.precision = precision or cfg.precision
     latents = None
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
-        enc_dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if dev.type == "cuda" and "LOCAL_RANK" in os.environ else dev
+        enc_dev = rank_device(dev)
         latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=uses_bf16(cfg.precision, dev),
                                  show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
