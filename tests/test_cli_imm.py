@@ -136,6 +136,24 @@ def test_shipped_model_samples_with_no_options(cli, tmp_path, monkeypatch):
     assert Image.open(tmp_path / "samples.png").size[0] > 32 * 4
 
 
+def test_ship_refuses_a_wrong_folder_in_one_line_and_keeps_the_shipped_copy(runs, tmp_path, monkeypatch):
+    import checkpoints.ship as ship
+
+    root, _ = runs
+    shipped = tmp_path / "shipped-imm"
+    shipped.mkdir()
+    (shipped / "keep").write_text("x")
+    monkeypatch.setitem(ship.SHIPPED, "imm", shipped)
+    for wrong, message in [(root / "tok", "is not an IMM run folder (it holds a tokenizer)"),
+                           (tmp_path / "missing", "does not exist")]:
+        with pytest.raises(SystemExit) as exit_:
+            ship.ship(wrong, None)
+        assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+    assert (shipped / "keep").exists()
+    ship.ship(root / "imm", None)  # a real run replaces the copy
+    assert not (shipped / "keep").exists() and (shipped / "transformer").is_dir()
+
+
 def test_eval_reports_fd_floor_and_accuracy(runs, cli):
     root, _ = runs
     from checkpoints import SHIPPED
