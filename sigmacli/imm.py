@@ -39,6 +39,7 @@ def train_imm(
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
     second_time: Annotated[str, typer.Option(help="The transformer's second time input: stride (t - s) | s")] = "stride",
     weight_a: Annotated[int, typer.Option(help="a in w(s,t)'s alpha_t^a (1 or 2).")] = 2,
+    decrement_k: Annotated[int, typer.Option(help="k of r's decrement in eta, (eta_max - eta_min) / 2^k: smaller k, larger steps back from t.")] = 12,
     attn: Annotated[str, typer.Option(help="Attention kind: dense | nsa (3D Native Sparse Attention over --cube blocks) | mta (Multi-Token Attention).")] = "dense",
     kq_every: Annotated[int, typer.Option(help="MTA: key-query convolutions (6x11) in every N-th block (0 = none; head mixing runs in all).")] = 4,
     top_n: Annotated[int, typer.Option(help="NSA: KV cubes each query cube selects beyond its forced neighbourhood.")] = 2,
@@ -115,7 +116,8 @@ def train_imm(
         if sample_steps < 1:
             raise SigmaError("--sample-steps must be at least 1")
         try:
-            sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a)
+            sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a,
+                                 k=decrement_k)
         except ValueError as e:
             raise SigmaError(str(e)) from None
         cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,

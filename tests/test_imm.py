@@ -66,6 +66,11 @@ def test_r_closed_form_and_r_at_least_s():
         s, r, t = IMMSchedule(time_sampler=sampler).sample_times(4096, torch.Generator().manual_seed(0))
         assert (s <= r).all() and (r <= t).all() and (s >= 0.006 - 1e-7).all() and (t <= 0.994 + 1e-7).all()
         assert (r < t).float().mean() > 0.5  # r is a real step back from t for most draws
+    eta_r = 1.0 - (eta_max - eta_min) / 2**8  # --decrement-k 8: a 16x larger step back
+    r = IMMSchedule(k=8).r_of(torch.tensor([0.1], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    assert r.item() == pytest.approx(eta_r / (1 + eta_r), rel=1e-9)
+    with pytest.raises(ValueError, match="k"):
+        IMMSchedule(k=0)
 
 
 def test_laplace_kernel_and_mmd():

@@ -38,6 +38,8 @@ class IMMSchedule:
             raise ValueError(f"time sampler must be one of {TIME_SAMPLERS}, not {self.time_sampler!r}")
         if not 0 <= self.eps < self.T < 1:
             raise ValueError(f"need 0 <= eps < T < 1, got eps={self.eps}, T={self.T}")
+        if not 1 <= self.k <= 30:
+            raise ValueError(f"k (r's decrement is (eta_max - eta_min) / 2^k) must be in 1..30, not {self.k}")
 
     def to_dict(self) -> dict:
         return asdict(self)
