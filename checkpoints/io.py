@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints.meta import (CHECKPOINT, CONFIG, MODEL_CLASSES, RUN_META, WEIGHTS, count_parameters,  # noqa: F401
-                              folder_kind, kind_of_class, model_folder, read_json, read_safetensors_header)
+                              expect_kind, folder_kind, kind_of_class, model_folder, read_json, read_safetensors_header)
 from pipelines.errors import CheckpointError
 
 def _class_for(kind: str):
@@ -80,17 +80,11 @@ def load_state_checked(model: torch.nn.Module, path: Path | str):
     model.load_state_dict(state)
 
 
-def _a(word: str) -> str:
-    return f"{'an' if word[:1] in 'aeiou' or word in ('lm',) else 'a'} {word}"  # "an lm": said as "el-em"
-
-
 def load_model(folder: Path | str, kind: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the model from config.json and load its weights. Wrong kind, bad config or weights that do not
     fit raise CheckpointError with one line."""
     folder = Path(folder)
-    found = folder_kind(folder)
-    if found != kind:
-        raise CheckpointError(f"'{folder}' holds {_a(found)} model, but this needs {_a(kind)} model")
+    expect_kind(folder, kind)
     folder = model_folder(folder)
     cls = _class_for(kind)
     config = read_json(folder / CONFIG, "model config")

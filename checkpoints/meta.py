@@ -99,3 +99,14 @@ def folder_kind(folder: Path | str) -> str:
     if kind is None:
         raise CheckpointError(f"'{folder}' holds a {config.get('_class_name')!r} model, which sigma does not know")
     return kind
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' or word in ('lm',) else 'a'} {word}"  # "an lm": said as "el-em"
+
+
+def expect_kind(folder: Path | str, kind: str) -> None:
+    """Raise CheckpointError (one line) unless the folder holds a `kind` model."""
+    found = folder_kind(folder)
+    if found != kind:
+        raise CheckpointError(f"'{folder}' holds {_a(found)} model, but this needs {_a(kind)} model")

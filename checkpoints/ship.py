@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from checkpoints import SHIPPED
 from checkpoints.io import atomic_save_tensors
-from checkpoints.meta import CONFIG, CheckpointError, RUN_META, WEIGHTS, folder_kind
+from checkpoints.meta import CONFIG, CheckpointError, RUN_META, WEIGHTS, expect_kind
 
 
 def _copy_model(src: Path, dst: Path, half: bool):
@@ -27,18 +27,16 @@ def _copy_model(src: Path, dst: Path, half: bool):
     atomic_save_tensors(tensors, dst / WEIGHTS)
 
 
-def _check_kind(folder: Path, kind: str, what: str):
+def _check_kind(folder: Path, kind: str):
     try:
-        found = folder_kind(folder)
+        expect_kind(folder, kind)
     except CheckpointError as err:  # one line, not a traceback, and before the shipped copy is removed
         raise SystemExit(f"error: {err}") from None
-    if found != kind:
-        raise SystemExit(f"error: '{folder}' is not {what} (it holds a {found})")
 
 
 def ship(imm: Path | None, classifier: Path | None):
     if imm is not None:
-        _check_kind(imm, "imm", "an IMM run folder")
+        _check_kind(imm, "imm")
         dst = SHIPPED["imm"]
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
@@ -49,7 +47,7 @@ def ship(imm: Path | None, classifier: Path | None):
         if (imm / "tokenizer").exists():
             _copy_model(imm / "tokenizer", dst / "tokenizer", half=False)
     if classifier is not None:
-        _check_kind(classifier, "classifier", "a classifier run folder")
+        _check_kind(classifier, "classifier")
         dst = SHIPPED["classifier"]
         shutil.rmtree(dst, ignore_errors=True)
         _copy_model(classifier, dst, half=False)

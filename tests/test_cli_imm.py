@@ -144,7 +144,7 @@ def test_ship_refuses_a_wrong_folder_in_one_line_and_keeps_the_shipped_copy(runs
     shipped.mkdir()
     (shipped / "keep").write_text("x")
     monkeypatch.setitem(ship.SHIPPED, "imm", shipped)
-    for wrong, message in [(root / "tok", "is not an IMM run folder (it holds a tokenizer)"),
+    for wrong, message in [(root / "tok", "holds a tokenizer model, but this needs an imm model"),
                            (tmp_path / "missing", "does not exist")]:
         with pytest.raises(SystemExit) as exit_:
             ship.ship(wrong, None)
