@@ -23,7 +23,8 @@ def _copy_model(src: Path, dst: Path, half: bool):
     shutil.copy2(src / CONFIG, dst / CONFIG)
     tensors = load_file(str(src / WEIGHTS))
     if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        # the latent space's principal directions stay float32: they map every sample back to the tokenizer
+        tensors = {k: v.half() if v.is_floating_point() and k != "z_basis" else v for k, v in tensors.items()}
     atomic_save_tensors(tensors, dst / WEIGHTS)
 
 

@@ -32,7 +32,8 @@ def train_imm(
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM: at least this; the groups left over when a batch is split into one-class groups are null too.")] = 0.1,
-    latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel).")] = "channel",
+    latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel) | pca (the top --pca-dims principal components of the whole latent, whitened).")] = "channel",
+    pca_dims: Annotated[int, typer.Option(help="--latent-norm pca: principal components kept (a multiple of the latent width; the tokens are pca-dims / width of them).")] = 128,
     cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Encode a finite data set once instead of every step. Default: when the run passes over the data at least twice and the latents fit in 2 GiB (per process); decided at the start and kept on --resume unless given again.")] = None,
     schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
     parameterization: Annotated[str, typer.Option(help="euler_fm | simple_edm")] = "euler_fm",
@@ -125,9 +126,10 @@ def train_imm(
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
             if value is not None:
                 setattr(cfg, name, value)
-        if latent_norm not in ("token", "channel"):
-            raise SigmaError(f"--latent-norm must be token or channel, not {latent_norm!r}")
+        if latent_norm not in ("token", "channel", "pca"):
+            raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
+                         latent_pca=pca_dims if latent_norm == "pca" else 0,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents)
         align_dim = 0
         if align_teacher is not None:
@@ -182,11 +184,22 @@ def train_imm(
             raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
         if space == "latent":
             tc = tok.config
-            mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev,
-                                          per_token=stage.latent_norm == "token")
-            model = DiT(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim,
-                        grid=(tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size),
-                        latent_mean=mean, latent_std=std, **common)
+            grid = (tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size)
+            if stage.latent_pca:
+                k, size = stage.latent_pca, tc.num_latents * tc.latent_dim
+                if k < 1 or k % tc.latent_dim or k > min(size, stage.latent_stats_samples):
+                    raise SigmaError(f"--pca-dims must be a multiple of the latent width {tc.latent_dim} in "
+                                     f"[{tc.latent_dim}, {min(size, stage.latent_stats_samples)}], not {k}")
+                mean, std, basis = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev, pca=k)
+                model = DiT(space="latent", num_tokens=k // tc.latent_dim, token_dim=tc.latent_dim, grid=grid,
+                            latent_mean=mean, latent_std=std, latent_pca=k,
+                            latent_shape=(tc.num_latents, tc.latent_dim), **common)
+                model.set_latent_basis(basis)
+            else:
+                mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev,
+                                              per_token=stage.latent_norm == "token")
+                model = DiT(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim, grid=grid,
+                            latent_mean=mean, latent_std=std, **common)
         else:
             tubelet = tubelet if tubelet is not None else (2 if frames > 1 and frames % 2 == 0 else 1)
             if patch_size < 1 or tubelet < 1 or image_size % patch_size or frames % tubelet:

@@ -33,6 +33,7 @@ def train_tokenizer(
     init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from: the encoder to freeze with --finetune-decoder, else a warm start (its config, its weights; a new feature decoder if --feature-teacher).")] = None,
     feature_teacher: Annotated[Optional[Path], typer.Option(help="A classifier folder (sigma train-classifier) whose feature maps an auxiliary decoder predicts on the masked patches (MAETok's DINOv2 / SigLIP target).")] = None,
     feature_weight: Annotated[float, typer.Option(help="Weight of the teacher-feature loss (1 - cosine) on masked patches.")] = 1.0,
+    latent_noise: Annotated[float, typer.Option(help="Pre-training adds noise of up to this many latent stds (per token and channel, uniform per sample) to the latents the decoders read, so that what decides the image sits in high-variance directions a diffusion model learns first (0 = off).")] = 0.0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
     sample_every: Annotated[int, typer.Option(help="Write a reconstruction grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/tokenizer, or runs/tokenizer-ft).")] = None,
@@ -83,7 +84,10 @@ def train_tokenizer(
                 setattr(cfg, name, value)
         data = data or ("moving-shapes" if frames > 1 else "shapes")
         stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight,
-                               finetune_tail=0.0 if finetune_decoder else tail, feature_weight=feature_weight)
+                               finetune_tail=0.0 if finetune_decoder else tail, feature_weight=feature_weight,
+                               latent_noise=latent_noise)
+        if not 0 <= latent_noise <= 10:
+            raise SigmaError(f"--latent-noise must be in [0, 10], not {latent_noise}")
         teacher_dim = 0
         if feature_teacher is not None and not finetune_decoder:
             from pipelines.maetok.teacher import FeatureTeacher
@@ -137,6 +141,8 @@ def reconstruct(
     grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
     out: Annotated[Path, typer.Option(help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
     probe: Annotated[bool, typer.Option("--probe", help="Also fit a linear probe of the class on the latents of 4,000 training samples and report its held-out accuracy (labelled data).")] = False,
+    spectrum: Annotated[bool, typer.Option("--spectrum", help="Also report a classifier's accuracy on held-out images decoded from only the top K principal components of their latents (K = 32 ... 256; labelled data): where the latent keeps the class, and the ceiling of `sigma train-imm --latent-norm pca --pca-dims K`.")] = False,
+    classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder for --spectrum (default: runs/classifier if present, else the shipped one).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -172,4 +178,20 @@ def reconstruct(
         result.update(linear_probe(tokenizer, train_set, heldout, 4000, num, dev))
         lines.append(f"linear probe of the class on the latents: {result['probe_accuracy']:.1%} held-out "
                      f"({result['num_classes']} classes, {result['probe_num_train']} training samples)")
+    if spectrum:
+        from checkpoints import SHIPPED
+        from pipelines.maetok.trainer import spectrum_probe
+
+        clf_dir = classifier or (Path("runs/classifier") if (Path("runs/classifier") / "config.json").exists()
+                                 else SHIPPED["classifier"])
+        clf = load_model(clf_dir, "classifier", dev)
+        if clf.config.image_size != c.image_size:
+            raise SigmaError(f"the classifier in '{clf_dir}' reads {clf.config.image_size} px images, the tokenizer "
+                             f"makes {c.image_size} px")
+        train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
+        result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev))
+        cut = ", ".join(f"{k.split('_')[1]}: {v:.1%}" for k, v in result.items()
+                        if k.startswith("spectrum_") and k.split("_")[1].isdigit())
+        lines.append(f"classifier on decoded latents: all {c.num_latents * c.latent_dim} components "
+                     f"{result['spectrum_all']:.1%}; top {cut}")
     emit(result, as_json, lines)

@@ -56,6 +56,19 @@ def test_reconstruct_reports_psnr_and_picture(trained, cli, tmp_path):
     assert Image.open(tmp_path / "r.png").size[0] > 32
     result = last_json(cli("reconstruct", "--model", out, "--num", "8", "--grid", "0", "--probe", "--json"))
     assert 0 <= result["probe_accuracy"] <= 1 and result["num_classes"] == 6 and result["picture"] is None
+    # --spectrum needs a classifier of the tokenizer's image size (the shipped one reads 32 px, this one makes 16)
+    r = cli("reconstruct", "--model", out, "--num", "8", "--grid", "0", "--spectrum")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and "32 px" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_reconstruct_spectrum_on_the_shipped_tokenizer(cli):
+    from checkpoints import SHIPPED
+
+    result = last_json(cli("reconstruct", "--model", SHIPPED["imm"] / "tokenizer", "--num", "16", "--grid", "0",
+                           "--spectrum", "--json"))
+    assert 0.5 <= result["spectrum_all"] <= 1 and result["spectrum_num_train"] == 4000
+    assert {"spectrum_32", "spectrum_256"} <= result.keys() and "spectrum_512" not in result
 
 
 def test_resume_continues_the_run(trained, cli, tmp_path):

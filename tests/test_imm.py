@@ -312,6 +312,46 @@ def test_per_token_latent_statistics_normalise_each_token():
     assert torch.tensor(channel_mean).shape == (4,)
 
 
+def test_pca_latent_space_whitens_the_top_directions_and_round_trips_within_them():
+    from pipelines.imm.trainer import latent_statistics
+
+    # latents [B, 4, 2] that live in a 4-dimensional subspace of R^8, with variances 100, 4, 1, 0.01
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    scales = torch.tensor([10.0, 2.0, 1.0, 0.1, 0, 0, 0, 0])
+
+    class Tok:
+        def encode(self, x):
+            return (((x.flatten(1)[:, :8] * scales) @ rotation.T + 3.0).view(-1, 4, 2),)
+
+    class Data:
+        def __len__(self):
+            return 2**31 - 1
+
+        def get_batch(self, idx):
+            return torch.randn(len(idx), 3, 1, 4, 4, generator=torch.Generator().manual_seed(int(idx[0]))), None
+
+    mean, std, basis = latent_statistics(Tok(), Data(), 4096, "cpu", batch_size=512, pca=4)
+    assert torch.allclose(torch.tensor(std), scales[:4], rtol=0.05)
+    model = tiny_dit("latent", num_tokens=2, token_dim=2, latent_mean=mean, latent_std=std, latent_pca=4,
+                     latent_shape=(4, 2))
+    model.set_latent_basis(basis)
+    assert model.token_shape == (2, 2)
+    z = Tok().encode(Data().get_batch(torch.arange(4096, 8192))[0])[0]
+    tokens = model.tokens_from_latents(z)
+    assert tokens.shape == (4096, 2, 2)
+    # every kept direction has the same std, the smallest (0.1) as much as the largest (10)
+    assert (tokens.flatten(1).std(0) - model.config.data_std).abs().max() < 0.03
+    assert torch.allclose(model.latents_from_tokens(tokens), z, atol=1e-4)  # z lies in the kept subspace
+    # the basis is a weight: it survives save and load
+    import tempfile
+    from checkpoints.io import load_model, save_model
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d)
+        again = load_model(d, "imm")
+        assert torch.equal(again.z_basis, model.z_basis)
+        assert torch.allclose(again.tokens_from_latents(z), tokens)
+
+
 def test_alignment_head_reads_early_tokens_only_in_training():
     """REPA: the align head's output exists after a training forward with gradients, is a function of the first
     `align_depth` blocks only, and the loss is 0 exactly when it points along the teacher's features."""

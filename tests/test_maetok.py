@@ -150,3 +150,76 @@ def test_linear_probe_finds_a_linear_class_code_and_not_noise():
     noise = linear_probe(Encoder(0.0), train, heldout, 300, 200, "cpu")
     assert strong["probe_accuracy"] > 0.95 and noise["probe_accuracy"] < 0.4
     assert strong["num_classes"] == 6 and strong["probe_num_train"] == 300
+
+
+def test_latent_noise_scales_with_each_latents_batch_std_and_passes_gradients_unchanged():
+    from pipelines.maetok.model import add_latent_noise
+
+    scale = torch.tensor([0.1, 1.0, 10.0])
+    z = (torch.randn(4096, 2, 3) * scale).requires_grad_(True)
+    out = add_latent_noise(z, 1.0, torch.Generator().manual_seed(0))
+    noise = (out - z).detach()
+    # tau ~ U(0, 1) per sample, so the noise's std is E[tau^2]^0.5 = 3^-0.5 of each coordinate's own std
+    ratio = noise.std(0) / z.detach().std(0)
+    assert torch.allclose(ratio, torch.full_like(ratio, 3 ** -0.5), rtol=0.05)
+    # one tau per sample: the noise-to-std ratio of a sample's coordinates share their magnitude scale
+    per_sample = (noise / z.detach().std(0)).flatten(1).std(1)
+    assert per_sample.max() > 0.9 and per_sample.min() < 0.1
+    # the std is detached: d out / d z is the identity, the encoder cannot shrink the noise by its scale
+    out.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+    # deterministic per generator; a batch of one is left alone (no std to measure)
+    again = add_latent_noise(z.detach(), 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out.detach())
+    assert torch.equal(add_latent_noise(z[:1].detach(), 1.0), z[:1].detach())
+
+
+def test_latent_noise_enters_pretraining_only():
+    model = tiny()
+    x = torch.rand(4, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        for p in model.parameters():  # a decoder that reads its latents (to_pixels starts at zero)
+            p.normal_(0, 0.3)
+    keep = model.random_keep(4, 0.5, torch.Generator().manual_seed(0))
+
+    def mse(noise, keep):
+        return maetok_loss(model, model, x, keep, torch.Generator().manual_seed(1), latent_noise=noise)[1]["mse"]
+
+    assert mse(1.0, keep) != pytest.approx(mse(0.0, keep), rel=1e-4)
+    assert mse(1.0, None) == mse(0.0, None)  # decoder fine-tuning reads clean latents
+
+
+def test_spectrum_probe_finds_a_class_kept_in_a_low_variance_direction():
+    from pipelines.maetok.trainer import spectrum_probe
+
+    class Data:  # latents of 8 numbers: 6 loud nuisances (std 10) and a quiet class sign (+-0.5) in coordinate 6
+        def __len__(self):
+            return 10_000
+
+        def get_batch(self, idx):
+            g = torch.Generator().manual_seed(int(idx[0]) + len(idx))
+            y = torch.randint(0, 2, (len(idx),), generator=g)
+            z = torch.cat([10 * torch.randn(len(idx), 6, generator=g), (y[:, None] - 0.5), torch.zeros(len(idx), 1)], 1)
+            return z.view(-1, 8, 1, 1, 1), y
+
+    class Tok:  # the identity between "images" [B, 8, 1, 1, 1] and latents [B, 4, 2]
+        def encode(self, x):
+            return x.reshape(-1, 4, 2), None
+
+        def decode(self, z):
+            return z.reshape(-1, 8, 1, 1, 1)
+
+    class Classifier(torch.nn.Module):  # reads the sign of coordinate 6
+        device = torch.device("cpu")
+
+        @staticmethod
+        def frames(x):
+            return x.transpose(1, 2).flatten(0, 1)
+
+        def forward(self, x):
+            c = x[:, 6, 0, 0]
+            return torch.stack([-c, c], dim=1)
+
+    result = spectrum_probe(Tok(), Classifier(), Data(), Data(), 2000, 500, "cpu", dims=(4, 7))
+    assert result["spectrum_all"] == 1.0 and result["spectrum_7"] > 0.95
+    assert result["spectrum_4"] < 0.7  # the top 4 directions are nuisance: the class is lost

@@ -4,7 +4,8 @@ It maps a token sequence to a token sequence, conditioned on two times and a cla
     G(x [B, N, c], t [B], s [B], y [B]) -> [B, N, c]
 The tokens live in a *space*:
   latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel (or per token and channel) to std `data_std`
-          (statistics in the config); positions: the grid spots the tokenizer gives its latents
+          (statistics in the config); positions: the grid spots the tokenizer gives its latents. Or (`latent_pca`
+          = K > 0) the top K principal components of the flattened z, whitened: K / c tokens of width c
   pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (DESIGN.md) so that sparse
           attention sees every cube as one contiguous block; positions: each patch's (t, h, w)
 Axis legend: B batch, N tokens, c token width, D model width.
@@ -63,6 +64,8 @@ class DiT(ModelMixin, ConfigMixin):
         tubelet: int = 1,
         latent_mean: list | None = None,  # latent: statistics of the tokenizer's latents, [c] or per token [L][c]
         latent_std: list | None = None,
+        latent_pca: int = 0,  # > 0: tokens are the top latent_pca principal components of z, whitened (mean [L c], std [K])
+        latent_shape: tuple | None = None,  # (L, c) of the tokenizer's z when latent_pca > 0
         data_std: float = 0.5,  # latents are scaled to this std (IMM's sigma_d)
         width: int = 256,
         depth: int = 6,
@@ -97,6 +100,11 @@ class DiT(ModelMixin, ConfigMixin):
         if latent_mean is not None:
             self.register_buffer("z_mean", torch.tensor(latent_mean, dtype=torch.float32), persistent=False)
             self.register_buffer("z_std", torch.tensor(latent_std, dtype=torch.float32), persistent=False)
+        if latent_pca:
+            if latent_pca != num_tokens * token_dim or latent_shape is None:
+                raise ValueError(f"latent_pca {latent_pca} needs num_tokens x token_dim = {latent_pca} and a latent_shape")
+            # the principal directions [K, L c] (rows orthonormal): weights, set by `set_latent_basis`
+            self.register_buffer("z_basis", torch.zeros(latent_pca, math.prod(latent_shape)))
 
         self.embed = nn.Linear(token_dim, width)
         self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
@@ -161,8 +169,26 @@ class DiT(ModelMixin, ConfigMixin):
         return unpatchify(row_major, tuple(c.grid), c.channels, c.tubelet, c.patch_size)
 
     def tokens_from_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """latent: the tokenizer's z [B, L, c] -> tokens normalised (per channel, or per token and channel) to std data_std."""
+        """latent: the tokenizer's z [B, L, c] -> tokens normalised (per channel, or per token and channel) to std data_std.
+
+        With `latent_pca`: the whitened coordinates of z in its top K principal directions, K / c tokens of c. A
+        plain per-coordinate scaling leaves what decides the class in directions of small variance (on shapes the
+        shipped tokenizer needs 128 of 512 components to keep the class), which the MSE / MMD losses weigh little
+        and a diffusion model learns last; whitened, every kept direction weighs the same, and the sequence is
+        shorter (BENCHMARKS.md).
+        """
+        if self.config.latent_pca:
+            coeffs = (z.flatten(1) - self.z_mean) @ self.z_basis.T / self.z_std  # [B, K], unit variance each
+            return coeffs.view(z.shape[0], *self.token_shape) * self.config.data_std
         return (z - self.z_mean) / self.z_std * self.config.data_std
 
     def latents_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.latent_pca:
+            flat = (tokens.flatten(1).float() / self.config.data_std * self.z_std) @ self.z_basis + self.z_mean
+            return flat.view(tokens.shape[0], *self.config.latent_shape)  # the discarded directions at their mean
         return tokens / self.config.data_std * self.z_std + self.z_mean
+
+    @torch.no_grad()
+    def set_latent_basis(self, basis: torch.Tensor):
+        """Store the principal directions [K, L c] (from `pipelines.imm.trainer.latent_statistics(pca=K)`)."""
+        self.z_basis.copy_(basis)

@@ -1,6 +1,7 @@
 """Training the IMM diffusion transformer (or its flow-matching baseline): the Task the shared loop runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,9 @@ class IMMStage:
     cfg_scale: float = 1.5
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
-    latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel)
+    latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
+    # "pca": the top latent_pca principal components, whitened
+    latent_pca: int = 0
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
@@ -40,12 +43,16 @@ class IMMStage:
 CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 on the host)
 
 
-def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False) -> tuple[list, list]:
+def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False,
+                      pca: int = 0) -> tuple:
     """Mean and std of the tokenizer's latents z [B, L, c] over `num` training samples: per channel, [c]
     (default), or per (token, channel), [L][c]. A 1D tokenizer's latent tokens are not exchangeable: on the
     shapes tokenizer each token's mean sits a median 0.7 channel-stds off the channel's mean and its std is a
     median 0.56 of the channel's, so per-channel scaling hands the generator data off the zero-mean, sigma_d
-    std that its parameterisation assumes; per-token statistics fix that (BENCHMARKS.md: a small gain)."""
+    std that its parameterisation assumes; per-token statistics fix that (BENCHMARKS.md: a small gain).
+
+    `pca` = K > 0: the principal components of the flattened z instead: (mean [L c], std of the top K
+    components [K], their directions [K, L c] as a tensor), for DiT's whitened `latent_pca` space."""
     zs = []
     num = min(num, len(data))  # a folder may hold fewer items than the statistics would like
     with torch.no_grad():
@@ -53,6 +60,12 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
             x, _ = data.get_batch(torch.arange(start, min(num, start + batch_size)))
             zs.append(tokenizer.encode(x.to(device))[0].float().cpu())  # [B, L, c]
     z = torch.cat(zs)
+    if pca:
+        flat = z.flatten(1).double()  # [B, L c]
+        mean = flat.mean(0)
+        _, singular, directions = torch.linalg.svd(flat - mean, full_matrices=False)
+        std = singular[:pca] / math.sqrt(max(1, len(flat) - 1))
+        return mean.tolist(), std.clamp_min(1e-6).tolist(), directions[:pca].float()
     if not per_token:
         z = z.flatten(0, 1)  # [B*L, c]
     return z.mean(0).tolist(), z.std(0).clamp_min(1e-6).tolist()

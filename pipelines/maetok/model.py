@@ -200,9 +200,11 @@ class MAETok(ModelMixin, ConfigMixin):
         return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values.to(self.latent_tokens.device)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False,
-                frozen_encoder: bool = False, with_features: bool = False) -> MAETokOutput:
+                frozen_encoder: bool = False, with_features: bool = False, latent_noise: float = 0.0) -> MAETokOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
             z, kl = self.encode(x, keep, generator, sample=self.training)
+        if latent_noise > 0:
+            z = add_latent_noise(z, latent_noise, generator)
         recon = self.decode(z)
         hog_pred = None
         if with_hog:
@@ -232,6 +234,23 @@ class MAETok(ModelMixin, ConfigMixin):
         yield self.enc_pos
 
 
+def add_latent_noise(z: torch.Tensor, max_std: float, generator=None) -> torch.Tensor:
+    """Decoder-side noise augmentation: z + tau * std(z) * eps, tau ~ U(0, max_std) per sample, std per
+    (token, channel) over the batch and detached (so scaling the latent up cannot outrun the noise).
+
+    Why: a diffusion model learns the latent's high-variance directions first, and a plain AE is free to
+    keep what decides the class (the outline) in low-variance ones (on shapes, the shipped tokenizer needs
+    128 of 512 principal components to keep its class). A decoder that must read the image through noise of
+    the generator's kind makes the encoder put that information where noise cannot hide it.
+    """
+    if z.shape[0] < 2:
+        return z
+    std = z.detach().float().std(0, keepdim=True).to(z.dtype)  # [1, L, c]
+    tau = max_std * torch.rand(z.shape[0], 1, 1, generator=generator, device="cpu").to(z)
+    eps = torch.randn(z.shape, generator=generator, device="cpu").to(z)
+    return z + tau * std * eps
+
+
 def masked_mean(err: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Mean of per-patch errors err [B, N] over the MASKED patches (those not in keep [B, Nv])."""
     visible = torch.zeros(err.shape[0], num_patches, dtype=torch.bool, device=err.device)
@@ -242,19 +261,20 @@ def masked_mean(err: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torc
 
 def maetok_loss(net, model: MAETok, x: torch.Tensor, keep: torch.Tensor | None, generator=None,
                 hog_weight: float = 1.0, kl_weight: float = 1e-6, feature_targets: torch.Tensor | None = None,
-                feature_weight: float = 1.0):
+                feature_weight: float = 1.0, latent_noise: float = 0.0):
     """The training objective. `net` is the model or its DDP wrapper; `keep` [B, Nv] the visible patches,
     or None for decoder fine-tuning (no masking, encoder frozen). Returns (loss, logs).
 
     Pre-training: pixel MSE on all pixels + hog_weight x HOG MSE on the masked patches (+ kl_weight x KL
     for the VAE) + feature_weight x (1 - cosine) between the predicted and the teacher's features
     `feature_targets` [B, N, F] on the masked patches (MAETok's DINOv2 / SigLIP loss). Decoder fine-tuning:
-    pixel MSE only.
+    pixel MSE only. `latent_noise` > 0 adds `add_latent_noise` to the latents the decoders see, in
+    pre-training only (decoder fine-tuning reads clean latents).
     """
     finetune = keep is None
     with_features = not finetune and feature_targets is not None and feature_weight > 0
     out = net(x, keep, generator, with_hog=not finetune and hog_weight > 0, frozen_encoder=finetune,
-              with_features=with_features)
+              with_features=with_features, latent_noise=0.0 if finetune else latent_noise)
     mse = F.mse_loss(out.recon.float(), x)
     loss, logs = mse, {"mse": mse.item()}
     if keep is not None:
