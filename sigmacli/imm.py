@@ -33,6 +33,7 @@ def train_imm(
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM: at least this; the groups left over when a batch is split into one-class groups are null too.")] = 0.1,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel) | pca (the top --pca-dims principal components of the whole latent, whitened).")] = "channel",
+    pca_whiten: Annotated[float, typer.Option(help="--latent-norm pca: scale each component by std^P (1 = whitened, every direction the same variance; 0 = the latent's own proportions, a rotation cut to --pca-dims).")] = 1.0,
     pca_dims: Annotated[int, typer.Option(help="--latent-norm pca: principal components kept (a multiple of the latent width; the tokens are pca-dims / width of them).")] = 128,
     cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Encode a finite data set once instead of every step. Default: when the run passes over the data at least twice and the latents fit in 2 GiB (per process); decided at the start and kept on --resume unless given again.")] = None,
     schedule: Annotated[str, typer.Option(help="fm (alpha = 1 - t, sigma = t) | cosine")] = "fm",
@@ -129,7 +130,7 @@ def train_imm(
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
-                         latent_pca=pca_dims if latent_norm == "pca" else 0,
+                         latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents)
         align_dim = 0
         if align_teacher is not None:
@@ -190,7 +191,10 @@ def train_imm(
                 if k < 1 or k % tc.latent_dim or k > min(size, stage.latent_stats_samples):
                     raise SigmaError(f"--pca-dims must be a multiple of the latent width {tc.latent_dim} in "
                                      f"[{tc.latent_dim}, {min(size, stage.latent_stats_samples)}], not {k}")
-                mean, std, basis = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev, pca=k)
+                if not 0 <= stage.pca_whiten <= 1:
+                    raise SigmaError(f"--pca-whiten must be in [0, 1], not {stage.pca_whiten}")
+                mean, std, basis = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev, pca=k,
+                                                     whiten=stage.pca_whiten)
                 model = DiT(space="latent", num_tokens=k // tc.latent_dim, token_dim=tc.latent_dim, grid=grid,
                             latent_mean=mean, latent_std=std, latent_pca=k,
                             latent_shape=(tc.num_latents, tc.latent_dim), **common)

@@ -187,3 +187,21 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     r = cli("train-imm", "--tokenizer", root / "tok", "--cache-latents", "--steps", "1", "--out", tmp_path / "endless")
     assert r.exit_code == 1 and "needs a finite data set" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "endless").exists()
+
+
+def test_principal_component_latent_space_trains_resumes_and_samples(runs, cli, tmp_path):
+    root, _ = runs
+    out = tmp_path / "pca"
+    last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--latent-norm", "pca",
+                  "--pca-dims", "32", "--pca-whiten", "0", "--out", out, "--json"))
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["latent_pca"] == 32 and config["num_tokens"] == 2 and len(config["latent_std"]) == 32
+    last_json(cli("train-imm", "--out", out, "--steps", "3", "--resume", "--json"))  # the basis comes back as a weight
+    s = last_json(cli("sample", "--model", out, "--num", "2", "--out", tmp_path / "pca.png", "--json"))
+    assert Path(s["picture"]).exists()
+    for args, message in ((("--pca-dims", "40"), "--pca-dims must be a multiple of the latent width 16"),
+                          (("--pca-whiten", "2"), "--pca-whiten must be in [0, 1]"),
+                          (("--latent-norm", "zca"), "--latent-norm must be token, channel or pca")):
+        r = cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "1", "--latent-norm", "pca", *args,
+                "--out", tmp_path / "bad")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

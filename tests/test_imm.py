@@ -350,6 +350,11 @@ def test_pca_latent_space_whitens_the_top_directions_and_round_trips_within_them
         again = load_model(d, "imm")
         assert torch.equal(again.z_basis, model.z_basis)
         assert torch.allclose(again.tokens_from_latents(z), tokens)
+    # --pca-whiten 0 keeps the components' proportions (10 : 2 : 1 : 0.1) at a mean variance of 1
+    _, scale, _ = latent_statistics(Tok(), Data(), 4096, "cpu", batch_size=512, pca=4, whiten=0.0)
+    scaled = scales[:4] / torch.tensor(scale)
+    assert torch.allclose(scaled / scaled[0], scales[:4] / scales[0], rtol=1e-6)
+    assert scaled.pow(2).mean().item() == pytest.approx(1.0, rel=0.05)
 
 
 def test_alignment_head_reads_early_tokens_only_in_training():

@@ -35,6 +35,7 @@ class IMMStage:
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
     # "pca": the top latent_pca principal components, whitened
     latent_pca: int = 0
+    pca_whiten: float = 1.0  # latent_pca: each component scaled by std^pca_whiten (1 whitened, 0 natural variances)
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
@@ -44,15 +45,18 @@ CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 o
 
 
 def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False,
-                      pca: int = 0) -> tuple:
+                      pca: int = 0, whiten: float = 1.0) -> tuple:
     """Mean and std of the tokenizer's latents z [B, L, c] over `num` training samples: per channel, [c]
     (default), or per (token, channel), [L][c]. A 1D tokenizer's latent tokens are not exchangeable: on the
     shapes tokenizer each token's mean sits a median 0.7 channel-stds off the channel's mean and its std is a
     median 0.56 of the channel's, so per-channel scaling hands the generator data off the zero-mean, sigma_d
     std that its parameterisation assumes; per-token statistics fix that (BENCHMARKS.md: a small gain).
 
-    `pca` = K > 0: the principal components of the flattened z instead: (mean [L c], std of the top K
-    components [K], their directions [K, L c] as a tensor), for DiT's whitened `latent_pca` space."""
+    `pca` = K > 0: the principal components of the flattened z instead: (mean [L c], the scale of each of the
+    top K components [K], their directions [K, L c] as a tensor), for DiT's `latent_pca` space. `whiten` = 1
+    scales each component by its std (every direction unit variance); 0 keeps their natural proportions
+    (one common scale, a rotation of z cut to K directions); between, std^whiten. The scales always give
+    the K components a mean variance of 1."""
     zs = []
     num = min(num, len(data))  # a folder may hold fewer items than the statistics would like
     with torch.no_grad():
@@ -64,8 +68,9 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
         flat = z.flatten(1).double()  # [B, L c]
         mean = flat.mean(0)
         _, singular, directions = torch.linalg.svd(flat - mean, full_matrices=False)
-        std = singular[:pca] / math.sqrt(max(1, len(flat) - 1))
-        return mean.tolist(), std.clamp_min(1e-6).tolist(), directions[:pca].float()
+        std = (singular[:pca] / math.sqrt(max(1, len(flat) - 1))).clamp_min(1e-6)
+        scale = std**whiten * (std ** (2 * (1 - whiten))).mean().sqrt()  # mean of (std / scale)^2 is 1
+        return mean.tolist(), scale.tolist(), directions[:pca].float()
     if not per_token:
         z = z.flatten(0, 1)  # [B*L, c]
     return z.mean(0).tolist(), z.std(0).clamp_min(1e-6).tolist()
