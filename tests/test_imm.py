@@ -330,7 +330,7 @@ def test_pca_latent_space_whitens_the_top_directions_and_round_trips_within_them
         def get_batch(self, idx):
             return torch.randn(len(idx), 3, 1, 4, 4, generator=torch.Generator().manual_seed(int(idx[0]))), None
 
-    mean, std, basis = latent_statistics(Tok(), Data(), 4096, "cpu", batch_size=512, pca=4)
+    mean, std, basis = latent_statistics(Tok(), Data(), 4096, "cpu", batch_size=512, pca=4, whiten=1.0)
     assert torch.allclose(torch.tensor(std), scales[:4], rtol=0.05)
     model = tiny_dit("latent", num_tokens=2, token_dim=2, latent_mean=mean, latent_std=std, latent_pca=4,
                      latent_shape=(4, 2))

@@ -5,7 +5,7 @@ It maps a token sequence to a token sequence, conditioned on two times and a cla
 The tokens live in a *space*:
   latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel (or per token and channel) to std `data_std`
           (statistics in the config); positions: the grid spots the tokenizer gives its latents. Or (`latent_pca`
-          = K > 0) the top K principal components of the flattened z, whitened: K / c tokens of width c
+          = K > 0) the top K principal components of the flattened z: K / c tokens of width c
   pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (DESIGN.md) so that sparse
           attention sees every cube as one contiguous block; positions: each patch's (t, h, w)
 Axis legend: B batch, N tokens, c token width, D model width.
@@ -64,7 +64,7 @@ class DiT(ModelMixin, ConfigMixin):
         tubelet: int = 1,
         latent_mean: list | None = None,  # latent: statistics of the tokenizer's latents, [c] or per token [L][c]
         latent_std: list | None = None,
-        latent_pca: int = 0,  # > 0: tokens are the top latent_pca principal components of z, whitened (mean [L c], std [K])
+        latent_pca: int = 0,  # > 0: tokens are the top latent_pca principal components of z (mean [L c], scales [K])
         latent_shape: tuple | None = None,  # (L, c) of the tokenizer's z when latent_pca > 0
         data_std: float = 0.5,  # latents are scaled to this std (IMM's sigma_d)
         width: int = 256,
@@ -171,14 +171,13 @@ class DiT(ModelMixin, ConfigMixin):
     def tokens_from_latents(self, z: torch.Tensor) -> torch.Tensor:
         """latent: the tokenizer's z [B, L, c] -> tokens normalised (per channel, or per token and channel) to std data_std.
 
-        With `latent_pca`: the whitened coordinates of z in its top K principal directions, K / c tokens of c. A
-        plain per-coordinate scaling leaves what decides the class in directions of small variance (on shapes the
-        shipped tokenizer needs 128 of 512 components to keep the class), which the MSE / MMD losses weigh little
-        and a diffusion model learns last; whitened, every kept direction weighs the same, and the sequence is
-        shorter (BENCHMARKS.md).
+        With `latent_pca`: the coordinates of z in its top K principal directions, each divided by its scale
+        (`latent_statistics`: std^P, whitened at P = 1), K / c tokens of c: a shorter sequence, and a way to
+        weigh the quiet directions that decide the class on shapes. Measured there (BENCHMARKS.md): whitened it
+        learns nothing, at P = 0 it trades FD for class accuracy; per-token scaling stays the default.
         """
         if self.config.latent_pca:
-            coeffs = (z.flatten(1) - self.z_mean) @ self.z_basis.T / self.z_std  # [B, K], unit variance each
+            coeffs = (z.flatten(1) - self.z_mean) @ self.z_basis.T / self.z_std  # [B, K], mean variance 1
             return coeffs.view(z.shape[0], *self.token_shape) * self.config.data_std
         return (z - self.z_mean) / self.z_std * self.config.data_std
 

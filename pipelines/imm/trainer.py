@@ -1,7 +1,6 @@
 """Training the IMM diffusion transformer (or its flow-matching baseline): the Task the shared loop runs."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +32,9 @@ class IMMStage:
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
-    # "pca": the top latent_pca principal components, whitened
+    # "pca": the top latent_pca principal components, each scaled by std^pca_whiten
     latent_pca: int = 0
-    pca_whiten: float = 1.0  # latent_pca: each component scaled by std^pca_whiten (1 whitened, 0 natural variances)
+    pca_whiten: float = 0.0  # 0: the latent's own proportions; 1: whitened (on shapes: learns nothing, BENCHMARKS.md)
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
@@ -45,7 +44,7 @@ CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 o
 
 
 def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False,
-                      pca: int = 0, whiten: float = 1.0) -> tuple:
+                      pca: int = 0, whiten: float = 0.0) -> tuple:
     """Mean and std of the tokenizer's latents z [B, L, c] over `num` training samples: per channel, [c]
     (default), or per (token, channel), [L][c]. A 1D tokenizer's latent tokens are not exchangeable: on the
     shapes tokenizer each token's mean sits a median 0.7 channel-stds off the channel's mean and its std is a
@@ -65,10 +64,10 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
             zs.append(tokenizer.encode(x.to(device))[0].float().cpu())  # [B, L, c]
     z = torch.cat(zs)
     if pca:
-        flat = z.flatten(1).double()  # [B, L c]
-        mean = flat.mean(0)
-        _, singular, directions = torch.linalg.svd(flat - mean, full_matrices=False)
-        std = (singular[:pca] / math.sqrt(max(1, len(flat) - 1))).clamp_min(1e-6)
+        from pipelines.maetok.trainer import principal_components
+
+        mean, std, directions = principal_components(z)
+        std = std[:pca].clamp_min(1e-6)
         scale = std**whiten * (std ** (2 * (1 - whiten))).mean().sqrt()  # mean of (std / scale)^2 is 1
         return mean.tolist(), scale.tolist(), directions[:pca].float()
     if not per_token:
