@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -18,6 +19,15 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, m
 FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast; also fast on CPUs with AVX512-BF16 or AMX). Default: auto, or the run's own on --resume.")]
+
+
+def trained_or_shipped(kind: str) -> Path:
+    """The default folder of a model kind ("tokenizer", "classifier"): runs/<kind> when the user has trained
+    one there, else the shipped weights."""
+    from checkpoints import SHIPPED
+
+    own = Path("runs") / kind
+    return own if (own / "config.json").exists() else SHIPPED[kind]
 
 
 def fail(message: str, code: int = 1):

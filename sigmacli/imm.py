@@ -7,14 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit, parse_grid
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
+                             parse_grid, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
-
-
-def default_tokenizer() -> Path:
-    from checkpoints import SHIPPED
-
-    return Path("runs/tokenizer") if (Path("runs/tokenizer") / "config.json").exists() else SHIPPED["tokenizer"]
 
 
 @app.command("train-imm")
@@ -140,7 +135,7 @@ def train_imm(
             stage.align_teacher, stage.align_weight, align_dim = str(align_teacher), align_weight, teacher.config.feature_dim
         tok = None
         if space == "latent":
-            tok_dir = tokenizer or default_tokenizer()
+            tok_dir = tokenizer or trained_or_shipped("tokenizer")
             tok = load_model(tok_dir, "tokenizer")
             stage.tokenizer = str(tok_dir)
             tc = tok.config
@@ -387,7 +382,7 @@ def eval_(
     steps, cfg = sampling_options(meta, steps, cfg, sampler)
     if num < 2:
         raise SigmaError("--num must be at least 2")
-    clf_dir = classifier or (Path("runs/classifier") if (Path("runs/classifier") / "config.json").exists() else SHIPPED["classifier"])
+    clf_dir = classifier or trained_or_shipped("classifier")
     clf = load_model(clf_dir, "classifier", dev)
     c = net.config
     if list(clf.config.class_names or []) != list(c.class_names or []):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
+from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit, trained_or_shipped
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
@@ -179,11 +179,9 @@ def reconstruct(
         lines.append(f"linear probe of the class on the latents: {result['probe_accuracy']:.1%} held-out "
                      f"({result['num_classes']} classes, {result['probe_num_train']} training samples)")
     if spectrum:
-        from checkpoints import SHIPPED
         from pipelines.maetok.trainer import spectrum_probe
 
-        clf_dir = classifier or (Path("runs/classifier") if (Path("runs/classifier") / "config.json").exists()
-                                 else SHIPPED["classifier"])
+        clf_dir = classifier or trained_or_shipped("classifier")
         clf = load_model(clf_dir, "classifier", dev)
         if clf.config.image_size != c.image_size:
             raise SigmaError(f"the classifier in '{clf_dir}' reads {clf.config.image_size} px images, the tokenizer "

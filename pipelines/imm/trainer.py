@@ -56,16 +56,10 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
     scales each component by its std (every direction unit variance); 0 keeps their natural proportions
     (one common scale, a rotation of z cut to K directions); between, std^whiten. The scales always give
     the K components a mean variance of 1."""
-    zs = []
-    num = min(num, len(data))  # a folder may hold fewer items than the statistics would like
-    with torch.no_grad():
-        for start in range(0, num, batch_size):
-            x, _ = data.get_batch(torch.arange(start, min(num, start + batch_size)))
-            zs.append(tokenizer.encode(x.to(device))[0].float().cpu())  # [B, L, c]
-    z = torch.cat(zs)
-    if pca:
-        from pipelines.maetok.trainer import principal_components
+    from pipelines.maetok.trainer import encode_first, principal_components
 
+    z, _ = encode_first(tokenizer, data, num, device, batch_size)  # [B, L, c]; a folder may hold fewer than num
+    if pca:
         mean, std, directions = principal_components(z)
         std = std[:pca].clamp_min(1e-6)
         scale = std**whiten * (std ** (2 * (1 - whiten))).mean().sqrt()  # mean of (std / scale)^2 is 1

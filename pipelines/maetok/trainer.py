@@ -142,13 +142,17 @@ def evaluate_reconstruction(model: MAETok, heldout, num: int, device) -> tuple[d
     return metrics, x, recon
 
 
-def encode_first(model: MAETok, ds, num: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents z [B, L, c] (float32, CPU) and labels of the first `num` items of a data set, no masking."""
+def encode_first(model: MAETok, ds, num: int, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents z [B, L, c] (float32, CPU) and labels (None if the data set has none) of the first `num` items
+    of a data set (fewer if it is smaller), no masking; read and encoded `batch_size` at a time."""
+    zs, ys = [], []
     num = min(num, len(ds))
-    x, y = ds.get_batch(torch.arange(num))
     with torch.no_grad():
-        z = torch.cat([model.encode(c.to(device))[0].float().cpu() for c in x.split(256)])
-    return z, y
+        for start in range(0, num, batch_size):
+            x, y = ds.get_batch(torch.arange(start, min(num, start + batch_size)))
+            zs.append(model.encode(x.to(device))[0].float().cpu())
+            ys.append(y)
+    return torch.cat(zs), (None if ys[0] is None else torch.cat(ys))
 
 
 def principal_components(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
