@@ -51,6 +51,8 @@ def train_imm(
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of the sampling weights (default: the preset's).")] = None,
+    optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the hidden matrices: attention, MLP, adaLN; AdamW for the rest).")] = "adamw",
+    muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr.")] = 10.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Guidance scale for the pictures (and sigma sample's default).")] = 1.5,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
@@ -78,7 +80,7 @@ def train_imm(
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
     from pipelines.imm.scheduler import IMMScheduler
-    from pipelines.imm.trainer import (OBJECTIVES, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
+    from pipelines.imm.trainer import (OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, rank_device, resolve_device, train, uses_bf16
@@ -100,6 +102,10 @@ def train_imm(
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
         if objective not in OBJECTIVES:
             raise SigmaError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        if optimizer not in OPTIMIZERS:
+            raise SigmaError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+        if muon_lr_scale <= 0:
+            raise SigmaError(f"--muon-lr-scale must be > 0, not {muon_lr_scale}")
         if space not in ("latent", "pixels"):
             raise SigmaError(f"--space must be latent or pixels, not {space!r}")
         if attn not in ATTN_KINDS:
@@ -126,7 +132,8 @@ def train_imm(
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
-                         sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents)
+                         sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
+                         muon_lr_scale=muon_lr_scale)
         align_dim = 0
         if align_teacher is not None:
             teacher = load_model(align_teacher, "classifier")  # one line if it is not a classifier folder

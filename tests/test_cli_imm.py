@@ -75,6 +75,17 @@ def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_p
     assert meta()["train"]["precision"] == "bf16" and meta()["step"] == 3
 
 
+def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
+    root, _ = runs
+    last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--optimizer", "muon",
+                  "--muon-lr-scale", "5", "--out", tmp_path / "m", "--json"))
+    meta = lambda: json.loads((tmp_path / "m" / "sigma.json").read_text())  # noqa: E731
+    assert meta()["stage"]["optimizer"] == "muon" and meta()["stage"]["muon_lr_scale"] == 5
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    r = last_json(cli("train-imm", "--resume", "--steps", "3", "--out", tmp_path / "m", "--json"))
+    assert r["resumed_from"] == 2 and meta()["stage"]["optimizer"] == "muon" and lrs
+
+
 def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--steps", "2",
                       "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
@@ -121,6 +132,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
          "--precision must be one of auto, fp32, bf16"),
         (("train-imm", "--tokenizer", root / "tok", "--data", "moving-shapes", "--frames", "8", "--out", tmp_path / "u"),
          "encodes 1-frame 16px data"),
+        (("train-imm", "--tokenizer", root / "tok", "--optimizer", "sgd", "--out", tmp_path / "s"), "--optimizer must be one of adamw, muon"),
+        (("train-imm", "--tokenizer", root / "tok", "--optimizer", "muon", "--muon-lr-scale", "0", "--out", tmp_path / "s"),
+         "--muon-lr-scale must be > 0"),
     ]
     for args, message in cases:
         r = cli(*args)

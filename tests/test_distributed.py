@@ -1,5 +1,5 @@
 """Two gloo processes (DDP and FSDP2) give the weights of one process on the combined batch, for the tokenizer,
-IMM and the LM; a checkpoint saved under FSDP2 loads in a single process and resumes under FSDP2."""
+IMM and the LM (with AdamW and Muon); a checkpoint saved under FSDP2 loads in a single process and resumes under FSDP2."""
 import json
 import os
 import socket
@@ -18,8 +18,12 @@ def free_port() -> int:
 
 
 def make_task(kind: str):
-    """A tiny model + task of each trainer, identical in every process (fixed seeds)."""
+    """A tiny model + task of each trainer, identical in every process (fixed seeds); "imm-muon" and "lm-muon" train
+    with Muon."""
     from pipelines.train import TrainConfig
+
+    kind, _, optimizer = kind.partition("-")
+    optimizer = optimizer or "adamw"
 
     torch.manual_seed(0)
     cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, ema=0.9, save_every=0, sample_every=0, device="cpu",
@@ -43,14 +47,14 @@ def make_task(kind: str):
                     width=32, depth=2, heads=2)
         data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
         held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
-        task = IMMTask(model, IMMSchedule(), IMMStage(group_size=4), data, held, None, cfg.batch_size, cfg.seed, "shapes")
+        task = IMMTask(model, IMMSchedule(), IMMStage(group_size=4, optimizer=optimizer), data, held, None, cfg.batch_size, cfg.seed, "shapes")
     else:
         from pipelines.lm.data import ByteCorpus
         from pipelines.lm.model import MoELM
         from pipelines.lm.trainer import LMStage, LMTask
 
         model = MoELM(width=32, depth=2, heads=2, context=16, experts=4, expert_hidden=8, top_k=2)
-        task = LMTask(model, ByteCorpus(None, 16), LMStage(), cfg.batch_size, None, cfg)
+        task = LMTask(model, ByteCorpus(None, 16), LMStage(optimizer=optimizer), cfg.batch_size, None, cfg)
     return task, cfg
 
 
@@ -73,6 +77,7 @@ def run(kind, out, world=1, fsdp=False, steps=2, resume=False):
         _single(kind, out, steps, resume)
     else:
         mp.spawn(worker, args=(world, free_port(), kind, str(out), fsdp, steps, resume), nprocs=world, join=True)
+    kind = kind.partition("-")[0]
     return load_model(out / ("transformer" if kind == "imm" else ""), {"tokenizer": "tokenizer", "imm": "imm", "lm": "lm"}[kind])
 
 
@@ -93,7 +98,7 @@ def assert_same_weights(a, b, atol=2e-5):
         assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), (k, (sa[k] - sb[k]).abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["tokenizer", "imm", "lm"])
+@pytest.mark.parametrize("kind", ["tokenizer", "imm", "lm", "imm-muon", "lm-muon"])
 def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
     one = run(kind, tmp_path / "one")
     ddp = run(kind, tmp_path / "ddp", world=2)

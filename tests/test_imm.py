@@ -217,6 +217,39 @@ def test_imm_training_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_muon_takes_the_hidden_matrices_each_split_and_adamw_the_rest():
+    from pipelines.imm.trainer import IMMStage, make_imm_optimizer
+    from pipelines.nn.muon import MuonAdamW, orthogonalise_all
+    from pipelines.train import TrainConfig
+
+    torch.manual_seed(0)
+    model = tiny_dit(space="latent")
+    opt = make_imm_optimizer(model, TrainConfig(lr=1e-3), IMMStage(optimizer="muon", muon_lr_scale=10.0))
+    assert isinstance(opt, MuonAdamW)
+    split = {id(p): g["split_out"] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    b = model.blocks[0]
+    assert split[id(b.attn.qkv.weight)] == 3 and split[id(b.ada[1].weight)] == 6 and split[id(model.final_ada[1].weight)] == 2
+    assert split[id(b.mlp.fc1.weight)] == 1 and split[id(b.attn.proj.weight)] == 1 and split[id(model.t_embed.mlp[0].weight)] == 1
+    for p in (model.embed.weight, model.out.weight, model.class_embed.weight, model.pos, b.attn.qkv.bias):
+        assert id(p) not in split  # input/output projections, embeddings and vectors stay with AdamW
+    assert all(g["lr_scale"] == 10.0 for g in opt.param_groups if g["use_muon"])
+    assert not isinstance(make_imm_optimizer(model, TrainConfig(), IMMStage()), MuonAdamW)
+    # q, k and v orthogonalised one by one: each third of the update has near-unit singular values
+    g = torch.randn(96, 32)
+    o = orthogonalise_all([(g, {"split_out": 3})])[0]
+    for part in o.chunk(3, 0):
+        assert torch.allclose(torch.linalg.svdvals(part), torch.ones(32), atol=0.35)
+    # batched over shapes: the same result as one matrix at a time
+    a, c = torch.randn(32, 32), torch.randn(16, 64)
+    together = orthogonalise_all([(a, {}), (c, {}), (a * 2, {})])
+    assert torch.allclose(together[0], orthogonalise_all([(a, {})])[0]) and torch.allclose(together[0], together[2], atol=1e-2)
+    before = b.attn.qkv.weight.detach().clone()
+    x = torch.randn(2, 8, 4)
+    model(x, torch.full((2,), 0.8), torch.full((2,), 0.3), torch.tensor([0, 1])).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(before, b.attn.qkv.weight)
+
+
 def test_every_block_learns_from_the_first_step():
     """adaLN-zero: gates start at 0 but every block's modulation gets a gradient at once (zeroing the output
     projections as well would leave the blocks dead: both factors of the residual branch at zero)."""

@@ -89,7 +89,7 @@ def test_kv_cache_generates_the_same_tokens():
 
 
 def test_muon_steps_expert_weights():
-    from pipelines.lm.muon import MuonAdamW, newton_schulz
+    from pipelines.nn.muon import MuonAdamW, newton_schulz
     from pipelines.lm.trainer import LMStage, make_lm_optimizer
     from pipelines.train import TrainConfig
 

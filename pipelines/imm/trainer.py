@@ -38,6 +38,43 @@ class IMMStage:
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
+    optimizer: str = "adamw"  # "adamw" | "muon" (the hidden matrices; AdamW for the rest)
+    muon_lr_scale: float = 10.0  # Muon's lr relative to --lr (its steps are orthogonalised, of unit scale)
+
+
+OPTIMIZERS = ("adamw", "muon")
+# weights that hold several matrices side by side (rows): Muon orthogonalises each one separately
+_MUON_SPLIT = (("attn.qkv.weight", 3), ("final_ada.1.weight", 2), ("ada.1.weight", 6))
+
+
+def make_imm_optimizer(model: DiT, cfg, stage: IMMStage) -> torch.optim.Optimizer:
+    """AdamW (the shared loop's), or with stage.optimizer == "muon": Muon for the hidden matrices (attention, MLP,
+    adaLN and time-embedding Linear weights; q, k, v and the adaLN chunks each orthogonalised on their own) and
+    AdamW for the rest, as Muon is meant to be used: the input and output projections, class and position
+    embeddings, the REPA head, biases and norms."""
+    from pipelines.train import make_optimizer, uses_bf16
+
+    if stage.optimizer == "adamw":
+        return make_optimizer(model, cfg)
+    from pipelines.nn.muon import MuonAdamW
+
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    hidden = ("blocks.", "t_embed.", "s_embed.", "final_ada.")
+    muon: dict[int, list] = {}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in linear and name.startswith(hidden):
+            split = next((k for suffix, k in _MUON_SPLIT if name.endswith(suffix)), 1)
+            muon.setdefault(split, []).append(p)
+        else:
+            (decay if p.dim() >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
+    kw = {"use_muon": True, "weight_decay": cfg.weight_decay, "lr_scale": stage.muon_lr_scale}
+    return MuonAdamW([*({"params": ps, **kw, "split_out": k} for k, ps in sorted(muon.items())),
+                      {"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                     bf16_newton_schulz=uses_bf16(cfg.precision, next(model.parameters()).device))
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 on the host)
@@ -146,6 +183,9 @@ class IMMTask:
 
     def trainable(self, model):
         model.requires_grad_(True)
+
+    def make_optimizer(self, model, cfg):
+        return make_imm_optimizer(model, cfg, self.stage)
 
     def to_tokens(self, model: DiT, x: torch.Tensor) -> torch.Tensor:
         if model.config.space == "pixels":

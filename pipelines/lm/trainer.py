@@ -42,7 +42,8 @@ def make_lm_optimizer(model: MoELM, cfg, stage: LMStage) -> torch.optim.Optimize
         else:
             no_decay.append(p)
     if stage.optimizer == "muon":
-        from pipelines.lm.muon import MuonAdamW
+        from pipelines.nn.muon import MuonAdamW
+        from pipelines.train import uses_bf16
 
         muon_kw = {"use_muon": True, "weight_decay": cfg.weight_decay, "lr_scale": stage.muon_lr_scale}
         return MuonAdamW([
@@ -51,7 +52,7 @@ def make_lm_optimizer(model: MoELM, cfg, stage: LMStage) -> torch.optim.Optimize
             {"params": muon_experts, **muon_kw, "in_out": True, "split_out": 2},
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
-        ], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        ], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), bf16_newton_schulz=uses_bf16(cfg.precision, next(model.parameters()).device))
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
