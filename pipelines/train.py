@@ -123,15 +123,19 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on vectors (norms, biases) and on learned tokens/positions."""
+def adamw_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """Param groups for AdamW: no weight decay on vectors (norms, biases) and on learned tokens/positions."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over adamw_groups."""
+    return torch.optim.AdamW(adamw_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), fused=False)
 
 
 class _Distributed:

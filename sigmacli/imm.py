@@ -52,7 +52,7 @@ def train_imm(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of the sampling weights (default: the preset's).")] = None,
     optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the hidden matrices: attention, MLP, adaLN; AdamW for the rest).")] = "adamw",
-    muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr.")] = 10.0,
+    muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr (5 beat 10 and 20 on shapes).")] = 5.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Guidance scale for the pictures (and sigma sample's default).")] = 1.5,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
