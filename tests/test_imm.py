@@ -179,8 +179,10 @@ def test_pipeline_save_load_round_trip(tmp_path):
     assert pil[0].size == (16, 16)
 
 
-def test_imm_training_resumes_exactly(tmp_path):
-    """4 straight steps == a crash at step 3 (checkpoint at 2) + resume, with IMM's draws, EMA and latent-free pixels."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_imm_training_resumes_exactly(tmp_path, optimizer):
+    """4 straight steps == a crash at step 3 (checkpoint at 2) + resume, with IMM's draws, EMA and latent-free pixels
+    (and Muon's momentum buffers)."""
     import json
 
     from pipelines.data import make_dataset
@@ -190,7 +192,7 @@ def test_imm_training_resumes_exactly(tmp_path):
     def task():
         torch.manual_seed(0)
         data = make_dataset("shapes", image_size=16)
-        t = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(), data, data, None, 8, 0, "shapes")
+        t = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(optimizer=optimizer), data, data, None, 8, 0, "shapes")
         t.pictures = lambda *a: None
         return t
 
@@ -234,6 +236,8 @@ def test_muon_takes_the_hidden_matrices_each_split_and_adamw_the_rest():
         assert id(p) not in split  # input/output projections, embeddings and vectors stay with AdamW
     assert all(g["lr_scale"] == 10.0 for g in opt.param_groups if g["use_muon"])
     assert not isinstance(make_imm_optimizer(model, TrainConfig(), IMMStage()), MuonAdamW)
+    assert opt.ns_dtype == torch.float32  # an fp32 run orthogonalises in fp32, a bf16 run in bf16
+    assert make_imm_optimizer(model, TrainConfig(precision="bf16"), IMMStage(optimizer="muon")).ns_dtype == torch.bfloat16
     # q, k and v orthogonalised one by one: each third of the update has near-unit singular values
     g = torch.randn(96, 32)
     o = orthogonalise_all([(g, {"split_out": 3})])[0]
