@@ -44,7 +44,7 @@ class IMMStage:
 
 OPTIMIZERS = ("adamw", "muon")
 # weights that hold several matrices side by side (rows): Muon orthogonalises each one separately
-_MUON_SPLIT = (("attn.qkv.weight", 3), ("final_ada.1.weight", 2), ("ada.1.weight", 6))
+_MUON_SPLIT = ((".attn.qkv.weight", 3), (".ada.1.weight", 6), ("final_ada.1.weight", 2))
 
 
 def make_imm_optimizer(model: DiT, cfg, stage: IMMStage) -> torch.optim.Optimizer:
