@@ -53,6 +53,10 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     c = last_json(cli("sample", "--model", root / "imm", "--num", "4", "--class-label", "star", "--sampler", "restart",
                       "--steps", "3", "--out", tmp_path / "c.png", "--json"))
     assert c["labels"] == [5, 5, 5, 5] and Image.open(tmp_path / "c.png").size[0] > 16
+    assert a["times"] == pytest.approx([0.994, 0.5, 0.006])  # uniform in t by default
+    m = last_json(cli(*args, "--midpoint", "0.65", "--out", tmp_path / "m.png"))
+    assert m["times"] == pytest.approx([0.994, 0.65, 0.006])
+    assert (tmp_path / "m.png").read_bytes() != (tmp_path / "a.png").read_bytes()  # the same noise, another path
 
 
 def test_resume_extends_a_run(runs, cli, tmp_path):
@@ -122,6 +126,8 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
         (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
         (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),
+        (("sample", "--model", root / "imm", "--steps", "4", "--midpoint", "0.6"), "it needs --steps 2, not 4"),
+        (("eval", "--model", root / "imm", "--steps", "2", "--midpoint", "1.5"), "--midpoint must lie between eps"),
         (("sample", "--model", tmp_path / "nothing"), "does not exist"),
         (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),
         (("train-imm", "--space", "pixels", "--cube", "1x3x3", "--steps", "1", "--out", tmp_path / "y"), "not divisible by --cube"),

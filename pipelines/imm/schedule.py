@@ -136,6 +136,8 @@ class IMMSchedule:
         if steps < 1:
             raise ValueError("steps must be at least 1")
         if midpoint is not None and steps == 2:
+            if not self.eps < midpoint < self.T:
+                raise ValueError(f"midpoint must lie between eps {self.eps} and T {self.T}, not {midpoint}")
             return torch.tensor([self.T, midpoint, self.eps])
         return torch.linspace(self.T, self.eps, steps + 1)
 
