@@ -59,6 +59,7 @@ def train_imm(
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this IMM or flow-matching run (its architecture, space, tokenizer and latent statistics); a new run with its own steps and schedule.")] = None,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
     precision: PrecisionOpt = None,
@@ -87,6 +88,8 @@ def train_imm(
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if resume and init is not None:
+        raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
     if resume:  # everything but --steps comes from the run itself
         if not (out / RUN_META).exists():
             raise SigmaError(f"--resume: '{out}' holds no run to continue")
@@ -140,8 +143,27 @@ def train_imm(
             if align_weight <= 0:
                 raise SigmaError(f"--align-weight must be > 0, not {align_weight}")
             stage.align_teacher, stage.align_weight, align_dim = str(align_teacher), align_weight, teacher.config.feature_dim
-        tok = None
-        if space == "latent":
+        tok = init_model = None
+        if init is not None:  # the network, its space, tokenizer and latent statistics come from the run we start from
+            if tokenizer is not None:
+                raise SigmaError(f"--init brings its own tokenizer ('{init}/tokenizer'); leave out --tokenizer")
+            if any(v is not None for v in (width, depth, heads)):
+                raise SigmaError(f"--init takes the architecture from '{init}'; leave out --width, --depth and --heads")
+            init_model = load_model(init, "imm")
+            stage.init = str(init)
+            init_stage = read_json(init / RUN_META).get("stage", {}) if (init / RUN_META).exists() else {}
+            for name in ("latent_norm", "latent_pca", "pca_whiten"):
+                setattr(stage, name, init_stage.get(name, getattr(stage, name)))
+            ic = init_model.config
+            if (image_size not in (None, ic.image_size)) or (frames not in (None, ic.frames)):
+                raise SigmaError(f"--init '{init}' generates {ic.frames}-frame {ic.image_size}px data, not "
+                                 f"{frames or 1}-frame {image_size or 32}px")
+            space, image_size, frames = ic.space, ic.image_size, ic.frames
+            if space == "latent":
+                tok = load_model(init / "tokenizer", "tokenizer")
+                stage.tokenizer = init_stage.get("tokenizer", str(init / "tokenizer"))
+            data = data or ("moving-shapes" if frames > 1 else "shapes")
+        if space == "latent" and init is None:
             tok_dir = tokenizer or trained_or_shipped("tokenizer")
             tok = load_model(tok_dir, "tokenizer")
             stage.tokenizer = str(tok_dir)
@@ -165,7 +187,15 @@ def train_imm(
         stage.cache_latents = cache_latents
     # decided once and saved with the run, so a resume with more --steps does not switch paths mid-run
     stage.cache_latents = should_cache_latents(stage.cache_latents, train_set, tok, cfg.steps, cfg.batch_size)
-    if not resume:
+    if init_model is not None:
+        if align_dim and init_model.config.align_dim != align_dim:
+            raise SigmaError(f"--align-teacher needs a head of {align_dim} features; '{init}' has "
+                             f"{init_model.config.align_dim or 'none'}: start it without --init")
+        if init_model.config.num_classes != train_set.num_classes:
+            raise SigmaError(f"--init '{init}' knows {init_model.config.num_classes} classes, the data "
+                             f"{train_set.num_classes}")
+        model = init_model.float()
+    elif not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
         if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
             raise SigmaError(f"--width {arch['width']} must split into --heads {arch['heads']} heads of even size")
@@ -217,13 +247,13 @@ def train_imm(
                 raise SigmaError(f"the token grid {'x'.join(map(str, grid))} is not divisible by --cube {'x'.join(map(str, cube_t))}")
             model = DiT(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
                         cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
-        if int(os.environ.get("RANK", "0")) == 0:  # the run folder is a diffusers pipeline folder from the start
-            from checkpoints.io import checkpoint_dir
+    if not resume and int(os.environ.get("RANK", "0")) == 0:  # the run folder is a diffusers pipeline folder from the start
+        from checkpoints.io import checkpoint_dir
 
-            if checkpoint_dir(out) is not None:
-                raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
-            sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
-            IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
+        if checkpoint_dir(out) is not None:
+            raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+        sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
+        IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
     latents = None

@@ -90,6 +90,25 @@ def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
     assert r["resumed_from"] == 2 and meta()["stage"]["optimizer"] == "muon" and lrs
 
 
+def test_init_starts_a_new_run_from_another_runs_weights(runs, cli, tmp_path):
+    """--init (e.g. IMM from a flow-matching run): the network, tokenizer and latent statistics come from it;
+    at lr 0 the new run's sampling weights are exactly the ones it started from."""
+    from safetensors.torch import load_file
+
+    root, _ = runs
+    small = TINY_DIT[6:]  # all but --width/--depth/--heads, which come from the run
+    last_json(cli("train-imm", "--init", root / "imm", *small, "--steps", "2", "--lr", "0", "--out", tmp_path / "i", "--json"))
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(root / "imm" / weights), load_file(tmp_path / "i" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "i" / "sigma.json").read_text())
+    assert meta["stage"]["init"] == str(root / "imm") and meta["step"] == 2
+    assert (json.loads((tmp_path / "i" / "transformer/config.json").read_text())["width"] == 32)
+    r = last_json(cli("train-imm", "--init", root / "imm", *small, "--steps", "2", "--objective", "flow-matching",
+                      "--out", tmp_path / "f", "--json"))
+    assert r["objective"] == "flow-matching" and r["final_loss"] > 0
+
+
 def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--steps", "2",
                       "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
@@ -127,6 +146,10 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
         (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),
         (("sample", "--model", root / "imm", "--steps", "4", "--midpoint", "0.6"), "it needs --steps 2, not 4"),
+        (("train-imm", "--init", root / "tok", "--out", tmp_path / "i1"), "holds a tokenizer model, but this needs an imm model"),
+        (("train-imm", "--init", root / "imm", "--tokenizer", root / "tok", "--out", tmp_path / "i2"), "leave out --tokenizer"),
+        (("train-imm", "--init", root / "imm", "--width", "64", "--out", tmp_path / "i3"), "leave out --width"),
+        (("train-imm", "--init", root / "imm", "--resume", "--out", root / "imm"), "pass one of them"),
         (("eval", "--model", root / "imm", "--steps", "2", "--midpoint", "1.5"), "--midpoint must lie between eps"),
         (("sample", "--model", tmp_path / "nothing"), "does not exist"),
         (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),

@@ -40,6 +40,7 @@ class IMMStage:
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
     optimizer: str = "adamw"  # "adamw" | "muon" (the hidden matrices; AdamW for the rest)
     muon_lr_scale: float = 5.0  # Muon's lr relative to --lr (its steps are orthogonalised; 5 beat 10 and 20 on shapes)
+    init: str | None = None  # the run whose (sampling) weights this one started from (`--init`), if any
 
 
 OPTIMIZERS = ("adamw", "muon")
