@@ -27,6 +27,8 @@ def train_imm(
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM: at least this; the groups left over when a batch is split into one-class groups are null too.")] = 0.1,
+    fm_fraction: Annotated[float, typer.Option(help="IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching instead (euler_fm, fm schedule; 0 = pure IMM).")] = 0.0,
+    fm_weight: Annotated[float, typer.Option(help="--fm-fraction: the weight of that velocity loss (its gradients are ~25x IMM's at weight 1).")] = 0.05,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel) | pca (the top --pca-dims principal components of the whole latent, scaled by --pca-whiten).")] = "channel",
     pca_whiten: Annotated[float, typer.Option(help="--latent-norm pca: scale each component by std^P (0 = the latent's own proportions, a rotation cut to --pca-dims; 1 = whitened, every direction the same variance, which on shapes learns nothing).")] = 0.0,
     pca_dims: Annotated[int, typer.Option(help="--latent-norm pca: principal components kept (a multiple of the latent width; the tokens are pca-dims / width of them).")] = 128,
@@ -90,6 +92,7 @@ def train_imm(
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if resume and init is not None:
         raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
+    init_model = None
     if resume:  # everything but --steps comes from the run itself
         if not (out / RUN_META).exists():
             raise SigmaError(f"--resume: '{out}' holds no run to continue")
@@ -115,6 +118,10 @@ def train_imm(
             raise SigmaError(f"--attn {attn!r} is not available (have: {', '.join(ATTN_KINDS)})")
         if objective == "flow-matching" and (schedule != "fm" or parameterization != "euler_fm"):
             raise SigmaError("--objective flow-matching uses the fm schedule and the euler_fm parameterization")
+        if not 0 <= fm_fraction < 1 or fm_weight < 0:
+            raise SigmaError(f"--fm-fraction must be in [0, 1) and --fm-weight >= 0, not {fm_fraction} / {fm_weight}")
+        if fm_fraction and (objective != "imm" or schedule != "fm" or parameterization != "euler_fm"):
+            raise SigmaError("--fm-fraction needs --objective imm with the fm schedule and the euler_fm parameterization")
         if group_size < 2 and objective == "imm":
             raise SigmaError("--group-size must be at least 2 (the MMD compares particles)")
         if not 0 <= label_dropout < 1:
@@ -136,14 +143,14 @@ def train_imm(
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
-                         muon_lr_scale=muon_lr_scale)
+                         muon_lr_scale=muon_lr_scale, fm_fraction=fm_fraction, fm_weight=fm_weight)
         align_dim = 0
         if align_teacher is not None:
             teacher = load_model(align_teacher, "classifier")  # one line if it is not a classifier folder
             if align_weight <= 0:
                 raise SigmaError(f"--align-weight must be > 0, not {align_weight}")
             stage.align_teacher, stage.align_weight, align_dim = str(align_teacher), align_weight, teacher.config.feature_dim
-        tok = init_model = None
+        tok = None
         if init is not None:  # the network, its space, tokenizer and latent statistics come from the run we start from
             if tokenizer is not None:
                 raise SigmaError(f"--init brings its own tokenizer ('{init}/tokenizer'); leave out --tokenizer")

@@ -82,9 +82,10 @@ def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_p
 def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
     root, _ = runs
     last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--optimizer", "muon",
-                  "--muon-lr-scale", "5", "--out", tmp_path / "m", "--json"))
+                  "--muon-lr-scale", "5", "--fm-fraction", "0.5", "--out", tmp_path / "m", "--json"))
     meta = lambda: json.loads((tmp_path / "m" / "sigma.json").read_text())  # noqa: E731
     assert meta()["stage"]["optimizer"] == "muon" and meta()["stage"]["muon_lr_scale"] == 5
+    assert meta()["stage"]["fm_fraction"] == 0.5  # with velocity groups too (kept on resume like the rest)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     r = last_json(cli("train-imm", "--resume", "--steps", "3", "--out", tmp_path / "m", "--json"))
     assert r["resumed_from"] == 2 and meta()["stage"]["optimizer"] == "muon" and lrs
@@ -162,6 +163,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--data", "moving-shapes", "--frames", "8", "--out", tmp_path / "u"),
          "encodes 1-frame 16px data"),
         (("train-imm", "--tokenizer", root / "tok", "--optimizer", "sgd", "--out", tmp_path / "s"), "--optimizer must be one of adamw, muon"),
+        (("train-imm", "--tokenizer", root / "tok", "--objective", "flow-matching", "--fm-fraction", "0.2", "--out", tmp_path / "s"),
+         "--fm-fraction needs --objective imm"),
+        (("train-imm", "--tokenizer", root / "tok", "--fm-fraction", "1", "--out", tmp_path / "s"), "--fm-fraction must be in [0, 1)"),
         (("train-imm", "--tokenizer", root / "tok", "--optimizer", "muon", "--muon-lr-scale", "0", "--out", tmp_path / "s"),
          "--muon-lr-scale must be > 0"),
     ]

@@ -135,6 +135,33 @@ def test_target_has_no_gradient_and_groups_share_times():
     assert flow_matching_loss(model, model, sched, x, torch.zeros(8, dtype=torch.long), fm_draws)[0].item() > 0
 
 
+def test_velocity_groups_train_flow_matching_on_the_same_pass():
+    """--fm-fraction: groups marked fm train G(x, t, t) with the flow-matching loss; the other draws do not change;
+    all-fm equals the flow-matching baseline's loss, none-fm the plain IMM loss, and a mix is their weighted sum."""
+    torch.manual_seed(0)
+    sched, model = IMMSchedule(), tiny_dit()
+    x, labels = torch.randn(16, 16, 48) * 0.5, torch.arange(16) // 4 % 3
+    plain = draw_global(sched, 16, 4, (16, 48), 0.0, torch.Generator().manual_seed(3))
+    mixed = draw_global(sched, 16, 4, (16, 48), 0.0, torch.Generator().manual_seed(3), fm_fraction=0.5)
+    assert not plain["fm"].any() and all(torch.equal(plain[k], mixed[k]) for k in ("s", "r", "t", "noise", "drop"))
+    imm_only = imm_loss(model, model, sched, x, labels, plain, 4)[0]
+    everything = {**plain, "fm": torch.ones(4, dtype=torch.bool)}
+    per_sample = {"t": plain["t"].repeat_interleave(4), "drop": plain["drop"].repeat_interleave(4), "noise": plain["noise"]}
+    fm_only = flow_matching_loss(model, model, sched, x, labels, per_sample)[0]
+    torch.testing.assert_close(imm_loss(model, model, sched, x, labels, everything, 4, fm_weight=0.3)[0], 0.3 * fm_only)
+    half = {**plain, "fm": torch.tensor([True, False, True, False])}
+    loss, logs = imm_loss(model, model, sched, x, labels, half, 4, fm_weight=0.3)
+    keep = torch.tensor([False, True, False, True]).repeat_interleave(4)
+    sub = {k: v[[1, 3]] for k, v in plain.items() if k not in ("noise", "u")}
+    sub["noise"] = plain["noise"][keep]
+    imm_part = imm_loss(model, model, sched, x[keep], labels[keep], sub, 4)[0] / 2  # a mean over 2 of 4 groups
+    fm_sub = {k: v[~keep] for k, v in per_sample.items()}
+    fm_part = flow_matching_loss(model, model, sched, x[~keep], labels[~keep], fm_sub)[0]
+    torch.testing.assert_close(loss, imm_part + 0.3 * fm_part * 0.5)
+    assert logs["fm"] > 0 and "fm" not in imm_loss(model, model, sched, x, labels, plain, 4, fm_weight=0.3)[1]
+    assert imm_only.item() > 0
+
+
 @pytest.mark.parametrize("sampler", ["pushforward", "restart", "euler"])
 def test_sampling_is_deterministic_per_seed(sampler):
     model = tiny_dit().eval()
@@ -309,7 +336,7 @@ def test_ranks_share_the_global_groups_and_dropout(monkeypatch):
     from pipelines.imm.trainer import IMMStage, IMMTask
 
     seen = []
-    monkeypatch.setattr(trainer, "imm_loss", lambda net, model, sched, x, labels, draws, M: (
+    monkeypatch.setattr(trainer, "imm_loss", lambda net, model, sched, x, labels, draws, M, fm_weight=0.0: (
         seen.append((x, labels, draws)) or (x.sum() * 0, {})))
     data = make_dataset("shapes", image_size=16)
     task = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(label_dropout=0.4), data, data, None, 64, 0, "shapes")

@@ -61,10 +61,12 @@ def class_groups(labels: torch.Tensor, group_size: int, null_class: int) -> tupl
 
 
 def draw_global(sched: IMMSchedule, batch: int, group_size: int, token_shape: tuple[int, int],
-                label_dropout: float, generator: torch.Generator, objective: str = "imm") -> dict:
+                label_dropout: float, generator: torch.Generator, objective: str = "imm", fm_fraction: float = 0.0) -> dict:
     """Every random draw of one step for the GLOBAL batch (a rank slices its part), so N processes compute
     exactly what one process would on the combined batch. IMM: (s, r, t) and label dropout per group of
-    `group_size` particles; flow matching: one t ~ U(eps, T) per sample (groups of 1)."""
+    `group_size` particles, and which groups train the velocity instead (`fm`, each with probability
+    `fm_fraction`; drawn last and only when > 0, so the other draws do not change); flow matching: one
+    t ~ U(eps, T) per sample (groups of 1)."""
     groups = batch // group_size if objective == "imm" else batch
     if objective == "imm":
         s, r, t = sched.sample_times(groups, generator)  # [G] each
@@ -74,7 +76,8 @@ def draw_global(sched: IMMSchedule, batch: int, group_size: int, token_shape: tu
     noise = sched.sigma_d * torch.randn(batch, *token_shape, generator=generator)  # eps ~ N(0, sigma_d^2 I)
     u = torch.rand(groups, generator=generator)
     drop = u < label_dropout  # whole groups go unconditional (IMM trainers refine this: `unconditional_groups`)
-    return {"s": s, "r": r, "t": t, "noise": noise, "drop": drop, "u": u}
+    fm = torch.rand(groups, generator=generator) < fm_fraction if fm_fraction > 0 else torch.zeros(groups, dtype=torch.bool)
+    return {"s": s, "r": r, "t": t, "noise": noise, "drop": drop, "u": u, "fm": fm}
 
 
 def unconditional_groups(u: torch.Tensor, group_labels: torch.Tensor, null_class: int, label_dropout: float) -> torch.Tensor:
@@ -90,26 +93,48 @@ def unconditional_groups(u: torch.Tensor, group_labels: torch.Tensor, null_class
 
 
 def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tensor, draws: dict,
-             group_size: int) -> tuple[torch.Tensor, dict]:
+             group_size: int, fm_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """IMM loss for this rank's particles. x: [b, N, c] clean tokens, labels: [b]; `draws` are this rank's
-    slice of `draw_global` (s, r, t, drop: [g]; noise: [b, N, c]) with b = g * group_size."""
+    slice of `draw_global` (s, r, t, drop, fm: [g]; noise: [b, N, c]) with b = g * group_size.
+
+    Groups marked `fm` (none unless --fm-fraction > 0) train the velocity instead: s = t, and the flow-matching
+    loss on the same forward pass, weighted by `fm_weight` (euler_fm only). IMM never trains G at s = t (there
+    f(x; t -> t) = x whatever G is), so this supervises an input the MMD leaves free, at no extra cost; the
+    hope is that the low-variance regression teaches the shared network the data faster than the MMD of 4
+    particles does (flow matching learns shapes' classes much faster: BENCHMARKS.md, tenth session)."""
     b = x.shape[0]
     M, g = group_size, b // group_size
     per_sample = lambda v: v.to(x.device).repeat_interleave(M)  # noqa: E731  [g] -> [b]
+    fm_g = draws["fm"].to(x.device) if "fm" in draws else torch.zeros(g, dtype=torch.bool, device=x.device)
+    fm = per_sample(fm_g)
     s, r, t = per_sample(draws["s"]), per_sample(draws["r"]), per_sample(draws["t"])
+    s = torch.where(fm, t, s)
     labels = torch.where(per_sample(draws["drop"]), torch.full_like(labels, model.null_class), labels)
     noise = draws["noise"].to(x)
     x_t = sched.add_noise(x, noise, t)  # the same x and noise for both times (Alg. 1)
     x_r = sched.add_noise(x, noise, r)
-    y_t = model_map(net, sched, x_t, s, t, labels).float()
+    G = net(sched.c_in(t).to(x_t.dtype)[:, None, None] * x_t, t, s, labels).to(x_t.dtype)
+    y_t = sched.combine(x_t, G, s, t).float()  # = model_map(net, sched, x_t, s, t, labels)
+    keep_g = ~fm_g
+    keep = per_sample(keep_g)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # stop-gradient target, fp32
-        y_r = model_map(model, sched, x_r, s, r, labels).float()
-    s_g, t_g = draws["s"].to(x.device), draws["t"].to(x.device)
-    bandwidth = sched.kernel_weight(s_g, t_g)  # [g]
-    weight = sched.loss_weight(t_g)  # [g]
-    per_group = mmd(y_t.reshape(g, M, -1), y_r.reshape(g, M, -1), bandwidth)  # [g]
-    loss = (weight * per_group).mean()
-    return loss, {"mmd": per_group.mean().item()}
+        y_r = model_map(model, sched, x_r[keep], s[keep], r[keep], labels[keep]).float()
+    s_g, t_g = draws["s"].to(x.device)[keep_g], draws["t"].to(x.device)[keep_g]
+    bandwidth = sched.kernel_weight(s_g, t_g)  # [g']
+    weight = sched.loss_weight(t_g)  # [g']
+    g_imm = int(keep_g.sum())
+    if g_imm:
+        per_group = mmd(y_t[keep].reshape(g_imm, M, -1), y_r.reshape(g_imm, M, -1), bandwidth)  # [g']
+        loss = (weight * per_group).sum() / g  # a mean over all groups: the velocity groups add zero MMD
+    else:
+        per_group, loss = y_t.new_zeros(1), 0 * y_t.sum()
+    logs = {"mmd": per_group.mean().item()}
+    if fm_weight > 0 and not bool(keep_g.all()):
+        v = (noise - x).float()[fm]  # the OT path's velocity, as in flow_matching_loss
+        fm_loss = (sched.sigma_d * G[fm].float() - v).pow(2).mean() / sched.sigma_d**2
+        loss = loss + fm_weight * fm_loss * (int(fm_g.sum()) / g)
+        logs["fm"] = fm_loss.item()
+    return loss, logs
 
 
 def flow_matching_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tensor, draws: dict

@@ -40,6 +40,8 @@ class IMMStage:
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
     optimizer: str = "adamw"  # "adamw" | "muon" (the hidden matrices; AdamW for the rest)
     muon_lr_scale: float = 5.0  # Muon's lr relative to --lr (its steps are orthogonalised; 5 beat 10 and 20 on shapes)
+    fm_fraction: float = 0.0  # IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching
+    fm_weight: float = 0.05  # that loss's weight (its gradients are ~25x IMM's at weight 1)
     init: str | None = None  # the run whose (sampling) weights this one started from (`--init`), if any
 
 
@@ -218,14 +220,15 @@ class IMMTask:
             tokens = model.tokens_from_latents(self.latents[indices].to(model.device))
         else:
             tokens = self.to_tokens(model, x)
-        draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective)
+        draws = draw_global(self.schedule, B, M, model.token_shape, self.stage.label_dropout, generator, self.stage.objective,
+                            self.stage.fm_fraction)
         if self.stage.objective == "imm":
             draws["drop"] = unconditional_groups(draws["u"], group_labels, model.null_class, self.stage.label_dropout)
         mine = {k: v[rank * g : (rank + 1) * g] for k, v in draws.items() if k not in ("noise", "u")}
         mine["noise"] = draws["noise"][rank * b : (rank + 1) * b]
         model.alignment = None
         if self.stage.objective == "imm":
-            loss, logs = imm_loss(net, model, self.schedule, tokens, labels, mine, M)
+            loss, logs = imm_loss(net, model, self.schedule, tokens, labels, mine, M, self.stage.fm_weight)
         else:
             loss, logs = flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
         if self.teacher is not None:
