@@ -56,7 +56,7 @@ def train_imm(
     optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the hidden matrices: attention, MLP, adaLN; AdamW for the rest).")] = "adamw",
     muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr (5 beat 10 and 20 on shapes).")] = 5.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
-    cfg_scale: Annotated[float, typer.Option("--cfg", help="Guidance scale for the pictures (and sigma sample's default).")] = 1.5,
+    cfg_scale: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for the pictures and sigma sample's default (default: 3 for IMM, 1.5 for flow matching: the best FD of each on shapes).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
@@ -140,6 +140,8 @@ def train_imm(
                 setattr(cfg, name, value)
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
+        if cfg_scale is None:  # measured on shapes (BENCHMARKS.md, tenth session): IMM's 2-step FD and accuracy
+            cfg_scale = 3.0 if objective == "imm" else 1.5  # peak near 3; flow matching's 50-step FD at 1.5
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,

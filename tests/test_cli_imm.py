@@ -115,11 +115,11 @@ def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
                       "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
     assert r["objective"] == "flow-matching"
     s = last_json(cli("sample", "--model", tmp_path / "fm", "--num", "4", "--steps", "3", "--out", tmp_path / "fm.png", "--json"))
-    assert s["sampler"] == "euler"
+    assert s["sampler"] == "euler" and s["cfg"] == 1.5  # each objective's guidance default (IMM: 3, below)
     last_json(cli("train-imm", "--space", "pixels", "--data", "moving-shapes", "--frames", "4", "--image-size", "16",
                   *TINY_DIT, "--steps", "2", "--out", tmp_path / "clip", "--json"))
     s = last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--out", tmp_path / "clip.png", "--json"))
-    assert s["picture"].endswith(".gif") and Image.open(s["picture"]).n_frames == 4
+    assert s["picture"].endswith(".gif") and Image.open(s["picture"]).n_frames == 4 and s["cfg"] == 3.0
 
 
 def test_align_teacher_adds_the_repa_loss(runs, cli, tmp_path):

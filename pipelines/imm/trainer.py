@@ -28,7 +28,7 @@ class IMMStage:
     group_size: int = 4  # M particles per (s, r, t) group
     label_dropout: float = 0.1  # null-class groups (guidance); IMM: at least this fraction, class_groups' leftovers included
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
-    cfg_scale: float = 1.5
+    cfg_scale: float = 3.0  # sampling default (the CLI: 3 for IMM, 1.5 for flow matching; BENCHMARKS.md)
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
