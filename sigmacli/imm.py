@@ -53,7 +53,7 @@ def train_imm(
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of the sampling weights (default: the preset's).")] = None,
-    optimizer: Annotated[str, typer.Option(help="adamw | muon (Muon for the hidden matrices: attention, MLP, adaLN; AdamW for the rest).")] = "adamw",
+    optimizer: Annotated[str, typer.Option(help="muon (Muon for the hidden matrices: attention, MLP, adaLN; AdamW for the rest) | adamw (everything).")] = "muon",
     muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr (5 beat 10 and 20 on shapes).")] = 5.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for the pictures and sigma sample's default (default: 3 for IMM, 1.5 for flow matching: the best FD of each on shapes).")] = None,

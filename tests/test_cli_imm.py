@@ -38,6 +38,8 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
     for name in ("model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json", "tokenizer/config.json", "sigma.json", "samples.png", "metrics.jsonl"):
         assert (root / "imm" / name).exists(), name
+    stage = json.loads((root / "imm" / "sigma.json").read_text())["stage"]
+    assert stage["optimizer"] == "muon" and stage["cfg_scale"] == 3.0 and stage["fm_fraction"] == 0  # the defaults
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
 

@@ -38,7 +38,8 @@ class IMMStage:
     align_teacher: str | None = None  # a classifier folder whose pooled features the DiT's align head predicts (REPA)
     align_weight: float = 0.1  # weight of that loss, 1 - cosine (the paper: 0.5, beside a far larger denoising loss)
     cache_latents: bool | None = None  # encode a finite data set once (None: decided at the start, then saved)
-    optimizer: str = "adamw"  # "adamw" | "muon" (the hidden matrices; AdamW for the rest)
+    optimizer: str = "adamw"  # "adamw" | "muon" (the hidden matrices; AdamW for the rest). The CLI's default is
+    # muon; this one stays adamw so that runs saved before the field existed resume as they were trained
     muon_lr_scale: float = 5.0  # Muon's lr relative to --lr (its steps are orthogonalised; 5 beat 10 and 20 on shapes)
     fm_fraction: float = 0.0  # IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching
     fm_weight: float = 0.05  # that loss's weight (its gradients are ~25x IMM's at weight 1)
