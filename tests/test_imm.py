@@ -449,3 +449,13 @@ def test_alignment_head_reads_early_tokens_only_in_training():
     clips = torch.rand(2, 3, 4, 16, 16) * 2 - 1  # clips: the frames' features are averaged
     clip_target = teacher.features(clips).detach().view(2, 4, 16).mean(1)
     assert alignment_loss(clip_target, teacher, clips).abs() < 1e-6
+
+
+def test_two_step_midpoint_sets_the_middle_time_only():
+    sched = IMMScheduler(midpoint=0.65)
+    sched.set_timesteps(2)
+    torch.testing.assert_close(sched.times, torch.tensor([0.994, 0.65, 0.006]))
+    sched.set_timesteps(4)  # the midpoint is a 2-step setting; more steps stay uniform in t
+    torch.testing.assert_close(sched.times, torch.linspace(0.994, 0.006, 5))
+    with pytest.raises(ValueError, match="midpoint must lie between"):
+        IMMSchedule().sampling_times(2, midpoint=0.999)
