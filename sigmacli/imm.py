@@ -316,11 +316,12 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
     if sampler is not None and sampler not in SAMPLERS:
         raise SigmaError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
     if midpoint is not None:
-        sched = scheduler.schedule
         if steps != 2:
             raise SigmaError(f"--midpoint is the middle time of 2-step sampling; it needs --steps 2, not {steps}")
-        if not sched.eps < midpoint < sched.T:
-            raise SigmaError(f"--midpoint must lie between eps {sched.eps} and T {sched.T}, not {midpoint}")
+        try:
+            scheduler.schedule.sampling_times(steps, midpoint)  # checks eps < midpoint < T
+        except ValueError as e:
+            raise SigmaError(f"--{e}") from None
         scheduler.register_to_config(midpoint=midpoint)
     return steps, cfg
 

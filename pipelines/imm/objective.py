@@ -12,11 +12,22 @@ import torch
 from pipelines.imm.schedule import IMMSchedule
 
 
+def network_output(net, sched: IMMSchedule, x_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """G(c_in x_t, t, s, label) in x_t's dtype. x_t: [B, N, c]; s, t, labels: [B]."""
+    return net(sched.c_in(t).to(x_t.dtype)[:, None, None] * x_t, t, s, labels).to(x_t.dtype)
+
+
 def model_map(net, sched: IMMSchedule, x_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
               labels: torch.Tensor) -> torch.Tensor:
     """f(x_t; t -> s) = c_skip x_t + c_out G(c_in x_t, t, s, label). x_t: [B, N, c]; s, t, labels: [B]."""
-    x_in = sched.c_in(t).to(x_t.dtype)[:, None, None] * x_t
-    return sched.combine(x_t, net(x_in, t, s, labels).to(x_t.dtype), s, t)
+    return sched.combine(x_t, network_output(net, sched, x_t, s, t, labels), s, t)
+
+
+def velocity_loss(sched: IMMSchedule, G: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Flow matching's regression: sigma_d G(x_t, t, t) against the OT path's velocity eps - x, per element,
+    in units of the data variance."""
+    return (sched.sigma_d * G.float() - (noise - x).float()).pow(2).mean() / sched.sigma_d**2
 
 
 def laplace_kernel(a: torch.Tensor, b: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
@@ -113,8 +124,8 @@ def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tens
     noise = draws["noise"].to(x)
     x_t = sched.add_noise(x, noise, t)  # the same x and noise for both times (Alg. 1)
     x_r = sched.add_noise(x, noise, r)
-    G = net(sched.c_in(t).to(x_t.dtype)[:, None, None] * x_t, t, s, labels).to(x_t.dtype)
-    y_t = sched.combine(x_t, G, s, t).float()  # = model_map(net, sched, x_t, s, t, labels)
+    G = network_output(net, sched, x_t, s, t, labels)
+    y_t = sched.combine(x_t, G, s, t).float()  # f(x_t; t -> s), keeping G for the velocity groups
     keep_g = ~fm_g
     keep = per_sample(keep_g)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # stop-gradient target, fp32
@@ -130,8 +141,7 @@ def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tens
         per_group, loss = y_t.new_zeros(1), 0 * y_t.sum()
     logs = {"mmd": per_group.mean().item()}
     if fm_weight > 0 and not bool(keep_g.all()):
-        v = (noise - x).float()[fm]  # the OT path's velocity, as in flow_matching_loss
-        fm_loss = (sched.sigma_d * G[fm].float() - v).pow(2).mean() / sched.sigma_d**2
+        fm_loss = velocity_loss(sched, G[fm], x[fm], noise[fm])
         loss = loss + fm_weight * fm_loss * (int(fm_g.sum()) / g)
         logs["fm"] = fm_loss.item()
     return loss, logs
@@ -146,7 +156,4 @@ def flow_matching_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: 
     labels = torch.where(draws["drop"].to(x.device), torch.full_like(labels, model.null_class), labels)
     noise = draws["noise"].to(x)
     x_t = sched.add_noise(x, noise, t)
-    G = net(sched.c_in(t).to(x.dtype)[:, None, None] * x_t, t, t, labels).float()
-    v = (noise - x).float()
-    loss = (sched.sigma_d * G - v).pow(2).mean() / sched.sigma_d**2  # per-element, in units of the data variance
-    return loss, {}
+    return velocity_loss(sched, network_output(net, sched, x_t, t, t, labels), x, noise), {}
