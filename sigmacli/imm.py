@@ -140,8 +140,6 @@ def train_imm(
                 setattr(cfg, name, value)
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
-        if cfg_scale is None:  # measured on shapes (BENCHMARKS.md, tenth session): IMM's 2-step FD and accuracy
-            cfg_scale = 3.0 if objective == "imm" else 1.5  # peak near 3; flow matching's 50-step FD at 1.5
         stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,

@@ -116,7 +116,7 @@ def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tens
     b = x.shape[0]
     M, g = group_size, b // group_size
     per_sample = lambda v: v.to(x.device).repeat_interleave(M)  # noqa: E731  [g] -> [b]
-    fm_g = draws["fm"].to(x.device) if "fm" in draws else torch.zeros(g, dtype=torch.bool, device=x.device)
+    fm_g = draws["fm"].to(x.device)
     fm = per_sample(fm_g)
     s, r, t = per_sample(draws["s"]), per_sample(draws["r"]), per_sample(draws["t"])
     s = torch.where(fm, t, s)

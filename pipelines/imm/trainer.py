@@ -28,7 +28,8 @@ class IMMStage:
     group_size: int = 4  # M particles per (s, r, t) group
     label_dropout: float = 0.1  # null-class groups (guidance); IMM: at least this fraction, class_groups' leftovers included
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
-    cfg_scale: float = 3.0  # sampling default (the CLI: 3 for IMM, 1.5 for flow matching; BENCHMARKS.md)
+    cfg_scale: float | None = None  # sampling default; None: 3 for IMM, 1.5 for flow matching (each one's best FD
+    # on shapes, BENCHMARKS.md tenth session)
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
@@ -44,6 +45,10 @@ class IMMStage:
     fm_fraction: float = 0.0  # IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching
     fm_weight: float = 0.05  # that loss's weight (its gradients are ~25x IMM's at weight 1)
     init: str | None = None  # the run whose (sampling) weights this one started from (`--init`), if any
+
+    def __post_init__(self):
+        if self.cfg_scale is None:
+            self.cfg_scale = 3.0 if self.objective == "imm" else 1.5
 
 
 OPTIMIZERS = ("adamw", "muon")
