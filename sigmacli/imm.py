@@ -26,7 +26,8 @@ def train_imm(
     cube: Annotated[Optional[str], typer.Option(help="Token cube TxHxW for cube-major order (--space pixels; default: largest <= 4 per axis).")] = None,
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
-    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM: at least this; the groups left over when a batch is split into one-class groups are null too.")] = 0.1,
+    groups: Annotated[str, typer.Option(help="IMM: how a step's batch forms one-class groups: sorted (its samples by class; a class's remainder goes to null-class groups) | complete (the first batch / M groups to fill up in a window of the data stream of twice the batch, or 2 M per class if more: no leftovers, the null class from --label-dropout alone; runs saved before the option resume sorted).")] = "complete",
+    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM with --groups sorted: at least this; the groups left over when a batch is sorted into one-class groups are null too.")] = 0.1,
     fm_fraction: Annotated[float, typer.Option(help="IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching instead (euler_fm, fm schedule; 0 = pure IMM).")] = 0.0,
     fm_weight: Annotated[float, typer.Option(help="--fm-fraction: the weight of that velocity loss (its gradients are ~25x IMM's at weight 1).")] = 0.05,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel) | pca (the top --pca-dims principal components of the whole latent, scaled by --pca-whiten).")] = "channel",
@@ -83,7 +84,7 @@ def train_imm(
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
     from pipelines.imm.scheduler import IMMScheduler
-    from pipelines.imm.trainer import (OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
+    from pipelines.imm.trainer import (GROUPINGS, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask, encode_dataset, latent_statistics,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, rank_device, resolve_device, train, uses_bf16
@@ -108,6 +109,8 @@ def train_imm(
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
         if objective not in OBJECTIVES:
             raise SigmaError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        if groups not in GROUPINGS:
+            raise SigmaError(f"--groups must be one of {', '.join(GROUPINGS)}, not {groups!r}")
         if optimizer not in OPTIMIZERS:
             raise SigmaError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
         if muon_lr_scale <= 0:
@@ -140,7 +143,7 @@ def train_imm(
                 setattr(cfg, name, value)
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
-        stage = IMMStage(objective=objective, group_size=group_size, label_dropout=label_dropout, latent_norm=latent_norm,
+        stage = IMMStage(objective=objective, group_size=group_size, groups=groups, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
                          muon_lr_scale=muon_lr_scale, fm_fraction=fm_fraction, fm_weight=fm_weight)

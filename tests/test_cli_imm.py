@@ -40,6 +40,7 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
         assert (root / "imm" / name).exists(), name
     stage = json.loads((root / "imm" / "sigma.json").read_text())["stage"]
     assert stage["optimizer"] == "muon" and stage["cfg_scale"] == 3.0 and stage["fm_fraction"] == 0  # the defaults
+    assert stage["groups"] == "complete"
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
 
@@ -83,13 +84,14 @@ def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_p
 def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
     root, _ = runs
     last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--optimizer", "muon",
-                  "--muon-lr-scale", "5", "--fm-fraction", "0.5", "--out", tmp_path / "m", "--json"))
+                  "--muon-lr-scale", "5", "--fm-fraction", "0.5", "--groups", "sorted", "--out", tmp_path / "m", "--json"))
     meta = lambda: json.loads((tmp_path / "m" / "sigma.json").read_text())  # noqa: E731
     assert meta()["stage"]["optimizer"] == "muon" and meta()["stage"]["muon_lr_scale"] == 5
     assert meta()["stage"]["fm_fraction"] == 0.5  # with velocity groups too (kept on resume like the rest)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     r = last_json(cli("train-imm", "--resume", "--steps", "3", "--out", tmp_path / "m", "--json"))
     assert r["resumed_from"] == 2 and meta()["stage"]["optimizer"] == "muon" and lrs
+    assert meta()["stage"]["groups"] == "sorted"  # not today's default: a run keeps its own
 
 
 def test_init_starts_a_new_run_from_another_runs_weights(runs, cli, tmp_path):
@@ -164,6 +166,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--data", "moving-shapes", "--frames", "8", "--out", tmp_path / "u"),
          "encodes 1-frame 16px data"),
         (("train-imm", "--tokenizer", root / "tok", "--optimizer", "sgd", "--out", tmp_path / "s"), "--optimizer must be one of adamw, muon"),
+        (("train-imm", "--tokenizer", root / "tok", "--groups", "mixed", "--out", tmp_path / "s"), "--groups must be one of sorted, complete"),
         (("train-imm", "--tokenizer", root / "tok", "--objective", "flow-matching", "--fm-fraction", "0.2", "--out", tmp_path / "s"),
          "--fm-fraction needs --objective imm"),
         (("train-imm", "--tokenizer", root / "tok", "--fm-fraction", "1", "--out", tmp_path / "s"), "--fm-fraction must be in [0, 1)"),

@@ -311,6 +311,37 @@ def test_class_groups_share_one_label():
     assert group_labels.tolist() == [0, 0, 1, 2, 2, 3]  # leftovers (one 0, one 1) form a null-class group
 
 
+def test_complete_class_groups_take_the_first_groups_to_fill():
+    from pipelines.imm.objective import complete_class_groups
+
+    #                      0  1  2  3  4  5  6  7  8  9 10 11
+    labels = torch.tensor([2, 0, 1, 0, 2, 0, 1, 0, 2, 1, 1, 2])  # M = 2: 0 fills at 3 and 7, 2 at 4 and 11, 1 at 6 and 10
+    pos, group_labels = complete_class_groups(labels, 3, 2, null_class=3)
+    assert group_labels.tolist() == [0, 1, 2]  # the first three to fill (at 3, 4, 6), class-major
+    assert pos.tolist() == [1, 3, 2, 6, 0, 4]
+    assert (labels[pos].view(3, 2) == group_labels[:, None]).all()
+    # a window with too few full groups: the earliest unused samples make null-class groups
+    pos, group_labels = complete_class_groups(torch.tensor([0, 1, 2, 0, 3, 4]), 2, 2, null_class=5)
+    assert group_labels.tolist() == [0, 5] and pos.tolist() == [0, 3, 1, 2]
+    # 100 classes (CIFAR-100's count), batch 64, M = 4: sorting leaves nearly all of it in null-class leftovers,
+    # group_window's longer window none
+    from pipelines.imm.objective import class_groups, group_window
+
+    gen = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 100, (group_window(64, 4, 100),), generator=gen)
+    assert (class_groups(stream[:64], 4, 100)[1] == 100).float().mean() > 0.8
+    assert (complete_class_groups(stream, 16, 4, 100)[1] < 100).all()
+    # on shapes' stream a window of twice the batch always has enough: no null groups in 200 steps at M = 8
+    from pipelines.data import make_dataset
+
+    data = make_dataset("shapes", split="train")
+    for step in range(200):
+        window = data.indices_for_step(step, 128, 0)
+        pos, group_labels = complete_class_groups(data.labels_of(window), 8, 8, null_class=6)
+        assert pos.unique().numel() == 64 and (group_labels < 6).all()
+        assert (data.labels_of(window[pos]).view(8, 8) == group_labels[:, None]).all()
+
+
 def test_label_dropout_counts_the_leftover_groups():
     from pipelines.imm.objective import class_groups, unconditional_groups
 
@@ -328,7 +359,8 @@ def test_label_dropout_counts_the_leftover_groups():
     assert not unconditional_groups(torch.zeros(6), few, 6, 0.1).any()
 
 
-def test_ranks_share_the_global_groups_and_dropout(monkeypatch):
+@pytest.mark.parametrize("groups", ["sorted", "complete"])
+def test_ranks_share_the_global_groups_and_dropout(monkeypatch, groups):
     """Two ranks see exactly the halves of what one process sees: the same samples, group labels after
     label dropout, times and noise (class groups and dropout are decided on the global batch)."""
     import pipelines.imm.trainer as trainer
@@ -339,7 +371,7 @@ def test_ranks_share_the_global_groups_and_dropout(monkeypatch):
     monkeypatch.setattr(trainer, "imm_loss", lambda net, model, sched, x, labels, draws, M, fm_weight=0.0: (
         seen.append((x, labels, draws)) or (x.sum() * 0, {})))
     data = make_dataset("shapes", image_size=16)
-    task = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(label_dropout=0.4), data, data, None, 64, 0, "shapes")
+    task = IMMTask(tiny_dit(num_classes=6), IMMSchedule(), IMMStage(label_dropout=0.4, groups=groups), data, data, None, 64, 0, "shapes")
     for world in (1, 2):
         for rank in range(world):
             task.loss(task.model, task.model, 3, torch.Generator().manual_seed(7), rank, world)
@@ -348,6 +380,8 @@ def test_ranks_share_the_global_groups_and_dropout(monkeypatch):
     for k in ("s", "r", "t", "drop", "noise"):
         assert torch.equal(torch.cat([da[k], db[k]]), d1[k]), k
     assert "u" not in d1 and d1["drop"].any()  # dropout at 0.4 exceeds the leftovers: some class groups dropped
+    # sorted: a class's remainder lands in null-class groups; complete: none, the null class comes from dropout alone
+    assert (l1 == 6).any() == (groups == "sorted")
 
 
 def test_per_token_latent_statistics_normalise_each_token():

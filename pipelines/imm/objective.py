@@ -71,6 +71,42 @@ def class_groups(labels: torch.Tensor, group_size: int, null_class: int) -> tupl
     return order, torch.tensor(group_labels, dtype=torch.int64)
 
 
+def group_window(batch: int, group_size: int, num_classes: int) -> int:
+    """Samples of the stream `complete_class_groups` picks a batch's groups from: twice the batch, and at least
+    2 M per class so that data sets of many classes still fill their groups (at 100 classes, batch 64 and M = 4,
+    sorting the batch leaves ~97 % of it in null-class leftovers; a window of 800 leaves none)."""
+    return max(2 * batch, 2 * num_classes * group_size)
+
+
+def complete_class_groups(labels: torch.Tensor, groups: int, group_size: int, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick `groups` full one-class groups from a window of the data stream longer than the batch (`--groups
+    complete`, window: `group_window`): walking the window in stream order, a class's group is complete at its M-th sample, and the first
+    `groups` groups to complete are the batch. No sample lands in a mixed leftover group, so the null class
+    comes from label dropout alone (`class_groups` leaves ~14.5 % of a 64-sample, 6-class batch in leftovers at
+    M = 4 and ~33 % at M = 8), and classes keep the stream's frequencies. A window too short for `groups` full
+    groups (many classes, large M) fills the rest with null-class groups of leftovers, as `class_groups` does.
+    labels: int64 [W] -> (positions in the window [groups * M], group_labels [groups])."""
+    M = group_size
+    ends, members, group_labels = [], [], []  # per full group: where it completes, its positions, its class
+    for c in labels.unique().tolist():
+        pos = (labels == c).nonzero().squeeze(1)
+        full = pos[: pos.numel() - pos.numel() % M].view(-1, M)
+        ends.append(full[:, -1])
+        members.append(full)
+        group_labels += [c] * full.shape[0]
+    ends, members = torch.cat(ends), torch.cat(members)
+    first = torch.argsort(ends)[:groups]
+    first = first.sort().values  # [kept]: completion order, then back to class-major for a stable layout
+    chosen, group_labels = members[first].reshape(-1), torch.tensor(group_labels, dtype=torch.int64)[first]
+    missing = groups - group_labels.numel()
+    if missing:  # not enough full groups in the window: the earliest unused samples form null-class groups
+        unused = torch.ones(labels.numel(), dtype=torch.bool)
+        unused[chosen] = False
+        chosen = torch.cat([chosen, unused.nonzero().squeeze(1)[: missing * M]])
+        group_labels = torch.cat([group_labels, torch.full((missing,), null_class, dtype=torch.int64)])
+    return chosen, group_labels
+
+
 def draw_global(sched: IMMSchedule, batch: int, group_size: int, token_shape: tuple[int, int],
                 label_dropout: float, generator: torch.Generator, objective: str = "imm", fm_fraction: float = 0.0) -> dict:
     """Every random draw of one step for the GLOBAL batch (a rank slices its part), so N processes compute

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.imm.model import DiT
-from pipelines.imm.objective import class_groups, draw_global, flow_matching_loss, imm_loss, unconditional_groups
+from pipelines.imm.objective import (class_groups, complete_class_groups, draw_global, flow_matching_loss, group_window, imm_loss,
+                                     unconditional_groups)
 from pipelines.imm.schedule import IMMSchedule
 
 # schedules per preset (model sizes in model.PRESETS); tiny is tuned for latents of 32x32 shapes on a 2-core CPU
@@ -18,6 +19,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "base": dict(steps=200000, batch_size=1024, lr=2e-4, warmup=2000, ema=0.9999),
 }
 OBJECTIVES = ("imm", "flow-matching")
+GROUPINGS = ("sorted", "complete")  # IMMStage.groups
 
 
 @dataclass
@@ -26,6 +28,8 @@ class IMMStage:
 
     objective: str = "imm"  # "imm" | "flow-matching" (the baseline: same network, velocity loss, Euler sampler)
     group_size: int = 4  # M particles per (s, r, t) group
+    groups: str = "sorted"  # IMM: how a step's batch becomes one-class groups. "sorted": the step's B samples by
+    # class, leftovers null; "complete": the first B / M groups to fill up in a longer window (objective.group_window)
     label_dropout: float = 0.1  # null-class groups (guidance); IMM: at least this fraction, class_groups' leftovers included
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float | None = None  # sampling default; None: 3 for IMM, 1.5 for flow matching (each one's best FD
@@ -173,6 +177,8 @@ class IMMTask:
                  seed: int, data_spec: str, latents: torch.Tensor | None = None):
         if stage.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {stage.objective!r}")
+        if stage.groups not in GROUPINGS:
+            raise ValueError(f"groups must be one of {GROUPINGS}, not {stage.groups!r}")
         self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
         self.tokenizer, self.batch_size, self.seed, self.data_spec = tokenizer, batch_size, seed, data_spec
         self.latents = latents  # [N, L, c] from `encode_dataset`, or None: encode each batch
@@ -206,10 +212,15 @@ class IMMTask:
         b = B // world
         if b % M:
             raise ValueError(f"the per-process batch {b} is not divisible by the group size {M}")
-        indices = self.data.indices_for_step(step, B, self.seed)
+        complete = self.stage.objective == "imm" and self.stage.groups == "complete"
+        window = group_window(B, M, model.config.num_classes) if complete else B
+        indices = self.data.indices_for_step(step, window, self.seed)
         g = b // M
         if self.stage.objective == "imm":  # groups of one class, formed on the GLOBAL batch (ranks = one process)
-            order, group_labels = class_groups(self.data.labels_of(indices), M, model.null_class)
+            if complete:
+                order, group_labels = complete_class_groups(self.data.labels_of(indices), B // M, M, model.null_class)
+            else:
+                order, group_labels = class_groups(self.data.labels_of(indices), M, model.null_class)
             indices = indices[order]
             labels = group_labels[rank * g : (rank + 1) * g].repeat_interleave(M)
         indices = indices[rank * b : (rank + 1) * b]  # a contiguous share of the groups
