@@ -30,7 +30,7 @@ class IMMStage:
     group_size: int = 4  # M particles per (s, r, t) group
     groups: str = "sorted"  # IMM: how a step's batch becomes one-class groups. "sorted": the step's B samples by
     # class, leftovers null; "complete": the first B / M groups to fill up in a longer window (objective.group_window)
-    label_dropout: float = 0.1  # null-class groups (guidance); IMM: at least this fraction, class_groups' leftovers included
+    label_dropout: float = 0.1  # null-class groups (guidance); IMM with groups sorted: at least this fraction, leftovers included
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float | None = None  # sampling default; None: 3 for IMM, 1.5 for flow matching (each one's best FD
     # on shapes, BENCHMARKS.md tenth session)
