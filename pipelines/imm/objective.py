@@ -83,8 +83,9 @@ def complete_class_groups(labels: torch.Tensor, groups: int, group_size: int, nu
     complete`; the window's length: `group_window`). Walking the window in stream order, a class's group is
     complete at its M-th sample, and the first `groups` groups to complete are the batch. No sample lands in a
     mixed leftover group, so the null class comes from label dropout alone (`class_groups` leaves ~14.5 % of a
-    64-sample, 6-class batch in leftovers at M = 4 and ~31 % at M = 8), and classes keep the stream's frequencies. A window too short for `groups` full
-    groups (many classes, large M) fills the rest with null-class groups of leftovers, as `class_groups` does.
+    64-sample, 6-class batch in leftovers at M = 4 and ~31 % at M = 8), and classes keep the stream's
+    frequencies. A window too short for `groups` full groups (many classes, large M) fills the rest with
+    null-class groups of leftovers, as `class_groups` does.
     labels: int64 [W] -> (positions in the window [groups * M], group_labels [groups])."""
     M = group_size
     ends, members, group_labels = [], [], []  # per full group: where it completes, its positions, its class

@@ -217,10 +217,9 @@ class IMMTask:
         indices = self.data.indices_for_step(step, window, self.seed)
         g = b // M
         if self.stage.objective == "imm":  # groups of one class, formed on the GLOBAL batch (ranks = one process)
-            if complete:
-                order, group_labels = complete_class_groups(self.data.labels_of(indices), B // M, M, model.null_class)
-            else:
-                order, group_labels = class_groups(self.data.labels_of(indices), M, model.null_class)
+            stream_labels = self.data.labels_of(indices)
+            order, group_labels = (complete_class_groups(stream_labels, B // M, M, model.null_class) if complete
+                                   else class_groups(stream_labels, M, model.null_class))
             indices = indices[order]
             labels = group_labels[rank * g : (rank + 1) * g].repeat_interleave(M)
         indices = indices[rank * b : (rank + 1) * b]  # a contiguous share of the groups
