@@ -39,6 +39,7 @@ def train_imm(
     time_sampler: Annotated[str, typer.Option(help="uniform (t ~ U, s ~ U(eps, t)) | lognormal (log eta_t ~ N(-1.1, 2))")] = "uniform",
     second_time: Annotated[str, typer.Option(help="The transformer's second time input: stride (t - s) | s")] = "stride",
     weight_a: Annotated[int, typer.Option(help="a in w(s,t)'s alpha_t^a (1 or 2).")] = 2,
+    s_grid: Annotated[int, typer.Option(help="IMM: 0 draws s ~ U(eps, t); N > 0 draws s from the N-step sampling grid's times at or below t (trains only the jumps of 1..N-step sampling on nested uniform grids; N = 2: s in {eps, 0.5}).")] = 0,
     decrement_k: Annotated[int, typer.Option(help="k of r's decrement in eta, (eta_max - eta_min) / 2^k: smaller k, larger steps back from t.")] = 12,
     attn: Annotated[str, typer.Option(help="Attention kind: dense | nsa (3D Native Sparse Attention over --cube blocks) | mta (Multi-Token Attention).")] = "dense",
     kq_every: Annotated[int, typer.Option(help="MTA: key-query convolutions (6x11) in every N-th block (0 = none; head mixing runs in all).")] = 4,
@@ -125,6 +126,10 @@ def train_imm(
             raise SigmaError(f"--fm-fraction must be in [0, 1) and --fm-weight >= 0, not {fm_fraction} / {fm_weight}")
         if fm_fraction and (objective != "imm" or schedule != "fm" or parameterization != "euler_fm"):
             raise SigmaError("--fm-fraction needs --objective imm with the fm schedule and the euler_fm parameterization")
+        if s_grid < 0:
+            raise SigmaError(f"--s-grid must be >= 0, not {s_grid}")
+        if s_grid and objective != "imm":
+            raise SigmaError("--s-grid picks IMM's s; flow matching has none")
         if group_size < 2 and objective == "imm":
             raise SigmaError("--group-size must be at least 2 (the MMD compares particles)")
         if label_dropout is None:  # IMM: 0.2 measured 3 points of 2-step class accuracy above 0.1 in two seeds (BENCHMARKS.md)
@@ -135,7 +140,7 @@ def train_imm(
             raise SigmaError("--sample-steps must be at least 1")
         try:
             sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a,
-                                 k=decrement_k)
+                                 k=decrement_k, s_grid=s_grid)
         except ValueError as e:
             raise SigmaError(str(e)) from None
         cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,

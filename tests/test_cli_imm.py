@@ -85,7 +85,7 @@ def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
     root, _ = runs
     last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--optimizer", "muon",
                   "--muon-lr-scale", "5", "--fm-fraction", "0.5", "--groups", "sorted", "--label-dropout", "0.1",
-                  "--out", tmp_path / "m", "--json"))
+                  "--s-grid", "2", "--out", tmp_path / "m", "--json"))
     meta = lambda: json.loads((tmp_path / "m" / "sigma.json").read_text())  # noqa: E731
     assert meta()["stage"]["optimizer"] == "muon" and meta()["stage"]["muon_lr_scale"] == 5
     assert meta()["stage"]["fm_fraction"] == 0.5  # with velocity groups too (kept on resume like the rest)
@@ -93,6 +93,7 @@ def test_muon_trains_and_is_kept_on_resume(runs, cli, tmp_path):
     r = last_json(cli("train-imm", "--resume", "--steps", "3", "--out", tmp_path / "m", "--json"))
     assert r["resumed_from"] == 2 and meta()["stage"]["optimizer"] == "muon" and lrs
     assert meta()["stage"]["groups"] == "sorted" and meta()["stage"]["label_dropout"] == 0.1  # not today's defaults: a run keeps its own
+    assert meta()["schedule"]["s_grid"] == 2
 
 
 def test_init_starts_a_new_run_from_another_runs_weights(runs, cli, tmp_path):
@@ -174,6 +175,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--fm-fraction", "1", "--out", tmp_path / "s"), "--fm-fraction must be in [0, 1)"),
         (("train-imm", "--tokenizer", root / "tok", "--optimizer", "muon", "--muon-lr-scale", "0", "--out", tmp_path / "s"),
          "--muon-lr-scale must be > 0"),
+        (("train-imm", "--tokenizer", root / "tok", "--s-grid", "-1", "--out", tmp_path / "s"), "--s-grid must be >= 0"),
+        (("train-imm", "--tokenizer", root / "tok", "--objective", "flow-matching", "--s-grid", "2", "--out", tmp_path / "s"),
+         "--s-grid picks IMM's s"),
     ]
     for args, message in cases:
         r = cli(*args)

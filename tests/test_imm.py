@@ -73,6 +73,26 @@ def test_r_closed_form_and_r_at_least_s():
         IMMSchedule(k=0)
 
 
+def test_s_on_the_sampling_grid():
+    """--s-grid N: s is one of the N-step grid's times at or below t, each equally likely; t and r as before."""
+    n = 40_000
+    base = IMMSchedule().sample_times(n, torch.Generator().manual_seed(0))
+    s, r, t = IMMSchedule(s_grid=2).sample_times(n, torch.Generator().manual_seed(0))
+    assert torch.equal(t, base[2])  # the same t (and stream) as s ~ U(eps, t)
+    assert (s <= r).all() and (r <= t).all()
+    low, mid = (s - 0.006).abs() < 1e-6, (s - 0.5).abs() < 1e-6
+    assert (low | mid).all() and not mid[t < 0.5].any()  # only grid points, never above t
+    assert mid[t > 0.5].float().mean().item() == pytest.approx(0.5, abs=0.02)  # both points equally likely above 0.5
+    s4, _, t4 = IMMSchedule(s_grid=4).sample_times(n, torch.Generator().manual_seed(1))
+    grid = torch.tensor([0.006, 0.253, 0.5, 0.747])
+    hits = (s4[:, None] - grid).abs() < 1e-6
+    assert hits.any(1).all() and (s4 <= t4).all()
+    top = t4 > 0.747  # all four below t: a quarter each
+    assert hits[top].float().mean(0).tolist() == pytest.approx([0.25] * 4, abs=0.02)
+    with pytest.raises(ValueError, match="s_grid"):
+        IMMSchedule(s_grid=-1)
+
+
 def test_laplace_kernel_and_mmd():
     a = torch.zeros(1, 2, 4)
     b = torch.zeros(1, 2, 4)

@@ -28,6 +28,9 @@ class IMMSchedule:
     time_sampler: str = "uniform"  # t ~ U(eps, T) | "lognormal": log eta_t ~ N(p_mean, p_std) truncated; s ~ U(eps, t)
     p_mean: float = -1.1
     p_std: float = 2.0
+    s_grid: int = 0  # 0: s ~ U(eps, t). N > 0: s is one of the N-step sampling grid's times at or below t, each
+    # equally likely (as multistep consistency models fix s to segment ends): training covers only the jumps
+    # that 1-, 2-, ..., N-step sampling on nested uniform grids makes (N = 2: s in {eps, 0.5})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -38,6 +41,8 @@ class IMMSchedule:
             raise ValueError(f"time sampler must be one of {TIME_SAMPLERS}, not {self.time_sampler!r}")
         if not 0 <= self.eps < self.T < 1:
             raise ValueError(f"need 0 <= eps < T < 1, got eps={self.eps}, T={self.T}")
+        if self.s_grid < 0:
+            raise ValueError(f"s_grid must be >= 0, not {self.s_grid}")
         if not 1 <= self.k <= 30:
             raise ValueError(f"k (r's decrement is (eta_max - eta_min) / 2^k) must be in 1..30, not {self.k}")
 
@@ -126,7 +131,13 @@ class IMMSchedule:
             cdf_lo, cdf_hi = normal.cdf(lo), normal.cdf(hi)
             log_eta = normal.icdf((cdf_lo + u * (cdf_hi - cdf_lo)).clamp(1e-12, 1 - 1e-12))
             t = self.t_of_eta(log_eta.exp()).clamp(self.eps, self.T)
-        s = self.eps + (t - self.eps) * torch.rand(n, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.s_grid:
+            grid = self.sampling_times(self.s_grid)[1:].double()  # [N] descending to eps
+            count = (grid[None, :] <= t[:, None]).sum(1)  # the points at or below t: the last `count` (>= 1: eps <= t)
+            s = grid[len(grid) - count + (u * count).long().clamp(max=count - 1)]
+        else:
+            s = self.eps + (t - self.eps) * u
         r = self.r_of(s, t)
         return s.float(), r.float(), t.float()
 

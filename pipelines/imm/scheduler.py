@@ -21,7 +21,8 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, schedule: str = "fm", parameterization: str = "euler_fm", sigma_d: float = 0.5, T: float = 0.994,
                  eps: float = 0.006, k: int = 12, weight_b: float = 4.0, weight_a: int = 2, time_sampler: str = "uniform",
-                 p_mean: float = -1.1, p_std: float = 2.0, sampler: str = "pushforward", midpoint: float | None = None):
+                 p_mean: float = -1.1, p_std: float = 2.0, s_grid: int = 0, sampler: str = "pushforward",
+                 midpoint: float | None = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
         self.schedule = IMMSchedule(**{f.name: getattr(self.config, f.name) for f in fields(IMMSchedule)})
