@@ -27,7 +27,7 @@ def train_imm(
     objective: Annotated[str, typer.Option(help="imm | flow-matching (the baseline: same network, Euler sampler).")] = "imm",
     group_size: Annotated[int, typer.Option(help="IMM particles per (s, r, t) group (M).")] = 4,
     groups: Annotated[str, typer.Option(help="IMM: how a step's batch forms one-class groups: sorted (its samples by class; a class's remainder goes to null-class groups) | complete (the first batch / M groups to fill up in a window of the data stream of twice the batch, or 2 M per class if more: no leftovers, the null class from --label-dropout alone; runs saved before the option resume sorted).")] = "complete",
-    label_dropout: Annotated[Optional[float], typer.Option(help="Fraction of groups trained with the null class (for guidance); default 0.2 for IMM, 0.1 for flow matching. IMM with --groups sorted: at least this; the groups left over when a batch is sorted into one-class groups are null too.")] = None,
+    label_dropout: Annotated[float, typer.Option(help="Fraction of groups trained with the null class (for guidance). IMM with --groups sorted: at least this; the groups left over when a batch is sorted into one-class groups are null too.")] = 0.1,
     fm_fraction: Annotated[float, typer.Option(help="IMM: the fraction of groups that train the velocity G(x, t, t) by flow matching instead (euler_fm, fm schedule; 0 = pure IMM).")] = 0.0,
     fm_weight: Annotated[float, typer.Option(help="--fm-fraction: the weight of that velocity loss (its gradients are ~25x IMM's at weight 1).")] = 0.05,
     latent_norm: Annotated[str, typer.Option(help="Latent normalisation: channel (mean and std per channel) | token (per latent token and channel) | pca (the top --pca-dims principal components of the whole latent, scaled by --pca-whiten).")] = "channel",
@@ -85,7 +85,7 @@ def train_imm(
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
     from pipelines.imm.scheduler import IMMScheduler
-    from pipelines.imm.trainer import (GROUPINGS, LABEL_DROPOUT, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask,
+    from pipelines.imm.trainer import (GROUPINGS, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask,
                                        encode_dataset, latent_statistics, should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, rank_device, resolve_device, train, uses_bf16
@@ -132,8 +132,6 @@ def train_imm(
             raise SigmaError("--s-grid picks IMM's s; flow matching has none")
         if group_size < 2 and objective == "imm":
             raise SigmaError("--group-size must be at least 2 (the MMD compares particles)")
-        if label_dropout is None:  # IMM: 0.2 measured 3 points of 2-step class accuracy above 0.1 in two seeds (BENCHMARKS.md)
-            label_dropout = LABEL_DROPOUT[objective]
         if not 0 <= label_dropout < 1:
             raise SigmaError(f"--label-dropout must be in [0, 1), not {label_dropout}")
         if sample_steps < 1:

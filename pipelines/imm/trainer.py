@@ -20,7 +20,6 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 OBJECTIVES = ("imm", "flow-matching")
 GROUPINGS = ("sorted", "complete")  # IMMStage.groups
-LABEL_DROPOUT = {"imm": 0.2, "flow-matching": 0.1}  # the CLI's defaults (IMMStage keeps 0.1 for runs saved before)
 
 
 @dataclass
