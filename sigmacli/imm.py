@@ -126,8 +126,6 @@ def train_imm(
             raise SigmaError(f"--fm-fraction must be in [0, 1) and --fm-weight >= 0, not {fm_fraction} / {fm_weight}")
         if fm_fraction and (objective != "imm" or schedule != "fm" or parameterization != "euler_fm"):
             raise SigmaError("--fm-fraction needs --objective imm with the fm schedule and the euler_fm parameterization")
-        if s_grid < 0:
-            raise SigmaError(f"--s-grid must be >= 0, not {s_grid}")
         if s_grid and objective != "imm":
             raise SigmaError("--s-grid picks IMM's s; flow matching has none")
         if group_size < 2 and objective == "imm":

@@ -174,7 +174,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--fm-fraction", "1", "--out", tmp_path / "s"), "--fm-fraction must be in [0, 1)"),
         (("train-imm", "--tokenizer", root / "tok", "--optimizer", "muon", "--muon-lr-scale", "0", "--out", tmp_path / "s"),
          "--muon-lr-scale must be > 0"),
-        (("train-imm", "--tokenizer", root / "tok", "--s-grid", "-1", "--out", tmp_path / "s"), "--s-grid must be >= 0"),
+        (("train-imm", "--tokenizer", root / "tok", "--s-grid", "-1", "--out", tmp_path / "s"), "s_grid must be >= 0, not -1"),
         (("train-imm", "--tokenizer", root / "tok", "--objective", "flow-matching", "--s-grid", "2", "--out", tmp_path / "s"),
          "--s-grid picks IMM's s"),
     ]
