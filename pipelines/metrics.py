@@ -88,3 +88,11 @@ def class_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
     if pred.shape != target.shape or pred.numel() == 0:
         raise ValueError(f"class_accuracy needs equal, non-empty shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
     return float((pred.cpu() == target.cpu()).float().mean())
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [num_classes, num_classes]: row = the class asked for (target), column = the class predicted."""
+    if pred.shape != target.shape or pred.numel() == 0:
+        raise ValueError(f"confusion_matrix needs equal, non-empty shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    index = target.cpu().long() * num_classes + pred.cpu().long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)

@@ -435,7 +435,7 @@ def eval_(
     from pipelines.errors import SigmaError
     from pipelines.evaluation.classifier import extract_features, predict
     from pipelines.imm.sampling import generate
-    from pipelines.metrics import class_accuracy, frechet_distance
+    from pipelines.metrics import class_accuracy, confusion_matrix, frechet_distance
     from pipelines.train import resolve_device
 
     folder = model or SHIPPED["imm"]
@@ -461,12 +461,19 @@ def eval_(
     fd = frechet_distance(feats["gen"], feats["a"])
     floor = frechet_distance(feats["b"], feats["a"])
     pred = predict(clf, x.to(dev)).cpu()  # per frame
-    accuracy = class_accuracy(pred, labels.repeat_interleave(x.shape[2]))
+    asked = labels.repeat_interleave(x.shape[2])
+    accuracy = class_accuracy(pred, asked)
+    # which classes the model draws well and what it draws instead: rows = asked for, columns = classified as
+    confusion = confusion_matrix(pred, asked, c.num_classes)
+    names = c.class_names or [str(i) for i in range(c.num_classes)]
+    per_class = {n: round(float(row[i] / max(int(row.sum()), 1)), 4) for i, (n, row) in enumerate(zip(names, confusion))}
     result = {"model": str(folder), "num": num, "steps": steps, "cfg": cfg, "sampler": sampler or scheduler.sampler,
               "times": [round(float(t), 4) for t in scheduler.times],
-              "fd": fd, "fd_real_floor": floor, "class_accuracy": accuracy, "reference": n_ref,
+              "fd": fd, "fd_real_floor": floor, "class_accuracy": accuracy, "per_class_accuracy": per_class,
+              "confusion": confusion.tolist(), "reference": n_ref,
               "sampling_seconds": round(seconds, 2), "classifier": str(clf_dir)}
     emit(result, as_json, [
         f"FD {fd:.3f} (real vs real floor {floor:.3f}, {n_ref} held-out each), class accuracy {100 * accuracy:.1f} %",
+        "per class: " + ", ".join(f"{n} {100 * a:.0f} %" for n, a in per_class.items()),
         f"{num} samples, {steps} step(s), cfg {cfg}, sampled in {seconds:.1f} s",
     ])

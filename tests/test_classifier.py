@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.evaluation.classifier import ClassifierTask, ShapesClassifier, extract_features, predict
-from pipelines.metrics import class_accuracy, frechet_distance
+from pipelines.metrics import class_accuracy, confusion_matrix, frechet_distance
 
 TINY = ["--image-size", "16", "--batch-size", "16"]
 
@@ -134,6 +134,14 @@ def test_class_accuracy():
     assert class_accuracy(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 0])) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         class_accuracy(torch.tensor([1, 2]), torch.tensor([1, 2, 3]))
+
+
+def test_confusion_matrix_rows_are_the_asked_class():
+    m = confusion_matrix(torch.tensor([1, 2, 2, 0]), torch.tensor([1, 2, 0, 0]), 3)
+    assert m.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
+    assert m.diagonal().sum() / m.sum() == pytest.approx(class_accuracy(torch.tensor([1, 2, 2, 0]), torch.tensor([1, 2, 0, 0])))
+    with pytest.raises(ValueError):
+        confusion_matrix(torch.tensor([1]), torch.tensor([1, 2]), 3)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------

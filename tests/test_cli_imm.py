@@ -216,6 +216,10 @@ def test_eval_reports_fd_floor_and_accuracy(runs, cli):
 
     r = last_json(cli("eval", "--model", root / "imm", "--num", "12", "--classifier", SHIPPED["classifier"], "--json"))
     assert r["fd"] > 0 and r["fd_real_floor"] >= 0 and 0 <= r["class_accuracy"] <= 1 and r["reference"] == 12
+    confusion = torch.tensor(r["confusion"])  # rows: the 12 labels, 2 of each of the 6 classes
+    assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [2] * 6
+    assert confusion.diagonal().sum().item() / 12 == pytest.approx(r["class_accuracy"])
+    assert list(r["per_class_accuracy"]) == ["circle", "square", "triangle", "ring", "cross", "star"]
 
 
 def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
