@@ -27,9 +27,18 @@ def _class_for(kind: str):
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------
+def new_file_mode() -> int:
+    """The mode a plain new file gets under the current umask (0644 under 022): temporary files are made
+    0600 (mkstemp, safetensors), and a run's pictures and weights should be as readable as any other file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_replace(tmp: Path, path: Path):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
 
 

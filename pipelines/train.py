@@ -221,6 +221,16 @@ def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra
     atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))
 
 
+def check_train_config(cfg: TrainConfig):
+    """Values the optimiser or the EMA would otherwise take silently (or fail on with a traceback)."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SigmaError("--steps and --batch-size must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise SigmaError(f"--lr must be a positive number, not {cfg.lr}")
+    if not 0 <= cfg.ema < 1:
+        raise SigmaError(f"--ema must be in [0, 1) (0: no EMA), not {cfg.ema}")
+
+
 def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, quiet: bool = False) -> dict:
     """Train `task.model` for cfg.steps (global) steps into run_dir. Returns a summary dict.
 
@@ -231,8 +241,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
     ddp = _Distributed(device)
     if cfg.batch_size % ddp.world:
         raise SigmaError(f"batch size {cfg.batch_size} is not divisible by {ddp.world} processes")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SigmaError("--steps and --batch-size must be at least 1")
+    check_train_config(cfg)
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", torch.cuda.current_device())
     check_precision(cfg.precision)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from checkpoints.io import new_file_mode
+
 PAD_VALUE = 235  # light grey between tiles: visible against both black and white samples
 
 
@@ -63,6 +65,7 @@ def _write_frames(frames: np.ndarray, path: Path, fps: int) -> Path:
                 # Pillow merges identical consecutive frames (adding up their durations): playback is unchanged
                 pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:], loop=0,
                                  duration=max(1, round(1000 / fps)))
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
+                             run_to_resume)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -37,18 +38,14 @@ def train_classifier(
     check_precision(precision)
     import torch
 
-    from checkpoints.io import CONFIG, RUN_META, read_json
+    from checkpoints.io import CONFIG, read_json
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.evaluation.classifier import ClassifierTask, ShapesClassifier, evaluate_classifier
-    from pipelines.train import TrainConfig, resolve_device, train
+    from pipelines.train import TrainConfig, check_train_config, resolve_device, train
 
     if resume:  # everything but --steps comes from the run itself
-        if not (out / RUN_META).exists():
-            raise SigmaError(f"--resume: '{out}' holds no run to continue")
-        meta = read_json(out / RUN_META)
-        if meta.get("kind") != "classifier":
-            raise SigmaError(f"--resume: '{out}' holds a {meta.get('kind')} run, not a classifier run")
+        meta = run_to_resume(out, "classifier")
         cfg = TrainConfig(**meta["train"])
         cfg.steps = steps if steps is not None else cfg.steps
         data = meta["data_spec"]
@@ -60,10 +57,7 @@ def train_classifier(
             if value is not None:
                 setattr(cfg, name, value)
         model = None
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SigmaError("--steps and --batch-size must be at least 1")
-    if not cfg.lr > 0:
-        raise SigmaError(f"--lr must be positive, not {cfg.lr}")
+    check_train_config(cfg)
     torch.manual_seed(cfg.seed)
     # frames=1: video sets are scored frame by frame, and a frame of moving-shapes is a shapes image
     train_set = make_dataset(data, image_size=image_size, split="train", seed=cfg.seed)

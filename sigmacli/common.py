@@ -40,7 +40,8 @@ def is_main_rank() -> bool:
 
 
 def command(fn):
-    """Run a command body; a SigmaError (bad input, data, checkpoint) becomes one line on stderr + exit 1."""
+    """Run a command body; a SigmaError (bad input, data, checkpoint) or an OSError (a path that cannot be
+    written or read) becomes one line on stderr + exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,10 +51,27 @@ def command(fn):
             return fn(*args, **kwargs)
         except SigmaError as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except OSError as e:  # an --out that cannot be written (a file where a folder goes, no permission, disk full)
+            where = f": '{e.filename}'" if e.filename else ""
+            fail(f"{e.strerror or type(e).__name__}{where}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
     return wrapper
+
+
+def run_to_resume(out: Path, kind: str) -> dict:
+    """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another kind."""
+    from checkpoints.io import RUN_META, read_json
+    from pipelines.errors import SigmaError
+
+    if not (out / RUN_META).exists():
+        raise SigmaError(f"--resume: '{out}' holds no run to continue")
+    meta = read_json(out / RUN_META)
+    if meta.get("kind") != kind:
+        a = lambda k: f"{'an' if str(k)[:1] in 'aeiou' else 'a'} {k}"  # noqa: E731
+        raise SigmaError(f"--resume: '{out}' holds {a(meta.get('kind'))} run, not {a(kind)} run")
+    return meta
 
 
 def check_precision(precision: str | None):

@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
-                             parse_grid, trained_or_shipped)
+                             parse_grid, run_to_resume, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
 
@@ -88,7 +88,7 @@ def train_imm(
     from pipelines.imm.trainer import (GROUPINGS, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask,
                                        encode_dataset, latent_statistics, should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
-    from pipelines.train import TrainConfig, rank_device, resolve_device, train, uses_bf16
+    from pipelines.train import TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -96,9 +96,7 @@ def train_imm(
         raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
     init_model = None
     if resume:  # everything but --steps comes from the run itself
-        if not (out / RUN_META).exists():
-            raise SigmaError(f"--resume: '{out}' holds no run to continue")
-        meta = read_json(out / RUN_META)
+        meta = run_to_resume(out, "imm")
         cfg = TrainConfig(**meta["train"])
         cfg.steps = steps if steps is not None else cfg.steps
         stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
@@ -155,7 +153,7 @@ def train_imm(
             teacher = load_model(align_teacher, "classifier")  # one line if it is not a classifier folder
             if align_weight <= 0:
                 raise SigmaError(f"--align-weight must be > 0, not {align_weight}")
-            stage.align_teacher, stage.align_weight, align_dim = str(align_teacher), align_weight, teacher.config.feature_dim
+            stage.align_teacher, stage.align_weight, align_dim = str(align_teacher.resolve()), align_weight, teacher.config.feature_dim
         tok = None
         if init is not None:  # the network, its space, tokenizer and latent statistics come from the run we start from
             if tokenizer is not None:
@@ -187,8 +185,7 @@ def train_imm(
             image_size, frames = tc.image_size, tc.frames
         image_size, frames = image_size or 32, frames or 1
         data = data or ("moving-shapes" if frames > 1 else "shapes")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SigmaError("--steps and --batch-size must be at least 1")
+    check_train_config(cfg)
     group = stage.group_size if stage.objective == "imm" else 1
     if cfg.batch_size % (world * group):
         raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} process(es) x group size {group}")
@@ -317,6 +314,8 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
     cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
     if not 1 <= steps <= 1000:
         raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
+    if not -100 <= cfg <= 100:  # also catches nan and inf, which would sample blank pictures
+        raise SigmaError(f"--cfg must be a number in [-100, 100] (1: no guidance), not {cfg}")
     if sampler is not None and sampler not in SAMPLERS:
         raise SigmaError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
     if midpoint is not None:
@@ -444,13 +443,16 @@ def eval_(
     steps, cfg = sampling_options(meta, steps, cfg, sampler, scheduler, midpoint)
     if num < 2:
         raise SigmaError("--num must be at least 2")
-    clf_dir = classifier or trained_or_shipped("classifier")
-    clf = load_model(clf_dir, "classifier", dev)
     c = net.config
-    if list(clf.config.class_names or []) != list(c.class_names or []):
-        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}")
     heldout = make_dataset(meta.get("data_spec", "shapes"), image_size=c.image_size, frames=c.frames, split="heldout", seed=seed)
     n_ref = min(num, len(heldout) // 2)
+    if n_ref < 2:
+        raise SigmaError(f"the held-out split of '{meta.get('data_spec')}' has {len(heldout)} item(s); the FD needs "
+                         "two reference sets of at least 2 (a folder of at least ~40 images)")
+    clf_dir = classifier or trained_or_shipped("classifier")
+    clf = load_model(clf_dir, "classifier", dev)
+    if list(clf.config.class_names or []) != list(c.class_names or []):
+        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}")
     real_a, _ = heldout.get_batch(torch.arange(n_ref))
     real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))
     labels = torch.arange(num) % c.num_classes

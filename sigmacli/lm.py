@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
+                             run_to_resume)
 
 
 @app.command("train-lm")
@@ -50,21 +51,18 @@ def train_lm(
     check_precision(precision)
     import torch
 
-    from checkpoints.io import load_model, read_json
-    from checkpoints.io import RUN_META
+    from checkpoints.io import load_model
     from pipelines.errors import SigmaError
     from pipelines.lm.data import ByteCorpus
     from pipelines.lm.model import LM_ATTN_KINDS, MoELM
     from pipelines.lm.trainer import LM_PRESETS, LM_TRAIN, LMStage, LMTask, evaluate
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import TrainConfig, check_train_config, train
 
     ffn = "dense" if dense else ffn
     out = out or Path("runs/lm-dense" if ffn == "dense" else "runs/lm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if resume:
-        if not (out / RUN_META).exists():
-            raise SigmaError(f"--resume: '{out}' holds no run to continue")
-        meta = read_json(out / RUN_META)
+        meta = run_to_resume(out, "lm")
         cfg = TrainConfig(**meta["train"])
         cfg.steps = steps if steps is not None else cfg.steps
         stage = LMStage(**meta["stage"])
@@ -80,6 +78,11 @@ def train_lm(
         if optimizer not in ("adamw", "muon"):
             raise SigmaError(f"--optimizer must be adamw or muon, not {optimizer!r}")
         arch = dict(LM_PRESETS[preset])
+        given = [k for k, v in (("width", width), ("depth", depth), ("heads", heads), ("context", context),
+                                ("experts", experts), ("top_k", top_k)) if v is not None]
+        if init is not None and given:
+            raise SigmaError(f"--init takes the architecture from '{init}'; leave out "
+                             + ", ".join(f"--{k.replace('_', '-')}" for k in given))
         for k, v in (("width", width), ("depth", depth), ("heads", heads), ("context", context), ("experts", experts), ("top_k", top_k)):
             if v is not None:
                 if v < 1:
@@ -97,6 +100,7 @@ def train_lm(
             arch = {k: src.config[k] for k in ("width", "depth", "heads", "kv_heads", "context", "experts", "expert_hidden",
                                                "top_k", "shared_experts")}
             ffn = src.config.ffn
+        torch.manual_seed(seed)  # the initial weights follow --seed too
         try:
             model = MoELM(**arch, ffn=ffn, router=router, bias_update=bias_update, balance_loss=balance_loss, attn=attn,
                           attn_config=attn_config)
@@ -108,8 +112,7 @@ def train_lm(
             if unexpected or set(missing) - indexer:
                 raise SigmaError(f"--init '{init}' does not fit this model (missing {sorted(set(missing) - indexer)[:3]}, "
                                  f"unexpected {sorted(unexpected)[:3]})")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SigmaError("--steps and --batch-size must be at least 1")
+    check_train_config(cfg)
     if cfg.batch_size % world:
         raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
     torch.manual_seed(cfg.seed)
@@ -155,8 +158,8 @@ def generate(
 
     if max_new_tokens < 1:
         raise SigmaError("--max-new-tokens must be at least 1")
-    if temperature < 0 or top_k < 0:
-        raise SigmaError("--temperature and --top-k must not be negative")
+    if not 0 <= temperature <= 1e4 or top_k < 0:  # (nan and inf fail the range too)
+        raise SigmaError("--temperature must be in [0, 10000] and --top-k must not be negative")
     if not prompt:
         raise SigmaError("--prompt must not be empty")
     dev = resolve_device(device)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit, trained_or_shipped
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
+                             run_to_resume, trained_or_shipped)
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
@@ -19,11 +20,11 @@ DataOpt = Annotated[Optional[str], typer.Option(
 def train_tokenizer(
     preset: Annotated[str, typer.Option(help="Model and schedule size: tiny (2-core CPU, minutes) | small | base (GPU).")] = "tiny",
     data: DataOpt = None,
-    image_size: Annotated[int, typer.Option(help="Image side in pixels (resize + centre-crop).")] = 32,
-    frames: Annotated[int, typer.Option(help="Frames per clip (1 = images).")] = 1,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (resize + centre-crop; default 32, or --init's).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames per clip (1 = images; default 1, or --init's).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(help="Patch side (default: the preset's).")] = None,
     tubelet: Annotated[Optional[int], typer.Option(help="Frames per tubelet (default 2 for even clips, else 1).")] = None,
-    bottleneck: Annotated[str, typer.Option(help="ae (plain, the paper's choice) | vae")] = "ae",
+    bottleneck: Annotated[Optional[str], typer.Option(help="ae (plain, the paper's choice; the default) | vae")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default: the preset's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
@@ -49,19 +50,17 @@ def train_tokenizer(
     check_precision(precision)
     import torch
 
-    from checkpoints.io import CONFIG, RUN_META, load_model, read_json
+    from checkpoints.io import CONFIG, load_model, read_json
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.maetok.model import MAETok
     from pipelines.maetok.trainer import TRAIN_PRESETS, TokenizerStage, TokenizerTask, build_config
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import TrainConfig, check_train_config, train
 
     if out is None:
         out = Path("runs/tokenizer-ft" if finetune_decoder else "runs/tokenizer")
     if resume:  # everything but --steps comes from the run itself
-        if not (out / RUN_META).exists():
-            raise SigmaError(f"--resume: '{out}' holds no run to continue")
-        meta = read_json(out / RUN_META)
+        meta = run_to_resume(out, "tokenizer")
         cfg = TrainConfig(**meta["train"])
         if steps is not None:
             cfg.steps = steps
@@ -82,6 +81,22 @@ def train_tokenizer(
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:
                 setattr(cfg, name, value)
+        source = None  # the tokenizer we start from, which fixes the architecture
+        if finetune_decoder or init is not None:
+            if init is None and not (Path("runs/tokenizer") / CONFIG).exists():
+                raise SigmaError("--finetune-decoder trains the decoder of --init (default runs/tokenizer, which holds "
+                                 "no tokenizer): pass --init TOKENIZER_FOLDER")
+            init = init or Path("runs/tokenizer")
+            source = load_model(init, "tokenizer")
+            mc = source.config
+            clash = [f"--{name.replace('_', '-')} {value}" for name, value in
+                     (("image_size", image_size), ("frames", frames), ("patch_size", patch_size), ("tubelet", tubelet),
+                      ("bottleneck", bottleneck)) if value is not None and value != mc[name]]
+            if clash:
+                raise SigmaError(f"--init takes the architecture from '{init}' ({mc.image_size} px, {mc.frames} frame(s), "
+                                 f"patch {mc.patch_size}, tubelet {mc.tubelet}, {mc.bottleneck}); leave out {', '.join(clash)}")
+            image_size, frames = mc.image_size, mc.frames
+        image_size, frames, bottleneck = image_size or 32, frames or 1, bottleneck or "ae"
         data = data or ("moving-shapes" if frames > 1 else "shapes")
         stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight,
                                finetune_tail=0.0 if finetune_decoder else tail, feature_weight=feature_weight,
@@ -96,10 +111,10 @@ def train_tokenizer(
             if teacher.net.config.image_size != image_size and init is None:
                 raise SigmaError(f"--feature-teacher was trained at {teacher.net.config.image_size} px, the tokenizer "
                                  f"at {image_size}: frames would be resized (pass a teacher of the same size)")
-            stage.feature_teacher, teacher_dim = str(feature_teacher), teacher.dim
-        if finetune_decoder or init is not None:
-            init = init or Path("runs/tokenizer")
-            model = load_model(init, "tokenizer")
+            stage.feature_teacher, teacher_dim = str(feature_teacher.resolve()), teacher.dim
+        torch.manual_seed(seed)  # the initial weights (or a warm start's new feature decoder) follow --seed too
+        if source is not None:
+            model = source
             stage.init_from = str(init)
             image_size, frames = model.config.image_size, model.config.frames
             if not finetune_decoder and model.config.feature_dim != teacher_dim:  # a warm start with a new feature decoder
@@ -112,8 +127,7 @@ def train_tokenizer(
         else:
             model = MAETok.from_config(build_config(preset, image_size, frames, patch_size, tubelet, bottleneck)
                                        | {"feature_dim": teacher_dim})
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SigmaError("--steps and --batch-size must be at least 1")
+    check_train_config(cfg)
     torch.manual_seed(cfg.seed)
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
@@ -187,6 +201,9 @@ def reconstruct(
             raise SigmaError(f"the classifier in '{clf_dir}' reads {clf.config.image_size} px images, the tokenizer "
                              f"makes {c.image_size} px")
         train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
+        if list(clf.config.class_names or []) != list(train_set.class_names or []):  # else its accuracy means nothing
+            raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the data "
+                             f"{train_set.class_names}: pass --classifier trained on this data (sigma train-classifier --data ...)")
         result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev))
         cut = ", ".join(f"{k.split('_')[1]}: {v:.1%}" for k, v in result.items()
                         if k.startswith("spectrum_") and k.split("_")[1].isdigit())

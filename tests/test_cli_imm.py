@@ -177,6 +177,11 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         (("train-imm", "--tokenizer", root / "tok", "--s-grid", "-1", "--out", tmp_path / "s"), "s_grid must be >= 0, not -1"),
         (("train-imm", "--tokenizer", root / "tok", "--objective", "flow-matching", "--s-grid", "2", "--out", tmp_path / "s"),
          "--s-grid picks IMM's s"),
+        (("train-imm", "--tokenizer", root / "tok", "--lr", "-1", "--out", tmp_path / "s"), "--lr must be a positive number"),
+        (("train-imm", "--tokenizer", root / "tok", "--ema", "2", "--out", tmp_path / "s"), "--ema must be in [0, 1)"),
+        (("sample", "--model", root / "imm", "--cfg", "nan"), "--cfg must be a number"),
+        (("eval", "--model", root / "imm", "--cfg", "inf"), "--cfg must be a number"),
+        (("train-tokenizer", "--resume", "--out", root / "imm"), "holds an imm run, not a tokenizer run"),
     ]
     for args, message in cases:
         r = cli(*args)
@@ -244,6 +249,8 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     assert not last_json(cli(*short, "--steps", "2", "--out", tmp_path / "r"))["latents_cached"]  # 16 samples < 2 passes
     assert not last_json(cli(*short, "--steps", "6", "--resume", "--out", tmp_path / "r"))["latents_cached"]  # kept
     assert last_json(cli(*short, "--steps", "8", "--resume", "--cache-latents", "--out", tmp_path / "r"))["latents_cached"]
+    r = cli("eval", "--model", tmp_path / "auto", "--num", "8")  # 24 pictures hold out 2: too few for an FD
+    assert r.exit_code == 1 and "held-out split" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = cli("train-imm", "--tokenizer", root / "tok", "--cache-latents", "--steps", "1", "--out", tmp_path / "endless")
     assert r.exit_code == 1 and "needs a finite data set" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "endless").exists()

@@ -89,6 +89,47 @@ def test_finetune_decoder_stage(trained, cli, tmp_path):
     assert meta["stage"]["finetune_decoder"] and meta["stage"]["init_from"] == str(out)
 
 
+def test_the_seed_fixes_the_initial_weights(cli, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(name, seed):
+        last_json(cli("train-tokenizer", *TINY, "--steps", "1", "--seed", seed, "--out", tmp_path / name, "--json"))
+        return load_file(tmp_path / name / "diffusion_pytorch_model.safetensors")
+
+    a, b, c = weights("a", 3), weights("b", 3), weights("c", 4)
+    assert all((a[k] == b[k]).all() for k in a) and any((a[k] != c[k]).any() for k in a)
+
+
+def test_init_keeps_its_architecture_and_resume_its_kind(trained, cli, tmp_path):
+    out, _ = trained
+    for args, message in [(["--init", out, "--image-size", "32"], "--init takes the architecture from"),
+                          (["--finetune-decoder", "--init", out, "--frames", "4"], "leave out --frames 4")]:
+        r = cli("train-tokenizer", *args, "--steps", "1", "--batch-size", "4", "--out", tmp_path / "x")
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and message in lines[0], r.stderr
+    for command in ("train-imm", "train-lm", "train-classifier"):  # a tokenizer run is no other kind's run
+        r = cli(command, "--resume", "--out", out)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and "holds a tokenizer run, not a" in lines[0], r.stderr
+
+
+def test_unwritable_outputs_are_one_line_and_pictures_are_readable(trained, cli, tmp_path):
+    out, _ = trained
+    (tmp_path / "file").write_text("x")
+    r = cli("reconstruct", "--model", out, "--num", "2", "--out", tmp_path / "file" / "r.png")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.stderr and "file" in lines[0], r.stderr
+    old = os.umask(0o022)
+    try:
+        assert cli("reconstruct", "--model", out, "--num", "2", "--out", tmp_path / "r.png").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.png").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    mask = os.umask(0)
+    os.umask(mask)  # the weights, written by the fixture under this process's umask, have a plain file's mode
+    assert (out / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_warm_start_with_a_feature_teacher(trained, cli, tmp_path):
     out, _ = trained
     teacher = tmp_path / "teacher"
@@ -122,6 +163,10 @@ def test_video_and_image_folder_runs(cli, tmp_path):
                   "--out", tmp_path / "fold", "--json"))
     assert json.loads((tmp_path / "fold" / "config.json").read_text())["bottleneck"] == "vae"
     assert last_json(cli("reconstruct", "--model", tmp_path / "fold", "--num", "4", "--out", tmp_path / "f.png", "--json"))["psnr"] > 0
+    from checkpoints import SHIPPED  # the shapes classifier cannot score cats and dogs
+
+    r = cli("reconstruct", "--model", SHIPPED["imm"] / "tokenizer", "--data", folder, "--num", "2", "--grid", "0", "--spectrum")
+    assert r.exit_code == 1 and "knows classes" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -132,6 +177,8 @@ def test_video_and_image_folder_runs(cli, tmp_path):
     (["--steps", "0"], "at least 1"),
     (["--preset", "huge"], "unknown preset"),
     (["--device", "tpu"], "--device"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
 ])
 def test_bad_training_input_is_one_line(cli, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

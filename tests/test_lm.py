@@ -1,5 +1,6 @@
 """The DeepSeekMoE LM: dispatch, router balancing, causality per attention kind, KV cache, Muon, save/load, CLI."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,31 @@ def test_lm_bad_inputs_fail_with_one_line(cli, tmp_path, runs_tok=None):
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
 
+def test_cli_seed_init_and_recorded_data(cli, tmp_path, monkeypatch):
+    """The same --seed gives the same initial weights; --init refuses architecture options; the run records its
+    text file's absolute path, so eval-lm finds it from any working directory; a bad --lr is one line."""
+    from safetensors.torch import load_file
+
+    arch = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "32", "--experts", "4"]
+    monkeypatch.chdir(tmp_path)
+    Path("text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    runs = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        r = cli("train-lm", *arch, "--data", "text.txt", "--batch-size", "4", "--steps", "1", "--sample-every", "0",
+                "--seed", seed, "--out", name, "--json")
+        assert r.exit_code == 0, r.stderr
+        runs[name] = load_file(tmp_path / name / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+    assert json.loads((tmp_path / "a" / "sigma.json").read_text())["data_spec"] == str(tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path.parent)
+    assert cli("eval-lm", "--model", tmp_path / "a", "--json").exit_code == 0
+    for args, message in [(("--init", tmp_path / "a", "--width", "64"), "leave out --width"),
+                          (("--lr", "-1"), "--lr must be a positive number")]:
+        r = cli("train-lm", *args, "--steps", "1", "--out", tmp_path / "x")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_bench_moe_runs(cli):
     r = cli("bench-moe", "--tokens", "64", "--dim", "16", "--experts", "4", "--hidden", "8", "--top-k", "2",
             "--repeats", "1", "--json")
@@ -202,9 +228,9 @@ def test_dsa_warmup_trains_only_the_indexer_and_sparse_selects_top_k():
 
 
 def test_cli_dsa_two_stages_from_a_dense_run(cli, tmp_path):
-    common = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "32", "--experts", "4", "--batch-size", "4",
-              "--sample-every", "0", "--steps", "2", "--json"]
-    assert cli("train-lm", *common, "--out", tmp_path / "dense").exit_code == 0
+    arch = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "32", "--experts", "4"]
+    common = ["--batch-size", "4", "--sample-every", "0", "--steps", "2", "--json"]  # --init brings the architecture
+    assert cli("train-lm", *arch, *common, "--out", tmp_path / "dense").exit_code == 0
     r = cli("train-lm", *common, "--attn", "dsa", "--dsa-stage", "warmup", "--init", tmp_path / "dense", "--out", tmp_path / "w")
     assert r.exit_code == 0, r.stderr
     r = cli("train-lm", *common, "--attn", "dsa", "--dsa-stage", "sparse", "--dsa-top-k", "8", "--init", tmp_path / "w",

@@ -33,6 +33,18 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
 
 
+def absolute_spec(spec: str | None) -> str | None:
+    """`spec` with its folder or file made absolute, for a run's sigma.json: `--resume`, `sigma eval` and
+    `sigma eval-lm` then find the data from any working directory. Names (shapes, cifar10:...) stay as they are."""
+    if spec is None or spec in ("shapes", "moving-shapes"):
+        return spec
+    kind, colon, rest = spec.partition(":")
+    if colon and kind.lower() in TORCHVISION_SETS and rest and Path(rest).expanduser().exists():
+        return f"{kind}:{Path(rest).expanduser().resolve()}"
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def make_dataset(spec: str, *, image_size: int = 32, frames: int = 1, split: str = "train", seed: int = 0) -> Dataset:
     """Build the data set named by `spec` (see the module docstring). Raises DataError on bad input.
 

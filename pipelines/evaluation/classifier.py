@@ -19,6 +19,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from pipelines.data import absolute_spec
+
 
 def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     """3x3 conv -> GroupNorm -> SiLU. GroupNorm, not BatchNorm: no running statistics, so a frame's features do
@@ -123,7 +125,7 @@ class ClassifierTask:
         return None  # the held-out accuracy printed at the end says more than a grid would
 
     def metadata(self) -> dict:
-        return {"data": self.data.name, "data_spec": self.data_spec, "image_size": self.data.image_size,
+        return {"data": self.data.name, "data_spec": absolute_spec(self.data_spec), "image_size": self.data.image_size,
                 "frames": self.data.frames}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipelines.data import absolute_spec
 from pipelines.imm.model import DiT
 from pipelines.imm.objective import (class_groups, complete_class_groups, draw_global, flow_matching_loss, group_window, imm_loss,
                                      unconditional_groups)
@@ -275,5 +276,5 @@ class IMMTask:
         return IMMScheduler.from_schedule(self.schedule, "euler" if self.stage.objective == "flow-matching" else "pushforward")
 
     def metadata(self) -> dict:
-        return {"data": self.data.name, "data_spec": self.data_spec, "image_size": self.data.image_size,
+        return {"data": self.data.name, "data_spec": absolute_spec(self.data_spec), "image_size": self.data.image_size,
                 "frames": self.data.frames, "stage": asdict(self.stage), "schedule": self.schedule.to_dict()}

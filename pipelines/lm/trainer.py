@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipelines.data import absolute_spec
 from pipelines.lm.data import ByteCorpus, decode, encode
 from pipelines.lm.model import MoELM
 
@@ -137,4 +138,4 @@ class LMTask:
         return path
 
     def metadata(self) -> dict:
-        return {"data": self.corpus.name, "data_spec": self.data_spec, "stage": asdict(self.stage)}
+        return {"data": self.corpus.name, "data_spec": absolute_spec(self.data_spec), "stage": asdict(self.stage)}

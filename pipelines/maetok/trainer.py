@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.data import absolute_spec
 from pipelines.maetok.model import PRESETS, MAETok, maetok_loss
 
 # schedule per preset (the model sizes are in model.PRESETS); tuned for 32x32 shapes on a 2-core CPU
@@ -118,7 +119,7 @@ class TokenizerTask:
     def metadata(self) -> dict:
         from dataclasses import asdict
 
-        return {"data": self.data.name, "data_spec": self.data_spec, "image_size": self.data.image_size, "frames": self.data.frames,
+        return {"data": self.data.name, "data_spec": absolute_spec(self.data_spec), "image_size": self.data.image_size, "frames": self.data.frames,
                 "stage": asdict(self.stage)}
 
 
