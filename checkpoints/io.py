@@ -26,6 +26,16 @@ def _class_for(kind: str):
     return getattr(importlib.import_module(module), name)
 
 
+def parameter_count(folder: Path | str, kind: str) -> int:
+    """The parameters of a model folder's network, from config.json alone: the model is built on the meta device
+    (no memory, no weights read). Buffers saved beside them (the LM's router bias, the DiT's latent
+    statistics) are not parameters, so this matches what training reports."""
+    config = {k: v for k, v in read_json(Path(folder) / CONFIG, "model config").items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = _class_for(kind).from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 # ---- atomic writes ---------------------------------------------------------------------------------------
 def new_file_mode() -> int:
     """The mode a plain new file gets under the current umask (0644 under 022): temporary files are made

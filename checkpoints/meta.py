@@ -89,19 +89,23 @@ def model_folder(folder: Path | str) -> Path:
 def folder_kind(folder: Path | str) -> str:
     """The kind of a sigma model or run folder ("tokenizer", "imm", ...), from config.json only."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"'{folder}' is a file; a model is a folder (config.json + weights)")
     if not folder.is_dir():
         raise CheckpointError(f"model folder '{folder}' does not exist")
     folder = model_folder(folder)
     if not (folder / CONFIG).exists():
         raise CheckpointError(f"'{folder}' is not a sigma model folder (no {CONFIG})")
     config = read_json(folder / CONFIG, "model config")
+    if "_class_name" not in config:
+        raise CheckpointError(f"'{folder / CONFIG}' names no model class (_class_name): not a sigma model folder")
     kind = kind_of_class(str(config.get("_class_name")))
     if kind is None:
         raise CheckpointError(f"'{folder}' holds a {config.get('_class_name')!r} model, which sigma does not know")
     return kind
 
 
-def _a(word: str) -> str:
+def a_or_an(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' or word in ('lm',) else 'a'} {word}"  # "an lm": said as "el-em"
 
 
@@ -109,4 +113,4 @@ def expect_kind(folder: Path | str, kind: str) -> None:
     """Raise CheckpointError (one line) unless the folder holds a `kind` model."""
     found = folder_kind(folder)
     if found != kind:
-        raise CheckpointError(f"'{folder}' holds {_a(found)} model, but this needs {_a(kind)} model")
+        raise CheckpointError(f"'{folder}' holds {a_or_an(found)} model, but this needs {a_or_an(kind)} model")

@@ -225,8 +225,8 @@ def check_train_config(cfg: TrainConfig):
     """Values the optimiser or the EMA would otherwise take silently (or fail on with a traceback)."""
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise SigmaError("--steps and --batch-size must be at least 1")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise SigmaError(f"--lr must be a positive number, not {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # (0 is allowed: a run that only evaluates or re-saves)
+        raise SigmaError(f"--lr must be a finite number >= 0, not {cfg.lr}")
     if not 0 <= cfg.ema < 1:
         raise SigmaError(f"--ema must be in [0, 1) (0: no EMA), not {cfg.ema}")
 
@@ -336,8 +336,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             # one all-reduce carries the loss (for logs and the finite check) and any rank's stop request
             shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"])], dtype=torch.float64, device=device))
             if not math.isfinite(shared[0].item()):
-                raise NonFiniteLoss(f"loss is not finite at step {step}; training stopped, last good checkpoint "
-                                    f"kept in '{run_dir}'")
+                kept = (f"last good checkpoint kept in '{run_dir}'" if checkpoint_dir(run_dir) is not None
+                        else "no checkpoint was written yet (try a lower --lr)")
+                raise NonFiniteLoss(f"loss is not finite at step {step}; training stopped, {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None

@@ -34,18 +34,32 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 @command
 def info(path: Annotated[Path, typer.Argument(help="A sigma model or run folder.")], as_json: JsonOpt = False):
     """Kind, config, parameter count and training step of a model or run folder (reads metadata only)."""
-    from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, count_parameters, folder_kind, model_folder, read_json
+    from checkpoints.io import parameter_count
+    from checkpoints.meta import CONFIG, RUN_META, WEIGHTS, folder_kind, model_folder, read_json, read_safetensors_header
 
     kind = folder_kind(path)
     folder = model_folder(path)  # an IMM pipeline folder keeps its transformer in transformer/
     config = {k: v for k, v in read_json(folder / CONFIG).items() if not k.startswith("_")}
+    read_safetensors_header(folder / WEIGHTS)  # one line if the weights are missing or broken
     run = read_json(path / RUN_META) if (path / RUN_META).exists() else {}
-    result = {"path": str(path), "kind": kind, "parameters": count_parameters(folder / WEIGHTS),
+    result = {"path": str(path), "kind": kind, "parameters": parameter_count(folder, kind),
               "step": run.get("step"), "data": run.get("data"), "config": config}
     lines = [f"{path}: {kind}, {result['parameters']:,} parameters"
              + (f", trained {result['step']} steps on {result['data']}" if run else "")]
-    lines += [f"  {k} = {v}" for k, v in config.items()]
+    lines += [f"  {k} = {_short(v)}" for k, v in config.items()]
     emit(result, as_json, lines)
+
+
+def _short(value) -> str:
+    """A config value for reading: long lists (the DiT's per-token latent statistics) as their shape (--json has all)."""
+    text = str(value)
+    if len(text) <= 120 or not isinstance(value, list):
+        return text
+    shape, inner = [], value
+    while isinstance(inner, list):
+        shape.append(len(inner))
+        inner = inner[0] if inner else None
+    return f"[{' x '.join(map(str, shape))} numbers] (--json prints them)"
 
 
 from sigmacli import tokenizer  # noqa: E402,F401  (registers its commands on `app`)

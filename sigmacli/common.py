@@ -63,14 +63,14 @@ def command(fn):
 def run_to_resume(out: Path, kind: str) -> dict:
     """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another kind."""
     from checkpoints.io import RUN_META, read_json
+    from checkpoints.meta import a_or_an
     from pipelines.errors import SigmaError
 
     if not (out / RUN_META).exists():
         raise SigmaError(f"--resume: '{out}' holds no run to continue")
     meta = read_json(out / RUN_META)
     if meta.get("kind") != kind:
-        a = lambda k: f"{'an' if str(k)[:1] in 'aeiou' else 'a'} {k}"  # noqa: E731
-        raise SigmaError(f"--resume: '{out}' holds {a(meta.get('kind'))} run, not {a(kind)} run")
+        raise SigmaError(f"--resume: '{out}' holds {a_or_an(str(meta.get('kind')))} run, not {a_or_an(kind)} run")
     return meta
 
 

@@ -135,8 +135,15 @@ def train_imm(
         try:
             sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a,
                                  k=decrement_k, s_grid=s_grid)
-        except ValueError as e:
-            raise SigmaError(str(e)) from None
+        except ValueError as e:  # the message names the field; say the option instead
+            flags = {"schedule": "--schedule", "parameterization": "--parameterization", "time sampler": "--time-sampler",
+                     "s_grid": "--s-grid", "weight_a": "--weight-a", "k ": "--decrement-k "}
+            message = str(e)
+            for field, flag in flags.items():
+                if message.startswith(field):
+                    message = flag + message[len(field):]
+                    break
+            raise SigmaError(message) from None
         cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,
                              "sample_every": sample_every})
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
@@ -207,7 +214,10 @@ def train_imm(
         model = init_model.float()
     elif not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
-        if min(arch.values()) < 1 or arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
+        small = [f"--{k} {arch[k]}" for k in ("width", "depth", "heads") if arch[k] < 1]
+        if small:
+            raise SigmaError(f"{', '.join(small)}: must be at least 1")
+        if arch["width"] % arch["heads"] or (arch["width"] // arch["heads"]) % 2:
             raise SigmaError(f"--width {arch['width']} must split into --heads {arch['heads']} heads of even size")
         if align_dim and not 1 <= align_depth <= arch["depth"]:
             raise SigmaError(f"--align-depth must be between 1 and --depth {arch['depth']}, not {align_depth}")
@@ -354,7 +364,7 @@ def parse_labels(values: list[str], class_names: list[str], num: int) -> "torch.
 @command
 def sample(
     model: Annotated[Optional[Path], typer.Option(help="An IMM run folder (default: the shipped shapes model).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampling steps, 1-8 for IMM (default: the run's, 2).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps: 1-8 for IMM (more work too, but gain little), tens for flow matching's Euler (default: the run's, 2).")] = None,
     num: Annotated[int, typer.Option(help="Number of samples.")] = 64,
     class_label: Annotated[Optional[list[str]], typer.Option("--class-label", help="Class name or index (repeat or comma-separate; default: all classes in turn).")] = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (default: the run's).")] = None,

@@ -75,6 +75,8 @@ def train_lm(
             raise SigmaError(f"--ffn must be moe or dense, not {ffn!r}")
         if attn not in LM_ATTN_KINDS:
             raise SigmaError(f"--attn {attn!r} is not available for the LM (have: {', '.join(LM_ATTN_KINDS)})")
+        if not (bias_update >= 0 and balance_loss >= 0):  # (nan fails too)
+            raise SigmaError(f"--bias-update and --balance-loss must be >= 0 (0 = off), not {bias_update} / {balance_loss}")
         if optimizer not in ("adamw", "muon"):
             raise SigmaError(f"--optimizer must be adamw or muon, not {optimizer!r}")
         arch = dict(LM_PRESETS[preset])

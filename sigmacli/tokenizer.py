@@ -11,7 +11,7 @@ from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionO
                              run_to_resume, trained_or_shipped)
 
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="shapes | moving-shapes | an image folder (a video folder with --frames > 1) | cifar10:PATH, "
+    "--data", help="shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, "
                    "cifar100:PATH, mnist:PATH, fashion-mnist:PATH")]
 
 
@@ -101,6 +101,8 @@ def train_tokenizer(
         stage = TokenizerStage(finetune_decoder=finetune_decoder, hog_weight=hog_weight,
                                finetune_tail=0.0 if finetune_decoder else tail, feature_weight=feature_weight,
                                latent_noise=latent_noise)
+        if not (hog_weight >= 0 and feature_weight >= 0):
+            raise SigmaError(f"--hog-weight and --feature-weight must be >= 0, not {hog_weight} / {feature_weight}")
         if not 0 <= latent_noise <= 10:
             raise SigmaError(f"--latent-noise must be in [0, 10], not {latent_noise}")
         teacher_dim = 0

@@ -166,7 +166,7 @@ def test_train_classifier_cli_writes_a_loadable_folder_and_resumes(cli, tmp_path
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "at least 1"),
     (["--batch-size", "0"], "at least 1"),
-    (["--lr", "0"], "--lr"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
     (["--data", "nope"], "unknown data set"),
     (["--image-size", "4"], "image size"),
     (["--device", "tpu"], "--device"),

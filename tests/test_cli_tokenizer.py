@@ -177,8 +177,9 @@ def test_video_and_image_folder_runs(cli, tmp_path):
     (["--steps", "0"], "at least 1"),
     (["--preset", "huge"], "unknown preset"),
     (["--device", "tpu"], "--device"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--hog-weight", "-1"], "--hog-weight and --feature-weight must be >= 0"),
 ])
 def test_bad_training_input_is_one_line(cli, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

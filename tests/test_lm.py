@@ -176,13 +176,17 @@ def test_cli_seed_init_and_recorded_data(cli, tmp_path, monkeypatch):
                 "--seed", seed, "--out", name, "--json")
         assert r.exit_code == 0, r.stderr
         runs[name] = load_file(tmp_path / name / "diffusion_pytorch_model.safetensors")
+    trained = json.loads(r.stdout.strip().splitlines()[-1])
+    info = cli("info", "c", "--json")  # parameters as training counts them: the router's bias buffer is not one
+    assert info.exit_code == 0 and json.loads(info.stdout)["parameters"] == trained["parameters"]
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
     assert json.loads((tmp_path / "a" / "sigma.json").read_text())["data_spec"] == str(tmp_path / "text.txt")
     monkeypatch.chdir(tmp_path.parent)
     assert cli("eval-lm", "--model", tmp_path / "a", "--json").exit_code == 0
     for args, message in [(("--init", tmp_path / "a", "--width", "64"), "leave out --width"),
-                          (("--lr", "-1"), "--lr must be a positive number")]:
+                          (("--lr", "-1"), "--lr must be a finite number >= 0"),
+                          (("--balance-loss", "-1"), "--balance-loss must be >= 0")]:
         r = cli("train-lm", *args, "--steps", "1", "--out", tmp_path / "x")
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

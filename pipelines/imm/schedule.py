@@ -43,6 +43,8 @@ class IMMSchedule:
             raise ValueError(f"need 0 <= eps < T < 1, got eps={self.eps}, T={self.T}")
         if self.s_grid < 0:
             raise ValueError(f"s_grid must be >= 0, not {self.s_grid}")
+        if self.weight_a not in (1, 2):
+            raise ValueError(f"weight_a (the a of w(s,t)'s alpha_t^a) must be 1 or 2, not {self.weight_a}")
         if not 1 <= self.k <= 30:
             raise ValueError(f"k (r's decrement is (eta_max - eta_min) / 2^k) must be in 1..30, not {self.k}")
 
