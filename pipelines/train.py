@@ -221,6 +221,18 @@ def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra
     atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))
 
 
+def compile_backend() -> str:
+    """$SIGMA_COMPILE_BACKEND (default inductor), checked against torch's registry: a typo is one line, not a
+    traceback from the first compiled call."""
+    import torch._dynamo
+
+    backend = os.environ.get("SIGMA_COMPILE_BACKEND", "inductor")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise SigmaError(f"SIGMA_COMPILE_BACKEND={backend!r} is not a torch.compile backend (e.g. inductor, aot_eager, eager)")
+    return backend
+
+
 def check_train_config(cfg: TrainConfig):
     """Values the optimiser or the EMA would otherwise take silently (or fail on with a traceback)."""
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -281,7 +293,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
     if cfg.compile:
-        net = torch.compile(net, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
+        net = torch.compile(net, backend=compile_backend())
 
     def save(step: int):
         # under FSDP2 gathering the whole tensors is collective: every rank takes part, rank 0 writes

@@ -401,9 +401,9 @@ def sample(
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
     labels = parse_labels(class_label or [], class_names, num)
     if compile_:  # the transformer only: the sampler loop is a few Python steps
-        import os
+        from pipelines.train import compile_backend
 
-        net.forward = torch.compile(net.forward, backend=os.environ.get("SIGMA_COMPILE_BACKEND", "inductor"))
+        net.forward = torch.compile(net.forward, backend=compile_backend())
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start

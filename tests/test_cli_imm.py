@@ -145,7 +145,7 @@ def test_align_teacher_adds_the_repa_loss(runs, cli, tmp_path):
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
+def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
     root, _ = runs
     cases = [
         (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
@@ -192,6 +192,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path):
         assert r.exit_code == 1, (args, r.stdout)
         assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (tmp_path / "t").exists()  # a bad --precision is caught before the run folder is made
+    monkeypatch.setenv("SIGMA_COMPILE_BACKEND", "bogus")
+    r = cli("sample", "--model", root / "imm", "--compile", "--num", "2", "--out", tmp_path / "c.png")
+    assert r.exit_code == 1 and "is not a torch.compile backend" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_shipped_model_samples_with_no_options(cli, tmp_path, monkeypatch):
