@@ -99,9 +99,9 @@ def folder_kind(folder: Path | str) -> str:
     config = read_json(folder / CONFIG, "model config")
     if "_class_name" not in config:
         raise CheckpointError(f"'{folder / CONFIG}' names no model class (_class_name): not a sigma model folder")
-    kind = kind_of_class(str(config.get("_class_name")))
+    kind = kind_of_class(str(config["_class_name"]))
     if kind is None:
-        raise CheckpointError(f"'{folder}' holds a {config.get('_class_name')!r} model, which sigma does not know")
+        raise CheckpointError(f"'{folder}' holds a {config['_class_name']!r} model, which sigma does not know")
     return kind
 
 

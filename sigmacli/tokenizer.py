@@ -118,7 +118,6 @@ def train_tokenizer(
         if source is not None:
             model = source
             stage.init_from = str(init)
-            image_size, frames = model.config.image_size, model.config.frames
             if not finetune_decoder and model.config.feature_dim != teacher_dim:  # a warm start with a new feature decoder
                 # (without diffusers' private keys: its `_use_default_values` would reset feature_dim)
                 config = {k: v for k, v in model.config.items() if not k.startswith("_")}
