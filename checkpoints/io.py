@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints.meta import (CHECKPOINT, CONFIG, MODEL_CLASSES, RUN_META, WEIGHTS, count_parameters,  # noqa: F401
+from checkpoints.meta import (CHECKPOINT, CONFIG, MODEL_CLASSES, RUN_META, WEIGHTS,  # noqa: F401
                               expect_kind, folder_kind, kind_of_class, model_folder, read_json, read_safetensors_header)
 from pipelines.errors import CheckpointError
 

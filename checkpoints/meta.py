@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 
@@ -58,11 +57,6 @@ def read_safetensors_header(path: Path | str) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - any defect of the file is the same user-facing problem
         raise CheckpointError(f"'{path}' is not a valid safetensors file ({e})") from None
-
-
-def count_parameters(path: Path | str) -> int:
-    header = read_safetensors_header(path)
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def read_json(path: Path | str, what: str = "file") -> dict:

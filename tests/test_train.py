@@ -174,7 +174,7 @@ def test_model_folder_round_trip_is_exact(tmp_path):
     # diffusers' own loader reads the same folder
     again = MAETok.from_pretrained(tmp_path / "m", low_cpu_mem_usage=False)
     assert torch.equal(again.to_pixels.weight, model.to_pixels.weight)
-    assert io.count_parameters(tmp_path / "m" / io.WEIGHTS) == sum(p.numel() for p in model.parameters())
+    assert io.parameter_count(tmp_path / "m", "tokenizer") == sum(p.numel() for p in model.parameters())
 
 
 def test_bad_checkpoints_raise_one_clear_error(tmp_path):
