@@ -145,6 +145,27 @@ def save_training_state(run_dir: Path | str, *, model_state: dict, ema_state: di
     shutil.rmtree(old, ignore_errors=True)
 
 
+SNAPSHOTS = "snapshots"
+
+
+def keep_snapshot(run_dir: Path | str, step: int) -> Path:
+    """Copy the run's model folder as it is now (configs, sampling weights, sigma.json; no optimiser state,
+    log or pictures) to run_dir/snapshots/step-NNNNNNN, a folder every command loads like the run itself.
+    Written under a temporary name and renamed, so a snapshot is whole or absent."""
+    run_dir = Path(run_dir)
+    final = run_dir / SNAPSHOTS / f"step-{step:07d}"
+    tmp = run_dir / SNAPSHOTS / f".step-{step:07d}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in run_dir.iterdir():
+        if item.name.startswith((CHECKPOINT, SNAPSHOTS, ".")) or item.name == "metrics.jsonl" or item.suffix in (".png", ".gif"):
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    shutil.rmtree(final, ignore_errors=True)  # a resumed run that passes this step again replaces it
+    os.replace(tmp, final)
+    return final
+
+
 def checkpoint_dir(run_dir: Path | str) -> Path | None:
     run_dir = Path(run_dir)
     for name in (CHECKPOINT, f"{CHECKPOINT}.old"):

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoints.io import RUN_META, atomic_write_text, checkpoint_dir, load_training_state, save_model, save_training_state
+from checkpoints.io import (RUN_META, atomic_write_text, checkpoint_dir, keep_snapshot, load_training_state, save_model,
+                            save_training_state)
 from pipelines.errors import SigmaError
 
 
@@ -54,6 +55,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999  # 0 disables; the saved model holds EMA weights when on
     save_every: int = 500
+    keep_every: int = 0  # > 0: also keep the sampling weights every N steps in snapshots/step-N (loadable as a run)
     sample_every: int = 500  # 0 disables periodic pictures
     log_every: int = 10
     seed: int = 0
@@ -239,6 +241,8 @@ def check_train_config(cfg: TrainConfig):
         raise SigmaError("--steps and --batch-size must be at least 1")
     if not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # (0 is allowed: a run that only evaluates or re-saves)
         raise SigmaError(f"--lr must be a finite number >= 0, not {cfg.lr}")
+    if cfg.save_every < 0 or cfg.keep_every < 0:
+        raise SigmaError("--save-every and --keep-every must be >= 0 (0: off)")
     if not 0 <= cfg.ema < 1:
         raise SigmaError(f"--ema must be in [0, 1) (0: no EMA), not {cfg.ema}")
 
@@ -306,6 +310,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                             counters={"step": step, "world": ddp.world})
         save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=ema_state or model_state)
         write_run_meta(run_dir, task, cfg, step)
+        if cfg.keep_every and step % cfg.keep_every == 0:
+            keep_snapshot(run_dir, step)
 
     # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
     stop = {"asked": False}
@@ -374,7 +380,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 metrics_file.flush()
             if progress:
                 progress.update(bar, completed=done, info=f"loss {last['loss']:.4f}")
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+            if done != cfg.steps and any(every and done % every == 0 for every in (cfg.save_every, cfg.keep_every)):
                 save(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and ddp.rank == 0 and not sharded:
                 task.pictures(ema or model, done, run_dir)

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
-                             parse_grid, run_to_resume, trained_or_shipped)
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
+                             command, emit, parse_grid, run_to_resume, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
 
@@ -60,6 +60,7 @@ def train_imm(
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for the pictures and sigma sample's default (default: 3 for IMM, 1.5 for flow matching: the best FD of each on shapes).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
+    keep_every: KeepEveryOpt = 0,
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
@@ -145,7 +146,7 @@ def train_imm(
                     break
             raise SigmaError(message) from None
         cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,
-                             "sample_every": sample_every})
+                             "keep_every": keep_every, "sample_every": sample_every})
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
             if value is not None:
                 setattr(cfg, name, value)

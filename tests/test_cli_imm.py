@@ -27,7 +27,8 @@ def runs(tmp_path_factory):
     r = invoke("train-tokenizer", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--sample-every", "0",
                "--out", root / "tok", "--json")
     assert r.exit_code == 0, r.stderr
-    r = invoke("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "3", "--out", root / "imm", "--json")
+    r = invoke("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "3", "--keep-every", "2", "--out", root / "imm",
+               "--json")
     assert r.exit_code == 0, r.stderr
     return root, json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -43,6 +44,9 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
     assert stage["groups"] == "complete" and stage["label_dropout"] == 0.1
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
+    snapshot = root / "imm" / "snapshots" / "step-0000002"  # --keep-every 2: a pipeline folder of step 2
+    assert last_json(cli("info", snapshot, "--json"))["step"] == 2
+    assert not (snapshot / "checkpoint").exists() and (snapshot / "scheduler" / "scheduler_config.json").exists()
 
 
 def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
@@ -57,6 +61,8 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
                       "--steps", "3", "--out", tmp_path / "c.png", "--json"))
     assert c["labels"] == [5, 5, 5, 5] and Image.open(tmp_path / "c.png").size[0] > 16
     assert a["times"] == pytest.approx([0.994, 0.5, 0.006])  # uniform in t by default
+    last_json(cli("sample", "--model", root / "imm" / "snapshots" / "step-0000002", "--num", "2", "--out", tmp_path / "s.png",
+                  "--json"))  # a snapshot samples like the run
     m = last_json(cli(*args, "--midpoint", "0.65", "--out", tmp_path / "m.png"))
     assert m["times"] == pytest.approx([0.994, 0.65, 0.006])
 

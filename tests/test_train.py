@@ -277,3 +277,27 @@ def test_rmsnorm_computes_in_fp32_under_cpu_bf16_autocast():
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref.detach())
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_keep_every_leaves_loadable_snapshots(tmp_path):
+    """--keep-every 2 over 5 steps: whole model folders at steps 2 and 4 (no optimiser state, no log), each
+    loadable and holding that step's weights; the run folder itself ends at step 5."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    train(make_task(), config(steps=5, keep_every=2), run, quiet=True)
+    snaps = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snaps == ["step-0000002", "step-0000004"]
+    weights = []
+    for name, step in zip(snaps, (2, 4)):
+        snap = run / "snapshots" / name
+        assert not (snap / "checkpoint").exists() and not (snap / "metrics.jsonl").exists()
+        assert json.loads((snap / "sigma.json").read_text())["step"] == step
+        io.load_model(snap, "tokenizer")
+        weights.append(load_file(str(snap / io.WEIGHTS)))
+    final = load_file(str(run / io.WEIGHTS))
+    assert json.loads((run / "sigma.json").read_text())["step"] == 5
+    differ = lambda a, b: any(not torch.equal(a[n], b[n]) for n in b)  # noqa: E731
+    assert differ(weights[0], weights[1]) and differ(weights[1], final)  # three points of one run
+    with pytest.raises(Exception, match="keep-every"):
+        train(make_task(), config(keep_every=-1), tmp_path / "bad", quiet=True)
