@@ -314,9 +314,9 @@ def load_pipeline(folder: Path, device):
     return model, scheduler, tok, meta
 
 
-def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=None) -> tuple[int, float]:
-    """Steps and guidance scale (defaults: the run's), with the sampler name checked; a --midpoint is checked
-    and set on the scheduler (the run's scheduler config holds the default: none, i.e. uniform times)."""
+def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=None, start_time=None) -> tuple[int, float]:
+    """Steps and guidance scale (defaults: the run's), with the sampler name checked; a --midpoint or
+    --start-time is checked and set on the scheduler (the run's scheduler config holds the defaults)."""
     from pipelines.errors import SigmaError
     from pipelines.imm.scheduler import SAMPLERS
 
@@ -329,14 +329,16 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
         raise SigmaError(f"--cfg must be a number in [-100, 100] (1: no guidance), not {cfg}")
     if sampler is not None and sampler not in SAMPLERS:
         raise SigmaError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-    if midpoint is not None:
-        if steps != 2:
-            raise SigmaError(f"--midpoint is the middle time of 2-step sampling; it needs --steps 2, not {steps}")
+    if midpoint is not None and steps != 2:
+        raise SigmaError(f"--midpoint is the middle time of 2-step sampling; it needs --steps 2, not {steps}")
+    if scheduler is not None:
+        midpoint = midpoint if midpoint is not None else scheduler.config.midpoint
+        start_time = start_time if start_time is not None else scheduler.config.get("start_time")
         try:
-            scheduler.schedule.sampling_times(steps, midpoint)  # checks eps < midpoint < T
+            scheduler.schedule.sampling_times(steps, midpoint, start_time)  # eps < midpoint < start <= T
         except ValueError as e:
             raise SigmaError(f"--{e}") from None
-        scheduler.register_to_config(midpoint=midpoint)
+        scheduler.register_to_config(midpoint=midpoint, start_time=start_time)
     return steps, cfg
 
 
@@ -371,6 +373,7 @@ def sample(
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (default: the run's).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart (IMM) | euler (flow matching); default: the run's.")] = None,
     midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's; uniform, 0.5; on shapes 0.6-0.7 gave a slightly lower FD).")] = None,
+    start_time: Annotated[Optional[float], typer.Option(help="The time the first step starts from (default: the run's, else T = 0.994): the start noise is scaled to x's std at that time and read as x there. 0.9-0.97 rescued a long run whose jumps from T had come apart (README).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
     save_individual: Annotated[Optional[Path], typer.Option(help="Also write every sample to this folder.")] = None,
     nrow: Annotated[int, typer.Option(help="Samples per row of the grid.")] = 8,
@@ -396,7 +399,7 @@ def sample(
         raise SigmaError(f"no shipped model at '{folder}'; train one with `sigma train-imm` and pass --model runs/imm")
     dev = resolve_device(device)
     net, scheduler, tok, meta = load_pipeline(folder, dev)
-    steps, cfg = sampling_options(meta, steps, cfg, sampler, scheduler, midpoint)
+    steps, cfg = sampling_options(meta, steps, cfg, sampler, scheduler, midpoint, start_time)
     if num < 1 or nrow < 1:
         raise SigmaError("--num and --nrow must be at least 1")
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
@@ -429,6 +432,7 @@ def eval_(
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the run's).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart | euler (default: the run's).")] = None,
     midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's; uniform, 0.5; on shapes 0.6-0.7 gave a slightly lower FD).")] = None,
+    start_time: Annotated[Optional[float], typer.Option(help="The time the first step starts from (default: the run's, else T = 0.994): the start noise is scaled to x's std at that time and read as x there. 0.9-0.97 rescued a long run whose jumps from T had come apart (README).")] = None,
     classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder for the features (default: runs/classifier if present, else the shipped one).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -451,7 +455,7 @@ def eval_(
     folder = model or SHIPPED["imm"]
     dev = resolve_device(device)
     net, scheduler, tok, meta = load_pipeline(folder, dev)
-    steps, cfg = sampling_options(meta, steps, cfg, sampler, scheduler, midpoint)
+    steps, cfg = sampling_options(meta, steps, cfg, sampler, scheduler, midpoint, start_time)
     if num < 2:
         raise SigmaError("--num must be at least 2")
     c = net.config

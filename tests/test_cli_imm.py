@@ -65,6 +65,8 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
                   "--json"))  # a snapshot samples like the run
     m = last_json(cli(*args, "--midpoint", "0.65", "--out", tmp_path / "m.png"))
     assert m["times"] == pytest.approx([0.994, 0.65, 0.006])
+    st = last_json(cli(*args, "--start-time", "0.9", "--midpoint", "0.6", "--out", tmp_path / "st.png"))
+    assert st["times"] == pytest.approx([0.9, 0.6, 0.006])
 
 
 def test_resume_extends_a_run(runs, cli, tmp_path):
@@ -163,6 +165,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
         (("train-imm", "--init", root / "imm", "--width", "64", "--out", tmp_path / "i3"), "leave out --width"),
         (("train-imm", "--init", root / "imm", "--resume", "--out", root / "imm"), "pass one of them"),
         (("eval", "--model", root / "imm", "--steps", "2", "--midpoint", "1.5"), "--midpoint must lie between eps"),
+        (("sample", "--model", root / "imm", "--start-time", "0.999"), "--start-time must lie in (eps 0.006, T 0.994]"),
         (("sample", "--model", tmp_path / "nothing"), "does not exist"),
         (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),
         (("train-imm", "--space", "pixels", "--cube", "1x3x3", "--steps", "1", "--out", tmp_path / "y"), "not divisible by --cube"),

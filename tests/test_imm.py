@@ -513,3 +513,18 @@ def test_two_step_midpoint_sets_the_middle_time_only():
     torch.testing.assert_close(sched.times, torch.linspace(0.994, 0.006, 5))
     with pytest.raises(ValueError, match="midpoint must lie between"):
         IMMSchedule().sampling_times(2, midpoint=0.999)
+
+
+def test_start_time_moves_the_first_time_only():
+    sched = IMMScheduler(start_time=0.9)
+    sched.set_timesteps(2)
+    torch.testing.assert_close(sched.times, torch.tensor([0.9, 0.453, 0.006]))
+    assert sched.init_noise_sigma == pytest.approx(0.5 * (0.1 ** 2 + 0.9 ** 2) ** 0.5)  # x_0.9's own std (fm schedule)
+    assert IMMScheduler().init_noise_sigma == 0.5  # from T: the paper's N(0, sigma_d^2)
+    torch.testing.assert_close(IMMSchedule().sampling_times(2, midpoint=0.6, start=0.9), torch.tensor([0.9, 0.6, 0.006]))
+    torch.testing.assert_close(IMMSchedule().sampling_times(3, start=None), torch.linspace(0.994, 0.006, 4))
+    for start in (0.999, 0.006):
+        with pytest.raises(ValueError, match="start-time must lie in"):
+            IMMSchedule().sampling_times(1, start=start)
+    with pytest.raises(ValueError, match="midpoint must lie between"):  # the midpoint must be below the start
+        IMMSchedule().sampling_times(2, midpoint=0.95, start=0.9)

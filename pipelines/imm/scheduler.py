@@ -22,7 +22,7 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, schedule: str = "fm", parameterization: str = "euler_fm", sigma_d: float = 0.5, T: float = 0.994,
                  eps: float = 0.006, k: int = 12, weight_b: float = 4.0, weight_a: int = 2, time_sampler: str = "uniform",
                  p_mean: float = -1.1, p_std: float = 2.0, s_grid: int = 0, sampler: str = "pushforward",
-                 midpoint: float | None = None):
+                 midpoint: float | None = None, start_time: float | None = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
         self.schedule = IMMSchedule(**{f.name: getattr(self.config, f.name) for f in fields(IMMSchedule)})
@@ -31,21 +31,28 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
 
     @classmethod
-    def from_schedule(cls, schedule: IMMSchedule, sampler: str = "pushforward") -> "IMMScheduler":
-        return cls(**schedule.to_dict(), sampler=sampler)
+    def from_schedule(cls, schedule: IMMSchedule, sampler: str = "pushforward", start_time: float | None = None
+                      ) -> "IMMScheduler":
+        return cls(**schedule.to_dict(), sampler=sampler, start_time=start_time)
 
     @property
     def init_noise_sigma(self) -> float:
-        return self.schedule.sigma_d  # x_T ~ N(0, sigma_d^2 I)
+        """x_T ~ N(0, sigma_d^2 I) (the paper's start). From a start time t0 below T, the noise is scaled to the
+        std of x_t0 itself, sigma_d sqrt(alpha_t0^2 + sigma_t0^2), and read as x_t0."""
+        if self.config.start_time is None:
+            return self.schedule.sigma_d
+        alpha, sigma = self.schedule.alpha_sigma(torch.tensor(float(self.config.start_time), dtype=torch.float64))
+        return self.schedule.sigma_d * float((alpha ** 2 + sigma ** 2).sqrt())
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, sampler: str | None = None):
-        """Times T = t_0 > ... > t_n = eps, uniform in t (two steps: through `midpoint` if configured)."""
+        """Times t_0 > ... > t_n = eps, uniform in t from t_0 = `start_time` (default T; two steps: through
+        `midpoint` if configured)."""
         if sampler is not None:
             if sampler not in SAMPLERS:
                 raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
             self.sampler = sampler
         self.num_inference_steps = num_inference_steps
-        self.times = self.schedule.sampling_times(num_inference_steps, self.config.midpoint)
+        self.times = self.schedule.sampling_times(num_inference_steps, self.config.midpoint, self.config.start_time)
         self.timesteps = self.times[:-1].to(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
