@@ -59,6 +59,7 @@ def train_imm(
     muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr (5 beat 10 and 20 on shapes).")] = 5.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for the pictures and sigma sample's default (default: 3 for IMM, 1.5 for flow matching: the best FD of each on shapes).")] = None,
+    start_time: Annotated[Optional[float], typer.Option(help="sigma sample's default start time (default: 0.95 for IMM, T = 0.994 for flow matching). IMM's loss weight vanishes as t -> T, and a 14,000-step run's jumps from T came apart; from 0.95 it sampled well, and shorter runs lost nothing (BENCHMARKS.md).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
     keep_every: KeepEveryOpt = 0,
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
@@ -85,9 +86,8 @@ def train_imm(
     from pipelines.imm.model import PRESETS, DiT
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
-    from pipelines.imm.scheduler import IMMScheduler
     from pipelines.imm.trainer import (GROUPINGS, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask,
-                                       encode_dataset, latent_statistics, should_cache_latents)
+                                       encode_dataset, latent_statistics, run_scheduler, should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16
 
@@ -155,6 +155,7 @@ def train_imm(
         stage = IMMStage(objective=objective, group_size=group_size, groups=groups, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
+                         start_time=start_time if start_time is not None or objective != "imm" else 0.95,
                          muon_lr_scale=muon_lr_scale, fm_fraction=fm_fraction, fm_weight=fm_weight)
         align_dim = 0
         if align_teacher is not None:
@@ -273,8 +274,11 @@ def train_imm(
 
         if checkpoint_dir(out) is not None:
             raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
-        sampler = "euler" if stage.objective == "flow-matching" else "pushforward"
-        IMMPipeline(model, IMMScheduler.from_schedule(sched, sampler), tok).save_pretrained(out)
+        try:
+            sched.sampling_times(stage.sample_steps, start=stage.start_time)
+        except ValueError as e:
+            raise SigmaError(f"--{e}") from None
+        IMMPipeline(model, run_scheduler(sched, stage), tok).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
     latents = None

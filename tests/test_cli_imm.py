@@ -41,7 +41,8 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
         assert (root / "imm" / name).exists(), name
     stage = json.loads((root / "imm" / "sigma.json").read_text())["stage"]
     assert stage["optimizer"] == "muon" and stage["cfg_scale"] == 3.0 and stage["fm_fraction"] == 0  # the defaults
-    assert stage["groups"] == "complete" and stage["label_dropout"] == 0.1
+    assert stage["groups"] == "complete" and stage["label_dropout"] == 0.1 and stage["start_time"] == 0.95
+    assert json.loads((root / "imm" / "scheduler" / "scheduler_config.json").read_text())["start_time"] == 0.95
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
     snapshot = root / "imm" / "snapshots" / "step-0000002"  # --keep-every 2: a pipeline folder of step 2
@@ -60,11 +61,11 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     c = last_json(cli("sample", "--model", root / "imm", "--num", "4", "--class-label", "star", "--sampler", "restart",
                       "--steps", "3", "--out", tmp_path / "c.png", "--json"))
     assert c["labels"] == [5, 5, 5, 5] and Image.open(tmp_path / "c.png").size[0] > 16
-    assert a["times"] == pytest.approx([0.994, 0.5, 0.006])  # uniform in t by default
+    assert a["times"] == pytest.approx([0.95, 0.478, 0.006])  # uniform in t from the run's start time, 0.95 for IMM
     last_json(cli("sample", "--model", root / "imm" / "snapshots" / "step-0000002", "--num", "2", "--out", tmp_path / "s.png",
                   "--json"))  # a snapshot samples like the run
     m = last_json(cli(*args, "--midpoint", "0.65", "--out", tmp_path / "m.png"))
-    assert m["times"] == pytest.approx([0.994, 0.65, 0.006])
+    assert m["times"] == pytest.approx([0.95, 0.65, 0.006])
     st = last_json(cli(*args, "--start-time", "0.9", "--midpoint", "0.6", "--out", tmp_path / "st.png"))
     assert st["times"] == pytest.approx([0.9, 0.6, 0.006])
 
@@ -129,6 +130,7 @@ def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     assert r["objective"] == "flow-matching"
     s = last_json(cli("sample", "--model", tmp_path / "fm", "--num", "4", "--steps", "3", "--out", tmp_path / "fm.png", "--json"))
     assert s["sampler"] == "euler" and s["cfg"] == 1.5  # each objective's guidance default (IMM: 3, below)
+    assert s["times"][0] == pytest.approx(0.994)  # flow matching starts at T (IMM: 0.95)
     last_json(cli("train-imm", "--space", "pixels", "--data", "moving-shapes", "--frames", "4", "--image-size", "16",
                   *TINY_DIT, "--steps", "2", "--out", tmp_path / "clip", "--json"))
     s = last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--out", tmp_path / "clip.png", "--json"))

@@ -35,6 +35,8 @@ class IMMStage:
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float | None = None  # sampling default; None: 3 for IMM, 1.5 for flow matching (each one's best FD
     # on shapes, BENCHMARKS.md tenth session)
+    start_time: float | None = None  # sampling default: the first step's time (None: T, the paper's). The CLI's
+    # default is 0.95 for IMM: the loss barely trains t near T, where one long run's jumps came apart (BENCHMARKS.md)
     tokenizer: str | None = None  # the tokenizer folder the latents came from (latent space)
     latent_stats_samples: int = 4096
     latent_norm: str = "channel"  # "channel": mean and std per channel; "token": per (latent token, channel);
@@ -162,6 +164,14 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     return out
 
 
+def run_scheduler(schedule: IMMSchedule, stage: IMMStage):
+    """The sampler a run draws with by default (saved in its pipeline folder): Euler for flow matching, else
+    pushforward, from the stage's start time."""
+    from pipelines.imm.scheduler import IMMScheduler
+
+    return IMMScheduler.from_schedule(schedule, "euler" if stage.objective == "flow-matching" else "pushforward", stage.start_time)
+
+
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
     """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
     features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
@@ -271,9 +281,7 @@ class IMMTask:
         return save_media(x, run_dir / f"samples.{ext}", nrow=per_class)
 
     def scheduler(self):
-        from pipelines.imm.scheduler import IMMScheduler
-
-        return IMMScheduler.from_schedule(self.schedule, "euler" if self.stage.objective == "flow-matching" else "pushforward")
+        return run_scheduler(self.schedule, self.stage)
 
     def metadata(self) -> dict:
         return {"data": self.data.name, "data_spec": absolute_spec(self.data_spec), "image_size": self.data.image_size,
