@@ -42,7 +42,9 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
     stage = json.loads((root / "imm" / "sigma.json").read_text())["stage"]
     assert stage["optimizer"] == "muon" and stage["cfg_scale"] == 3.0 and stage["fm_fraction"] == 0  # the defaults
     assert stage["groups"] == "complete" and stage["label_dropout"] == 0.1 and stage["start_time"] == 0.95
-    assert json.loads((root / "imm" / "scheduler" / "scheduler_config.json").read_text())["start_time"] == 0.95
+    assert stage["midpoint"] == 0.6
+    sched = json.loads((root / "imm" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["start_time"] == 0.95 and sched["midpoint"] == 0.6
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
     snapshot = root / "imm" / "snapshots" / "step-0000002"  # --keep-every 2: a pipeline folder of step 2
@@ -61,13 +63,15 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     c = last_json(cli("sample", "--model", root / "imm", "--num", "4", "--class-label", "star", "--sampler", "restart",
                       "--steps", "3", "--out", tmp_path / "c.png", "--json"))
     assert c["labels"] == [5, 5, 5, 5] and Image.open(tmp_path / "c.png").size[0] > 16
-    assert a["times"] == pytest.approx([0.95, 0.478, 0.006])  # uniform in t from the run's start time, 0.95 for IMM
+    assert a["times"] == pytest.approx([0.95, 0.6, 0.006])  # the run's start time and midpoint (IMM: 0.95 and 0.6)
     last_json(cli("sample", "--model", root / "imm" / "snapshots" / "step-0000002", "--num", "2", "--out", tmp_path / "s.png",
                   "--json"))  # a snapshot samples like the run
     m = last_json(cli(*args, "--midpoint", "0.65", "--out", tmp_path / "m.png"))
     assert m["times"] == pytest.approx([0.95, 0.65, 0.006])
     st = last_json(cli(*args, "--start-time", "0.9", "--midpoint", "0.6", "--out", tmp_path / "st.png"))
     assert st["times"] == pytest.approx([0.9, 0.6, 0.006])
+    early = last_json(cli(*args, "--start-time", "0.5", "--out", tmp_path / "e.png"))  # before the run's midpoint:
+    assert early["times"] == pytest.approx([0.5, 0.253, 0.006])  # uniform from there
 
 
 def test_resume_extends_a_run(runs, cli, tmp_path):

@@ -31,9 +31,9 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
 
     @classmethod
-    def from_schedule(cls, schedule: IMMSchedule, sampler: str = "pushforward", start_time: float | None = None
-                      ) -> "IMMScheduler":
-        return cls(**schedule.to_dict(), sampler=sampler, start_time=start_time)
+    def from_schedule(cls, schedule: IMMSchedule, sampler: str = "pushforward", start_time: float | None = None,
+                      midpoint: float | None = None) -> "IMMScheduler":
+        return cls(**schedule.to_dict(), sampler=sampler, start_time=start_time, midpoint=midpoint)
 
     @property
     def init_noise_sigma(self) -> float:
