@@ -157,10 +157,13 @@ def keep_snapshot(run_dir: Path | str, step: int) -> Path:
     tmp = run_dir / SNAPSHOTS / f".step-{step:07d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for item in run_dir.iterdir():
-        if item.name.startswith((CHECKPOINT, SNAPSHOTS, ".")) or item.name == "metrics.jsonl" or item.suffix in (".png", ".gif"):
+    for item in run_dir.iterdir():  # configs, weights and model subfolders (transformer/, scheduler/, tokenizer/)
+        if item.name.startswith((CHECKPOINT, SNAPSHOTS, ".")):
             continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if item.is_file() and item.suffix in (".json", ".safetensors"):
+            shutil.copy2(item, tmp / item.name)
+        elif item.is_dir() and any(item.glob("*.json")):  # not samples/ (pictures only)
+            shutil.copytree(item, tmp / item.name)
     shutil.rmtree(final, ignore_errors=True)  # a resumed run that passes this step again replaces it
     os.replace(tmp, final)
     return final

@@ -285,13 +285,15 @@ def test_keep_every_leaves_loadable_snapshots(tmp_path):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "samples_000001.png").write_bytes(b"")  # pictures stay out of snapshots
     train(make_task(), config(steps=5, keep_every=2), run, quiet=True)
     snaps = sorted(p.name for p in (run / "snapshots").iterdir())
     assert snaps == ["step-0000002", "step-0000004"]
     weights = []
     for name, step in zip(snaps, (2, 4)):
         snap = run / "snapshots" / name
-        assert not (snap / "checkpoint").exists() and not (snap / "metrics.jsonl").exists()
+        assert not (snap / "checkpoint").exists() and not (snap / "metrics.jsonl").exists() and not (snap / "samples").exists()
         assert json.loads((snap / "sigma.json").read_text())["step"] == step
         io.load_model(snap, "tokenizer")
         weights.append(load_file(str(snap / io.WEIGHTS)))
