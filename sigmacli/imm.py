@@ -153,11 +153,13 @@ def train_imm(
                 setattr(cfg, name, value)
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
+        if objective == "imm":  # the sampling defaults an IMM run saves (flow matching: from T, uniform)
+            start_time = 0.95 if start_time is None else start_time
+            midpoint = 0.6 if midpoint is None and start_time > 0.6 else midpoint
         stage = IMMStage(objective=objective, group_size=group_size, groups=groups, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
-                         start_time=start_time if start_time is not None or objective != "imm" else 0.95,
-                         midpoint=midpoint if midpoint is not None or objective != "imm" or (start_time or 1) <= 0.6 else 0.6,
+                         start_time=start_time, midpoint=midpoint,
                          muon_lr_scale=muon_lr_scale, fm_fraction=fm_fraction, fm_weight=fm_weight)
         align_dim = 0
         if align_teacher is not None:

@@ -172,6 +172,8 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
         (("train-imm", "--init", root / "imm", "--resume", "--out", root / "imm"), "pass one of them"),
         (("eval", "--model", root / "imm", "--steps", "2", "--midpoint", "1.5"), "--midpoint must lie between eps"),
         (("sample", "--model", root / "imm", "--start-time", "0.999"), "--start-time must lie in (eps 0.006, T 0.994]"),
+        (("train-imm", "--tokenizer", root / "tok", "--midpoint", "0.97", "--steps", "1", "--out", tmp_path / "m"),
+         "--midpoint must lie between eps 0.006 and the start 0.95"),
         (("sample", "--model", tmp_path / "nothing"), "does not exist"),
         (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),
         (("train-imm", "--space", "pixels", "--cube", "1x3x3", "--steps", "1", "--out", tmp_path / "y"), "not divisible by --cube"),

@@ -146,9 +146,9 @@ class IMMSchedule:
     # ---- sampling ---------------------------------------------------------------------------------------
     def sampling_times(self, steps: int, midpoint: float | None = None, start: float | None = None) -> torch.Tensor:
         """[steps + 1] times from `start` (default T) down to eps, uniform in t (or start, midpoint, eps for two
-        steps). A start below T feeds the noise x_T ~ N(0, sigma_d^2) in as x_start: at t near T the loss weight
-        w(s,t) falls like alpha_t and eta's fixed decrement makes the induction chain very fine, so the network
-        is least trained exactly where sampling begins (a long shapes run lost its T -> s jumps there)."""
+        steps). From a start below T the sampler reads its noise as x_start (IMMScheduler). Why not always T: near
+        T the loss weight w(s,t) falls like alpha_t and eta's fixed decrement makes the induction chain very fine,
+        so the network is least trained exactly where sampling begins (a long shapes run lost its jumps there)."""
         if steps < 1:
             raise ValueError("steps must be at least 1")
         start = self.T if start is None else start
