@@ -151,19 +151,30 @@ SNAPSHOTS = "snapshots"
 def keep_snapshot(run_dir: Path | str, step: int) -> Path:
     """Copy the run's model folder as it is now (configs, sampling weights, sigma.json; no optimiser state,
     log or pictures) to run_dir/snapshots/step-NNNNNNN, a folder every command loads like the run itself.
+    Files are hard links where the file system allows (every file of a run is replaced by rename, never
+    rewritten in place, so a link keeps this step's version; the frozen tokenizer is not copied each time).
     Written under a temporary name and renamed, so a snapshot is whole or absent."""
     run_dir = Path(run_dir)
-    final = run_dir / SNAPSHOTS / f"step-{step:07d}"
-    tmp = run_dir / SNAPSHOTS / f".step-{step:07d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    snapshots = run_dir / SNAPSHOTS
+    for stale in snapshots.glob(".step-*.tmp*"):  # left by a process killed while copying
+        shutil.rmtree(stale, ignore_errors=True)
+    final = snapshots / f"step-{step:07d}"
+    tmp = snapshots / f".step-{step:07d}.tmp{os.getpid()}"
     tmp.mkdir(parents=True)
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     for item in run_dir.iterdir():  # configs, weights and model subfolders (transformer/, scheduler/, tokenizer/)
         if item.name.startswith((CHECKPOINT, SNAPSHOTS, ".")):
             continue
         if item.is_file() and item.suffix in (".json", ".safetensors"):
-            shutil.copy2(item, tmp / item.name)
+            link_or_copy(item, tmp / item.name)
         elif item.is_dir() and any(item.glob("*.json")):  # not samples/ (pictures only)
-            shutil.copytree(item, tmp / item.name)
+            shutil.copytree(item, tmp / item.name, copy_function=link_or_copy)
     shutil.rmtree(final, ignore_errors=True)  # a resumed run that passes this step again replaces it
     os.replace(tmp, final)
     return final

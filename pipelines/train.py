@@ -380,12 +380,14 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 metrics_file.flush()
             if progress:
                 progress.update(bar, completed=done, info=f"loss {last['loss']:.4f}")
-            if done != cfg.steps and any(every and done % every == 0 for every in (cfg.save_every, cfg.keep_every)):
+            saved = done != cfg.steps and any(every and done % every == 0 for every in (cfg.save_every, cfg.keep_every))
+            if saved:
                 save(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps and ddp.rank == 0 and not sharded:
                 task.pictures(ema or model, done, run_dir)
             if shared[1].item() > 0:
-                save(done)
+                if not saved:
+                    save(done)
                 raise Interrupted(f"interrupted at step {done}; saved, continue with --resume")
         step = cfg.steps
         save(step)

@@ -62,7 +62,7 @@ def train_imm(
     start_time: Annotated[Optional[float], typer.Option(help="sigma sample's default start time (default: 0.95 for IMM, T = 0.994 for flow matching). IMM's loss weight vanishes as t -> T, and a 14,000-step run's jumps from T came apart; from 0.95 it sampled well, and shorter runs lost nothing (BENCHMARKS.md).")] = None,
     midpoint: Annotated[Optional[float], typer.Option(help="sigma sample's default middle time of 2-step sampling (default: 0.6 for IMM, uniform for flow matching; 0.6 lowered the FD on 7 of 8 shapes runs).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
-    keep_every: KeepEveryOpt = 0,
+    keep_every: KeepEveryOpt = None,
     sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/imm, or runs/fm for flow matching).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
@@ -100,6 +100,7 @@ def train_imm(
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "imm")
         cfg = TrainConfig(**meta["train"])
+        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
         cfg.steps = steps if steps is not None else cfg.steps
         stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
         model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
@@ -147,15 +148,20 @@ def train_imm(
                     break
             raise SigmaError(message) from None
         cfg = TrainConfig(**{**TRAIN_PRESETS[preset], "seed": seed, "device": device, "save_every": save_every,
-                             "keep_every": keep_every, "sample_every": sample_every})
+                             "keep_every": keep_every or 0, "sample_every": sample_every})
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("ema", ema)):
             if value is not None:
                 setattr(cfg, name, value)
         if latent_norm not in ("token", "channel", "pca"):
             raise SigmaError(f"--latent-norm must be token, channel or pca, not {latent_norm!r}")
+        start_given = start_time is not None
         if objective == "imm":  # the sampling defaults an IMM run saves (flow matching: from T, uniform)
             start_time = 0.95 if start_time is None else start_time
             midpoint = 0.6 if midpoint is None and start_time > 0.6 else midpoint
+        try:  # on every rank, before any work
+            sched.sampling_times(2, midpoint, start_time)  # eps < midpoint < start <= T
+        except ValueError as e:
+            raise SigmaError(f"--{e}" + ("" if start_given else " (IMM's default start; see --start-time)")) from None
         stage = IMMStage(objective=objective, group_size=group_size, groups=groups, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
                          sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
@@ -278,10 +284,6 @@ def train_imm(
 
         if checkpoint_dir(out) is not None:
             raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
-        try:
-            sched.sampling_times(2, stage.midpoint, stage.start_time)  # eps < midpoint < start <= T
-        except ValueError as e:
-            raise SigmaError(f"--{e}") from None
         IMMPipeline(model, run_scheduler(sched, stage), tok).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
@@ -340,16 +342,13 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
     if midpoint is not None and steps != 2:
         raise SigmaError(f"--midpoint is the middle time of 2-step sampling; it needs --steps 2, not {steps}")
     if scheduler is not None:
-        if midpoint is None:  # the run's, unless a --start-time given here comes before it (then: uniform)
-            midpoint = scheduler.config.midpoint
-            if midpoint is not None and start_time is not None and midpoint >= start_time:
-                midpoint = None
+        # a value given here replaces the run's; the scheduler drops a run's midpoint at or after the start
         start_time = start_time if start_time is not None else scheduler.config.start_time
         try:
             scheduler.schedule.sampling_times(steps, midpoint, start_time)  # eps < midpoint < start <= T
         except ValueError as e:
             raise SigmaError(f"--{e}") from None
-        scheduler.register_to_config(midpoint=midpoint, start_time=start_time)
+        scheduler.register_to_config(start_time=start_time, **({} if midpoint is None else {"midpoint": midpoint}))
     return steps, cfg
 
 
@@ -383,7 +382,7 @@ def sample(
     class_label: Annotated[Optional[list[str]], typer.Option("--class-label", help="Class name or index (repeat or comma-separate; default: all classes in turn).")] = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (default: the run's).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart (IMM) | euler (flow matching); default: the run's.")] = None,
-    midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's; uniform, 0.5; on shapes 0.6-0.7 gave a slightly lower FD).")] = None,
+    midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's, 0.6 for IMM runs; else uniform). A run's midpoint at or after --start-time gives way to uniform times.")] = None,
     start_time: Annotated[Optional[float], typer.Option(help="The time the first step starts from (default: the run's, else T = 0.994): the start noise is scaled to x's std at that time and read as x there. 0.9-0.97 rescued a long run whose jumps from T had come apart (README).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
     save_individual: Annotated[Optional[Path], typer.Option(help="Also write every sample to this folder.")] = None,
@@ -442,7 +441,7 @@ def eval_(
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the run's).")] = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale (default: the run's).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart | euler (default: the run's).")] = None,
-    midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's; uniform, 0.5; on shapes 0.6-0.7 gave a slightly lower FD).")] = None,
+    midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's, 0.6 for IMM runs; else uniform). A run's midpoint at or after --start-time gives way to uniform times.")] = None,
     start_time: Annotated[Optional[float], typer.Option(help="The time the first step starts from (default: the run's, else T = 0.994): the start noise is scaled to x's std at that time and read as x there. 0.9-0.97 rescued a long run whose jumps from T had come apart (README).")] = None,
     classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder for the features (default: runs/classifier if present, else the shipped one).")] = None,
     device: DeviceOpt = "auto",

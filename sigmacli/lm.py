@@ -36,7 +36,7 @@ def train_lm(
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (global).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW; Muon runs at 10x).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
-    keep_every: KeepEveryOpt = 0,
+    keep_every: KeepEveryOpt = None,
     sample_every: Annotated[int, typer.Option(help="Write samples.txt every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/lm, or runs/lm-dense).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
@@ -65,6 +65,7 @@ def train_lm(
     if resume:
         meta = run_to_resume(out, "lm")
         cfg = TrainConfig(**meta["train"])
+        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
         cfg.steps = steps if steps is not None else cfg.steps
         stage = LMStage(**meta["stage"])
         model = load_model(out, "lm")
@@ -92,7 +93,7 @@ def train_lm(
                     raise SigmaError(f"--{k.replace('_', '-')} must be at least 1, not {v}")
                 arch[k] = v
         cfg = TrainConfig(**{**LM_TRAIN[preset], "seed": seed, "device": device, "save_every": save_every,
-                             "keep_every": keep_every, "sample_every": sample_every})
+                             "keep_every": keep_every or 0, "sample_every": sample_every})
         for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
             if v is not None:
                 setattr(cfg, k, v)

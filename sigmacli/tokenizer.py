@@ -36,7 +36,7 @@ def train_tokenizer(
     feature_weight: Annotated[float, typer.Option(help="Weight of the teacher-feature loss (1 - cosine) on masked patches.")] = 1.0,
     latent_noise: Annotated[float, typer.Option(help="Pre-training adds noise of up to this many latent stds (per token and channel, uniform per sample) to the latents the decoders read, so that what decides the image sits in high-variance directions a diffusion model learns first (0 = off).")] = 0.0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
-    keep_every: KeepEveryOpt = 0,
+    keep_every: KeepEveryOpt = None,
     sample_every: Annotated[int, typer.Option(help="Write a reconstruction grid every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/tokenizer, or runs/tokenizer-ft).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
@@ -63,6 +63,7 @@ def train_tokenizer(
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "tokenizer")
         cfg = TrainConfig(**meta["train"])
+        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
         if steps is not None:
             cfg.steps = steps
         stage = TokenizerStage(**meta["stage"])
@@ -78,7 +79,7 @@ def train_tokenizer(
         if not 0 <= tail < 1:
             raise SigmaError(f"--finetune-tail must be in [0, 1), not {tail}")
         cfg = TrainConfig(**{**schedule, "seed": seed, "device": device,
-                             "save_every": save_every, "keep_every": keep_every,
+                             "save_every": save_every, "keep_every": keep_every or 0,
                              "sample_every": sample_every})
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:

@@ -78,9 +78,11 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
     """(Exactness of --resume is tested on the task in test_imm.py; here the CLI path.)"""
     root, _ = runs
     last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--out", tmp_path / "r", "--json"))
-    r = last_json(cli("train-imm", "--resume", "--steps", "4", "--out", tmp_path / "r", "--json"))
+    r = last_json(cli("train-imm", "--resume", "--steps", "4", "--keep-every", "1", "--out", tmp_path / "r", "--json"))
     assert r["resumed_from"] == 2 and r["steps"] == 4
     assert json.loads((tmp_path / "r" / "sigma.json").read_text())["step"] == 4
+    # --keep-every applies on --resume (to watch a long run from where it is): steps 3 and 4, not before
+    assert sorted(p.name for p in (tmp_path / "r" / "snapshots").iterdir()) == ["step-0000003", "step-0000004"]
 
 
 def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_path):

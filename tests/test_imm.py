@@ -515,6 +515,19 @@ def test_two_step_midpoint_sets_the_middle_time_only():
         IMMSchedule().sampling_times(2, midpoint=0.999)
 
 
+def test_scheduler_configs_without_start_time_and_midpoint_sample_from_t():
+    """Runs saved before the two fields existed: from T with N(0, sigma_d^2), uniform; a start at or before a
+    run's midpoint drops the midpoint (what `sigma sample --start-time` and diffusers users get alike)."""
+    old = {k: v for k, v in IMMScheduler().config.items() if k not in ("start_time", "midpoint") and not k.startswith("_")}
+    sched = IMMScheduler(**old)
+    sched.set_timesteps(2)
+    torch.testing.assert_close(sched.times, torch.tensor([0.994, 0.5, 0.006]))
+    assert sched.init_noise_sigma == 0.5 and IMMScheduler(start_time=0.994).init_noise_sigma == 0.5
+    late = IMMScheduler(start_time=0.5, midpoint=0.6)
+    late.set_timesteps(2)
+    torch.testing.assert_close(late.times, torch.tensor([0.5, 0.253, 0.006]))
+
+
 def test_start_time_moves_the_first_time_only():
     sched = IMMScheduler(start_time=0.9)
     sched.set_timesteps(2)

@@ -22,7 +22,8 @@ def sample_tokens(model, scheduler: IMMScheduler, labels: torch.Tensor, steps: i
                   cfg_scale: float = 1.0, sampler: str | None = None) -> torch.Tensor:
     """Tokens [B, N, c] for class `labels` [B] (the null class gives unconditional samples).
 
-    pushforward  x <- f(x; t_i -> t_{i+1}) from x ~ N(0, sigma_d^2) at T down to eps (1 step: f(x; T -> eps))
+    pushforward  x <- f(x; t_i -> t_{i+1}) from noise at t_0 (T, or the scheduler's start_time) down to eps
+                 (1 step: f(x; t_0 -> eps))
     restart      x0 = f(x; t_i -> eps), re-noised to t_{i+1} with fresh noise (the last step keeps x0)
     euler        flow matching: x <- x - (t_i - t_{i+1}) sigma_d G(x, t_i, t_i)
     """

@@ -39,20 +39,23 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
     def init_noise_sigma(self) -> float:
         """x_T ~ N(0, sigma_d^2 I) (the paper's start). From a start time t0 below T, the noise is scaled to the
         std of x_t0 itself, sigma_d sqrt(alpha_t0^2 + sigma_t0^2), and read as x_t0."""
-        if self.config.start_time is None:
+        if self.config.start_time is None or self.config.start_time >= self.schedule.T:
             return self.schedule.sigma_d
         alpha, sigma = self.schedule.alpha_sigma(torch.tensor(float(self.config.start_time), dtype=torch.float64))
         return self.schedule.sigma_d * float((alpha ** 2 + sigma ** 2).sqrt())
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, sampler: str | None = None):
         """Times t_0 > ... > t_n = eps, uniform in t from t_0 = `start_time` (default T; two steps: through
-        `midpoint` if configured)."""
+        `midpoint` if configured and below the start)."""
         if sampler is not None:
             if sampler not in SAMPLERS:
                 raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
             self.sampler = sampler
         self.num_inference_steps = num_inference_steps
-        self.times = self.schedule.sampling_times(num_inference_steps, self.config.midpoint, self.config.start_time)
+        start, midpoint = self.config.start_time, self.config.midpoint
+        if start is not None and midpoint is not None and midpoint >= start:  # a start moved before the midpoint
+            midpoint = None  # wins: uniform times from the start
+        self.times = self.schedule.sampling_times(num_inference_steps, midpoint, start)
         self.timesteps = self.times[:-1].to(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
