@@ -9,7 +9,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
-                             run_to_resume)
+                             resumed_train_config, run_to_resume)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -46,8 +46,7 @@ def train_classifier(
 
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "classifier")
-        cfg = TrainConfig(**meta["train"])
-        cfg.steps = steps if steps is not None else cfg.steps
+        cfg = resumed_train_config(meta, steps)
         data = meta["data_spec"]
         model = ShapesClassifier.from_config(read_json(out / CONFIG))
         image_size = model.config.image_size

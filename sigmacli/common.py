@@ -61,6 +61,17 @@ def command(fn):
     return wrapper
 
 
+def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None = None):
+    """The TrainConfig a --resume continues with: the run's own, but for the two options a resume may change,
+    --steps (to extend it) and --keep-every (to watch a long run from where it is)."""
+    from pipelines.train import TrainConfig
+
+    cfg = TrainConfig(**meta["train"])
+    cfg.steps = steps if steps is not None else cfg.steps
+    cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every
+    return cfg
+
+
 def run_to_resume(out: Path, kind: str) -> dict:
     """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another kind."""
     from checkpoints.io import RUN_META, read_json

@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
-                             command, emit, parse_grid, run_to_resume, trained_or_shipped)
+                             command, emit, parse_grid, resumed_train_config, run_to_resume, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
 
@@ -99,9 +99,7 @@ def train_imm(
     init_model = None
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "imm")
-        cfg = TrainConfig(**meta["train"])
-        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
-        cfg.steps = steps if steps is not None else cfg.steps
+        cfg = resumed_train_config(meta, steps, keep_every)
         stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
         model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
         tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None

@@ -9,7 +9,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
-                             command, emit, run_to_resume)
+                             command, emit, resumed_train_config, run_to_resume)
 
 
 @app.command("train-lm")
@@ -64,9 +64,7 @@ def train_lm(
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if resume:
         meta = run_to_resume(out, "lm")
-        cfg = TrainConfig(**meta["train"])
-        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
-        cfg.steps = steps if steps is not None else cfg.steps
+        cfg = resumed_train_config(meta, steps, keep_every)
         stage = LMStage(**meta["stage"])
         model = load_model(out, "lm")
         data = meta["data_spec"]

@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
-                             command, emit, run_to_resume, trained_or_shipped)
+                             command, emit, resumed_train_config, run_to_resume, trained_or_shipped)
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, "
@@ -62,10 +62,7 @@ def train_tokenizer(
         out = Path("runs/tokenizer-ft" if finetune_decoder else "runs/tokenizer")
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "tokenizer")
-        cfg = TrainConfig(**meta["train"])
-        cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every  # e.g. to watch a long run
-        if steps is not None:
-            cfg.steps = steps
+        cfg = resumed_train_config(meta, steps, keep_every)
         stage = TokenizerStage(**meta["stage"])
         model_config = read_json(out / CONFIG)
         data, image_size, frames = meta["data_spec"], model_config["image_size"], model_config["frames"]
