@@ -59,6 +59,7 @@ def train_imm(
     muon_lr_scale: Annotated[float, typer.Option(help="--optimizer muon: the matrices' learning rate as a multiple of --lr (5 beat 10 and 20 on shapes).")] = 5.0,
     sample_steps: Annotated[int, typer.Option(help="Sampling steps for the training pictures (and sigma sample's default).")] = 2,
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for the pictures and sigma sample's default (default: 3 for IMM, 1.5 for flow matching: the best FD of each on shapes).")] = None,
+    cfg_one_step: Annotated[Optional[float], typer.Option("--cfg-one-step", help="sigma sample's default guidance at --steps 1 (default: --cfg). The shipped 14,000-step model says 1.5: its 1-step samples are better there than at 3 (BENCHMARKS.md, fifteenth session).")] = None,
     start_time: Annotated[Optional[float], typer.Option(help="sigma sample's default start time (default: 0.95 for IMM, T = 0.994 for flow matching). IMM's loss weight vanishes as t -> T, and a 14,000-step run's jumps from T came apart; from 0.95 it sampled well, and shorter runs lost nothing (BENCHMARKS.md).")] = None,
     midpoint: Annotated[Optional[float], typer.Option(help="sigma sample's default middle time of 2-step sampling (default: 0.6 for IMM, uniform for flow matching; 0.6 lowered the FD on 7 of 8 shapes runs).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 500,
@@ -133,6 +134,9 @@ def train_imm(
             raise SigmaError(f"--label-dropout must be in [0, 1), not {label_dropout}")
         if sample_steps < 1:
             raise SigmaError("--sample-steps must be at least 1")
+        for flag, value in (("--cfg", cfg_scale), ("--cfg-one-step", cfg_one_step)):
+            if value is not None and not -100 <= value <= 100:  # as sigma sample checks it; also nan and inf
+                raise SigmaError(f"{flag} must be a number in [-100, 100] (1: no guidance), not {value}")
         try:
             sched = IMMSchedule(schedule=schedule, parameterization=parameterization, time_sampler=time_sampler, weight_a=weight_a,
                                  k=decrement_k, s_grid=s_grid)
@@ -162,7 +166,7 @@ def train_imm(
             raise SigmaError(f"--{e}" + ("" if start_given else " (IMM's default start; see --start-time)")) from None
         stage = IMMStage(objective=objective, group_size=group_size, groups=groups, label_dropout=label_dropout, latent_norm=latent_norm,
                          latent_pca=pca_dims if latent_norm == "pca" else 0, pca_whiten=pca_whiten,
-                         sample_steps=sample_steps, cfg_scale=cfg_scale, cache_latents=cache_latents, optimizer=optimizer,
+                         sample_steps=sample_steps, cfg_scale=cfg_scale, cfg_one_step=cfg_one_step, cache_latents=cache_latents, optimizer=optimizer,
                          start_time=start_time, midpoint=midpoint,
                          muon_lr_scale=muon_lr_scale, fm_fraction=fm_fraction, fm_weight=fm_weight)
         align_dim = 0
@@ -330,7 +334,9 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
 
     stage = meta.get("stage", {})
     steps = steps if steps is not None else stage.get("sample_steps", 2)
-    cfg = cfg if cfg is not None else stage.get("cfg_scale", 1.0)
+    if cfg is None:  # the run's default; a run may keep another for single jumps
+        one_step = stage.get("cfg_one_step") if steps == 1 else None
+        cfg = one_step if one_step is not None else stage.get("cfg_scale", 1.0)
     if not 1 <= steps <= 1000:
         raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
     if not -100 <= cfg <= 100:  # also catches nan and inf, which would sample blank pictures

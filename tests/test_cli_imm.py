@@ -138,9 +138,12 @@ def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     assert s["sampler"] == "euler" and s["cfg"] == 1.5  # each objective's guidance default (IMM: 3, below)
     assert s["times"][0] == pytest.approx(0.994)  # flow matching starts at T (IMM: 0.95)
     last_json(cli("train-imm", "--space", "pixels", "--data", "moving-shapes", "--frames", "4", "--image-size", "16",
-                  *TINY_DIT, "--steps", "2", "--out", tmp_path / "clip", "--json"))
+                  *TINY_DIT, "--steps", "2", "--cfg-one-step", "1.5", "--out", tmp_path / "clip", "--json"))
     s = last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--out", tmp_path / "clip.png", "--json"))
     assert s["picture"].endswith(".gif") and Image.open(s["picture"]).n_frames == 4 and s["cfg"] == 3.0
+    one = lambda *a: last_json(cli("sample", "--model", tmp_path / "clip", "--num", "2", "--steps", "1", *a,  # noqa: E731
+                                   "--out", tmp_path / "one.png", "--json"))["cfg"]
+    assert one() == 1.5 and one("--cfg", "2") == 2.0  # the run's 1-step guidance; --cfg still wins
 
 
 def test_align_teacher_adds_the_repa_loss(runs, cli, tmp_path):
@@ -204,6 +207,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
         (("train-imm", "--tokenizer", root / "tok", "--ema", "2", "--out", tmp_path / "s"), "--ema must be in [0, 1)"),
         (("sample", "--model", root / "imm", "--cfg", "nan"), "--cfg must be a number"),
         (("eval", "--model", root / "imm", "--cfg", "inf"), "--cfg must be a number"),
+        (("train-imm", "--tokenizer", root / "tok", "--cfg-one-step", "nan", "--out", tmp_path / "s"), "--cfg-one-step must be a number"),
         (("train-tokenizer", "--resume", "--out", root / "imm"), "holds an imm run, not a tokenizer run"),
     ]
     for args, message in cases:

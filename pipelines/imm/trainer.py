@@ -35,6 +35,8 @@ class IMMStage:
     sample_steps: int = 2  # pictures during training and `sigma sample`'s default
     cfg_scale: float | None = None  # sampling default; None: 3 for IMM, 1.5 for flow matching (each one's best FD
     # on shapes, BENCHMARKS.md tenth session)
+    cfg_one_step: float | None = None  # 1-step sampling's default guidance (None: cfg_scale). A long shapes run
+    # drew better single jumps at 1.5 than at 3 (14,000 steps: 49 against 41 % class accuracy); 3,500 did not
     start_time: float | None = None  # sampling default: the first step's time (None: T, the paper's). The CLI's
     # default is 0.95 for IMM: the loss barely trains t near T, where one long run's jumps came apart (BENCHMARKS.md)
     midpoint: float | None = None  # sampling default: 2 steps' middle time (None: uniform). The CLI's default is
