@@ -23,12 +23,12 @@ def _rows(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, Hkv, ...] -> [B * H, ...] with each kv head repeated for its G query heads (no copy when G = 1)."""
     if x.shape[1] != heads:
         x = x.repeat_interleave(heads // x.shape[1], dim=1)
-    return x.reshape(-1, *x.shape[2:])
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # not -1: a sequence shorter than one block has 0 blocks
 
 
 def _unrows(dx: torch.Tensor, B: int, hkv: int) -> torch.Tensor:
     """Gradient of _rows: [B * H, ...] -> [B, Hkv, ...], summing over each group's heads."""
-    dx = dx.view(B, hkv, -1, *dx.shape[1:])
+    dx = dx.view(B, hkv, dx.shape[0] // (B * hkv), *dx.shape[1:])
     return dx.sum(2)
 
 

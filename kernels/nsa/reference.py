@@ -124,7 +124,7 @@ def nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n:
     # a query sees compressed block j only once the whole block is in its past
     cmp_mask = ((torch.arange(nb, device=q.device) + 1) * block - 1)[None, :] <= t[:, None]  # [N, NB]
     o_cmp, p_cmp = attend(q, expand_kv(k_cmp, H), expand_kv(v_cmp, H), cmp_mask)
-    scores = p_cmp.view(B, k.shape[1], -1, N, nb).sum(2)  # [B, Hkv, N, NB]
+    scores = p_cmp.view(B, k.shape[1], H // k.shape[1], N, nb).sum(2)  # [B, Hkv, N, NB] (NB may be 0)
     nb_sel = -(-N // block)  # a trailing partial block has no compressed token but can be selected (it is local)
     scores = torch.nn.functional.pad(scores, (0, nb_sel - nb))
     index = select_causal(scores, top_n, block, n_initial, n_local)
