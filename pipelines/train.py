@@ -243,6 +243,8 @@ def check_train_config(cfg: TrainConfig):
         raise SigmaError(f"--lr must be a finite number >= 0, not {cfg.lr}")
     if cfg.save_every < 0 or cfg.keep_every < 0:
         raise SigmaError("--save-every and --keep-every must be >= 0 (0: off)")
+    if cfg.sample_every < 0:
+        raise SigmaError(f"--sample-every must be >= 0 (0: only at the end), not {cfg.sample_every}")
     if not 0 <= cfg.ema < 1:
         raise SigmaError(f"--ema must be in [0, 1) (0: no EMA), not {cfg.ema}")
 

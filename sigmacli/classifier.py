@@ -19,6 +19,7 @@ EVAL_SAMPLES = 4096  # held-out samples scored at the end
 @app.command("train-classifier")
 @command
 def train_classifier(
+    ctx: typer.Context,
     data: Annotated[str, typer.Option(help="Labelled images: shapes | an image folder (one sub-folder per class) | "
                                            "cifar10:PATH, cifar100:PATH, mnist:PATH, fashion-mnist:PATH")] = "shapes",
     image_size: Annotated[int, typer.Option(help="Image side in pixels; other sizes are resized to it when scoring.")] = 32,
@@ -45,8 +46,8 @@ def train_classifier(
     from pipelines.train import TrainConfig, check_train_config, resolve_device, train
 
     if resume:  # everything but --steps comes from the run itself
-        meta = run_to_resume(out, "classifier")
-        cfg = resumed_train_config(meta, steps)
+        meta = run_to_resume(out, "classifier", ctx)
+        cfg = resumed_train_config(meta, steps, device=device)
         data = meta["data_spec"]
         model = ShapesClassifier.from_config(read_json(out / CONFIG))
         image_size = model.config.image_size

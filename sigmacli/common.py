@@ -4,9 +4,11 @@ Heavy imports (torch, diffusers) happen inside commands so `sigma --help` stays 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -53,27 +55,54 @@ def command(fn):
         except SigmaError as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError as e:  # an --out that cannot be written (a file where a folder goes, no permission, disk full)
-            where = f": '{e.filename}'" if e.filename else ""
-            fail(f"{e.strerror or type(e).__name__}{where}")
+            path = _shown_path(e.filename) if e.filename else None
+            in_the_way = next((p for p in (path, *path.parents) if p.is_file()), None) if path else None
+            if in_the_way is not None and e.errno in (errno.EEXIST, errno.ENOTDIR):
+                fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
+            fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path else ""))
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
     return wrapper
 
 
-def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None = None):
-    """The TrainConfig a --resume continues with: the run's own, but for the two options a resume may change,
-    --steps (to extend it) and --keep-every (to watch a long run from where it is)."""
+# what --resume may change: how far and how the run goes on, never what it trains (the rest is the run's own)
+RESUME_OPTIONS = {"out", "resume", "steps", "keep_every", "precision", "device", "fsdp", "compile_", "cache_latents", "as_json"}
+
+
+def options_given(ctx: typer.Context | None) -> dict[str, str]:
+    """{parameter name: its flag} for the options of a command set on its command line (or by an environment
+    variable), not left at their defaults. (Typer vendors its own Click: the command's context comes in as a
+    parameter, not from click.)"""
+    if ctx is None:
+        return {}
+    return {p.name: p.opts[0] for p in ctx.command.params
+            if getattr(ctx.get_parameter_source(p.name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+def _shown_path(filename) -> Path:
+    """The path to name in an error: the file a temporary file stood for (atomic writes go through '.NAME.tmpPID'
+    or '.STEM.RANDOM.SUFFIX.tmp' beside it), else the path itself."""
+    path = Path(os.fsdecode(filename))
+    m = re.fullmatch(r"\.(.+)\.tmp\d+", path.name) or re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]+(\.[^.]+)\.tmp", path.name)
+    return path.with_name("".join(g for g in m.groups() if g)) if m else path
+
+
+def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None = None, device: str = "auto"):
+    """The TrainConfig a --resume continues with: the run's own, but for what a resume may change: --steps (to
+    extend it), --keep-every (to watch a long run from where it is) and --device (auto keeps the run's)."""
     from pipelines.train import TrainConfig
 
     cfg = TrainConfig(**meta["train"])
     cfg.steps = steps if steps is not None else cfg.steps
     cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every
+    cfg.device = device if device != "auto" else cfg.device
     return cfg
 
 
-def run_to_resume(out: Path, kind: str) -> dict:
-    """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another kind."""
+def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None) -> dict:
+    """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another
+    kind. Options of the command (`ctx`) that a resume does not take are named in a one-line note."""
     from checkpoints.io import RUN_META, read_json
     from checkpoints.meta import a_or_an
     from pipelines.errors import SigmaError
@@ -83,7 +112,23 @@ def run_to_resume(out: Path, kind: str) -> dict:
     meta = read_json(out / RUN_META)
     if meta.get("kind") != kind:
         raise SigmaError(f"--resume: '{out}' holds {a_or_an(str(meta.get('kind')))} run, not {a_or_an(kind)} run")
+    ignored = [flag for name, flag in options_given(ctx).items() if name not in RESUME_OPTIONS]
+    if ignored and is_main_rank():  # a warning, not an error: re-running the run's own command plus --resume is
+        # the natural way to continue it, but a changed value must not look as if it had been taken
+        takes = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]
+        typer.echo(f"note: --resume continues the run as it was configured; ignored: {', '.join(ignored)} "
+                   f"(a resume takes {', '.join(takes)})", err=True)
     return meta
+
+
+def check_sizes(image_size: int | None, frames: int | None):
+    """--image-size and --frames given as 0 or less (None: the default or the run's) are errors, not defaults."""
+    from pipelines.errors import SigmaError
+
+    if image_size is not None and image_size < 8:
+        raise SigmaError(f"--image-size must be at least 8 pixels, not {image_size}")
+    if frames is not None and frames < 1:
+        raise SigmaError(f"--frames must be at least 1 (1: images), not {frames}")
 
 
 def check_precision(precision: str | None):

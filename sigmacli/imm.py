@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
                              command, emit, parse_grid, resumed_train_config, run_to_resume, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
@@ -15,6 +15,7 @@ from sigmacli.tokenizer import DataOpt
 @app.command("train-imm")
 @command
 def train_imm(
+    ctx: typer.Context,
     preset: Annotated[str, typer.Option(help="Transformer and schedule size: tiny (2-core CPU) | small | base (GPU).")] = "tiny",
     space: Annotated[str, typer.Option(help="latent (the tokenizer's latents) | pixels (tubelet patches).")] = "latent",
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --space latent (default: runs/tokenizer if present, else the shipped one).")] = None,
@@ -99,13 +100,14 @@ def train_imm(
         raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
     init_model = None
     if resume:  # everything but --steps comes from the run itself
-        meta = run_to_resume(out, "imm")
-        cfg = resumed_train_config(meta, steps, keep_every)
+        meta = run_to_resume(out, "imm", ctx)
+        cfg = resumed_train_config(meta, steps, keep_every, device)
         stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
         model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
         tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None
         data, image_size, frames = meta["data_spec"], meta["image_size"], meta["frames"]
     else:
+        check_sizes(image_size, frames)
         if preset not in TRAIN_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
         if objective not in OBJECTIVES:

@@ -15,6 +15,7 @@ from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryO
 @app.command("train-lm")
 @command
 def train_lm(
+    ctx: typer.Context,
     data: Annotated[Optional[str], typer.Option(help="A text file (default: CPython's pydoc_data.topics, read at run time).")] = None,
     ffn: Annotated[str, typer.Option(help="moe (DeepSeekMoE) | dense (SwiGLU of the same active size).")] = "moe",
     dense: Annotated[bool, typer.Option("--dense", help="Shorthand for --ffn dense.")] = False,
@@ -63,8 +64,8 @@ def train_lm(
     out = out or Path("runs/lm-dense" if ffn == "dense" else "runs/lm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if resume:
-        meta = run_to_resume(out, "lm")
-        cfg = resumed_train_config(meta, steps, keep_every)
+        meta = run_to_resume(out, "lm", ctx)
+        cfg = resumed_train_config(meta, steps, keep_every, device)
         stage = LMStage(**meta["stage"])
         model = load_model(out, "lm")
         data = meta["data_spec"]
@@ -75,6 +76,12 @@ def train_lm(
             raise SigmaError(f"--ffn must be moe or dense, not {ffn!r}")
         if attn not in LM_ATTN_KINDS:
             raise SigmaError(f"--attn {attn!r} is not available for the LM (have: {', '.join(LM_ATTN_KINDS)})")
+        if dsa_stage not in ("warmup", "sparse"):
+            raise SigmaError(f"--dsa-stage must be warmup or sparse, not {dsa_stage!r}")
+        if dsa_stage == "warmup" and attn != "dsa":
+            raise SigmaError(f"--dsa-stage warmup fits DSA's indexers; it needs --attn dsa, not --attn {attn}")
+        if dsa_stage == "warmup" and init is None:  # the frozen model would be a random one
+            raise SigmaError("--dsa-stage warmup fits the indexers to a trained model's attention: give it --init RUN")
         if not (bias_update >= 0 and balance_loss >= 0):  # (nan fails too)
             raise SigmaError(f"--bias-update and --balance-loss must be >= 0 (0 = off), not {bias_update} / {balance_loss}")
         if optimizer not in ("adamw", "muon"):

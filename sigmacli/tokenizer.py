@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
                              command, emit, resumed_train_config, run_to_resume, trained_or_shipped)
 
 DataOpt = Annotated[Optional[str], typer.Option(
@@ -18,6 +18,7 @@ DataOpt = Annotated[Optional[str], typer.Option(
 @app.command("train-tokenizer")
 @command
 def train_tokenizer(
+    ctx: typer.Context,
     preset: Annotated[str, typer.Option(help="Model and schedule size: tiny (2-core CPU, minutes) | small | base (GPU).")] = "tiny",
     data: DataOpt = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (resize + centre-crop; default 32, or --init's).")] = None,
@@ -61,13 +62,14 @@ def train_tokenizer(
     if out is None:
         out = Path("runs/tokenizer-ft" if finetune_decoder else "runs/tokenizer")
     if resume:  # everything but --steps comes from the run itself
-        meta = run_to_resume(out, "tokenizer")
-        cfg = resumed_train_config(meta, steps, keep_every)
+        meta = run_to_resume(out, "tokenizer", ctx)
+        cfg = resumed_train_config(meta, steps, keep_every, device)
         stage = TokenizerStage(**meta["stage"])
         model_config = read_json(out / CONFIG)
         data, image_size, frames = meta["data_spec"], model_config["image_size"], model_config["frames"]
         model = MAETok.from_config(model_config)
     else:
+        check_sizes(image_size, frames)
         if preset not in TRAIN_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
         schedule = dict(TRAIN_PRESETS[preset])

@@ -83,6 +83,12 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
     assert json.loads((tmp_path / "r" / "sigma.json").read_text())["step"] == 4
     # --keep-every applies on --resume (to watch a long run from where it is): steps 3 and 4, not before
     assert sorted(p.name for p in (tmp_path / "r" / "snapshots").iterdir()) == ["step-0000003", "step-0000004"]
+    assert "note:" not in cli("train-imm", "--resume", "--steps", "5", "--out", tmp_path / "r").stderr
+    # options a resume does not take are named, not dropped silently; the run goes on as it was configured
+    r = cli("train-imm", "--resume", "--steps", "6", "--start-time", "0.8", "--cfg", "2", "--out", tmp_path / "r", "--json")
+    assert r.exit_code == 0 and last_json(r)["steps"] == 6
+    assert "ignored: --cfg, --start-time" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert json.loads((tmp_path / "r" / "sigma.json").read_text())["stage"]["start_time"] == 0.95
 
 
 def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_path):
@@ -166,7 +172,12 @@ def test_align_teacher_adds_the_repa_loss(runs, cli, tmp_path):
 
 def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
     root, _ = runs
+    (tmp_path / "a.png").write_bytes(b"")  # a file where a folder goes
     cases = [
+        (("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "1", "--out", tmp_path / "a.png"),
+         "'" + str(tmp_path / "a.png") + "' is a file, where a folder is needed"),
+        (("sample", "--model", root / "imm", "--num", "2", "--save-individual", tmp_path / "a.png", "--out", tmp_path / "g.png"),
+         "is a file, where a folder is needed"),
         (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
         (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
         (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),
@@ -208,6 +219,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
         (("sample", "--model", root / "imm", "--cfg", "nan"), "--cfg must be a number"),
         (("eval", "--model", root / "imm", "--cfg", "inf"), "--cfg must be a number"),
         (("train-imm", "--tokenizer", root / "tok", "--cfg-one-step", "nan", "--out", tmp_path / "s"), "--cfg-one-step must be a number"),
+        (("train-imm", "--space", "pixels", "--image-size", "0", "--out", tmp_path / "s"), "--image-size must be at least 8"),
+        (("train-tokenizer", "--frames", "0", "--out", tmp_path / "s"), "--frames must be at least 1"),
+        (("train-imm", "--tokenizer", root / "tok", "--sample-every", "-1", "--out", tmp_path / "s"), "--sample-every must be >= 0"),
         (("train-tokenizer", "--resume", "--out", root / "imm"), "holds an imm run, not a tokenizer run"),
     ]
     for args, message in cases:

@@ -216,14 +216,18 @@ def test_dsa_warmup_trains_only_the_indexer_and_sparse_selects_top_k():
     assert indexer and all(p.requires_grad == (id(p) in indexer) for p in m.parameters())
     opt = make_lm_optimizer(m, cfg, LMStage())
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    before_buffers = {n: b.clone() for n, b in m.named_buffers()}
+    assert any(n.endswith("ffn.bias") for n in before_buffers)
     for step in range(8):
         loss, logs = task.loss(m, m, step, torch.Generator().manual_seed(step), 0, 1)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        task.after_step(m, step)  # the aux-loss-free bias update stays off: the model is frozen
         assert logs["indexer_kl"] > 0
     for n, p in m.named_parameters():
         assert torch.equal(p, before[n]) != (".index_" in n), n  # the indexer moved, nothing else did
+    assert all(torch.equal(b, before_buffers[n]) for n, b in m.named_buffers() if n.endswith(".bias")), "router bias moved"
     # the selection: causal before top-k, so an early query never picks a future token
     s = indexer_scores(torch.randn(1, 6, 2, 4), torch.randn(1, 6, 4), torch.rand(1, 6, 2))
     mask = topk_mask(s, 3)
@@ -243,3 +247,7 @@ def test_cli_dsa_two_stages_from_a_dense_run(cli, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["bits_per_byte"] > 0
     r = cli("train-lm", *common, "--attn", "mta", "--init", tmp_path / "dense", "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "does not fit this model" in r.stderr
+    for args, message in ((("--dsa-stage", "warmup", "--init", tmp_path / "dense"), "it needs --attn dsa, not --attn dense"),
+                          (("--attn", "dsa", "--dsa-stage", "warmup"), "give it --init RUN")):
+        r = cli("train-lm", *common, *args, "--out", tmp_path / "bad")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

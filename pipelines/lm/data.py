@@ -51,7 +51,8 @@ class ByteCorpus:
         return windows[:, :-1], windows[:, 1:]
 
     def val_windows(self, max_windows: int | None = None):
-        """Consecutive, non-overlapping windows of the validation tail (every byte predicted once)."""
+        """Consecutive, non-overlapping windows of the validation tail: each byte predicted at most once (a
+        remainder shorter than one window at the end is left out)."""
         n = (len(self.val) - 1) // self.context
         if max_windows:
             n = min(n, max_windows)

@@ -82,9 +82,12 @@ class LMTask:
         self.samples_per_step = batch_size * model.config.context  # tokens
         self.train_cfg = train_cfg
 
+    @staticmethod
+    def dsa_warmup(model) -> bool:
+        return model.config.attn == "dsa" and (model.config.attn_config or {}).get("stage", "sparse") == "warmup"
+
     def trainable(self, model):
-        dsa = model.config.attn_config or {}
-        if model.config.attn == "dsa" and dsa.get("stage", "sparse") == "warmup":
+        if self.dsa_warmup(model):
             model.requires_grad_(False)  # DSA stage 1: only the lightning indexers learn
             for p in model.indexer_parameters():
                 p.requires_grad_(True)
@@ -113,8 +116,9 @@ class LMTask:
 
     @torch.no_grad()
     def after_step(self, model: MoELM, step: int):
-        """Aux-loss-free balancing: every rank applies the same update from the all-reduced loads."""
-        gamma = model.config.bias_update
+        """Aux-loss-free balancing: every rank applies the same update from the all-reduced loads. Not in DSA's
+        warm-up, where the model is frozen and only the indexers learn (the router bias is part of the model)."""
+        gamma = 0.0 if self.dsa_warmup(model) else model.config.bias_update
         for layer in model.moe_layers():
             load = layer.load.clone()
             if dist.is_available() and dist.is_initialized():
