@@ -70,4 +70,19 @@ from sigmacli import lm  # noqa: E402,F401
 
 
 def main():
-    app()
+    """The console entry (`sigma`, `python -m sigmacli`). Typer's usage errors (an unknown option or command, a
+    value of the wrong type, a missing argument) become one `error:` line with exit code 2, like every other bad
+    input, instead of Typer's boxed usage message."""
+    import sys
+
+    try:
+        rv = app(standalone_mode=False)  # returns the exit code of a typer.Exit, else the command's value
+    except Exception as e:  # Typer vendors Click: its usage errors are recognised by their interface
+        if not (hasattr(e, "format_message") and type(getattr(e, "exit_code", None)) is int):
+            raise
+        message = e.format_message()  # empty for `sigma` alone, which has printed the help already
+        if message:
+            where = getattr(getattr(e, "ctx", None), "command_path", None) or "sigma"
+            typer.echo(f"error: {message} (see {where} --help)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(rv if type(rv) is int else 0)

@@ -192,6 +192,21 @@ def test_bad_training_input_is_one_line(cli, tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
+def test_usage_errors_are_one_line_from_the_console_entry(tmp_path):
+    """Typer's usage errors (checked before any command runs) are one `error:` line with exit code 2 from the
+    real entry point; --help and --version still exit 0."""
+    for args, message in ((["train-tokenizer", "--steps", "abc"], "Invalid value for '--steps'"),
+                          (["sample", "--stpes", "2"], "No such option: --stpes"),
+                          (["bogus"], "No such command 'bogus'"),
+                          (["info"], "Missing argument")):
+        r = subprocess.run([*SIGMA, *args], capture_output=True, text=True, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    for args in (["--help"], ["--version"]):
+        r = subprocess.run([*SIGMA, *args], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout and not r.stderr, r.stderr
+
+
 def test_bad_model_folders_are_one_line(cli, trained, tmp_path, monkeypatch):
     out, _ = trained
     broken = tmp_path / "broken"
