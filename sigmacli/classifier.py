@@ -9,7 +9,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
-                             resumed_train_config, run_to_resume)
+                             resume_device, resumed_train_config, run_to_resume)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -19,7 +19,7 @@ EVAL_SAMPLES = 4096  # held-out samples scored at the end
 @app.command("train-classifier")
 @command
 def train_classifier(
-    ctx: typer.Context,
+    ctx: typer.Context = None,  # (injected by Typer; None when called from Python)
     data: Annotated[str, typer.Option(help="Labelled images: shapes | an image folder (one sub-folder per class) | "
                                            "cifar10:PATH, cifar100:PATH, mnist:PATH, fashion-mnist:PATH")] = "shapes",
     image_size: Annotated[int, typer.Option(help="Image side in pixels; other sizes are resized to it when scoring.")] = 32,
@@ -47,7 +47,7 @@ def train_classifier(
 
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "classifier", ctx)
-        cfg = resumed_train_config(meta, steps, device=device)
+        cfg = resumed_train_config(meta, steps, device=resume_device(ctx, device))
         data = meta["data_spec"]
         model = ShapesClassifier.from_config(read_json(out / CONFIG))
         image_size = model.config.image_size

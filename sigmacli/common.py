@@ -55,11 +55,12 @@ def command(fn):
         except SigmaError as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except OSError as e:  # an --out that cannot be written (a file where a folder goes, no permission, disk full)
-            path = _shown_path(e.filename) if e.filename else None
-            in_the_way = next((p for p in (path, *path.parents) if p.is_file()), None) if path else None
-            if in_the_way is not None and e.errno in (errno.EEXIST, errno.ENOTDIR):
-                fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
-            fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path else ""))
+            path = _shown_path(e.filename) if isinstance(e.filename, (str, bytes)) else e.filename
+            if e.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(path, Path):
+                in_the_way = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)  # (isfile never raises)
+                if in_the_way is not None:
+                    fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
+            fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path is not None else ""))
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -88,21 +89,28 @@ def _shown_path(filename) -> Path:
     return path.with_name("".join(g for g in m.groups() if g)) if m else path
 
 
-def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None = None, device: str = "auto"):
+def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None = None, device: str | None = None):
     """The TrainConfig a --resume continues with: the run's own, but for what a resume may change: --steps (to
-    extend it), --keep-every (to watch a long run from where it is) and --device (auto keeps the run's)."""
+    extend it), --keep-every (to watch a long run from where it is) and --device (None: the run's)."""
     from pipelines.train import TrainConfig
 
     cfg = TrainConfig(**meta["train"])
     cfg.steps = steps if steps is not None else cfg.steps
     cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every
-    cfg.device = device if device != "auto" else cfg.device
+    cfg.device = device if device is not None else cfg.device
+    cfg.sample_every = max(cfg.sample_every, 0)  # runs saved before a negative value was refused (it drew every step)
     return cfg
 
 
-def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None) -> dict:
+def resume_device(ctx: typer.Context | None, device: str) -> str | None:
+    """--device for resumed_train_config: the value when given on the command line (auto included), else None."""
+    return device if "device" in options_given(ctx) else None
+
+
+def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder_options: tuple[str, ...] = ()) -> dict:
     """The sigma.json of the run in `out` that --resume continues; one line if there is none or it is of another
-    kind. Options of the command (`ctx`) that a resume does not take are named in a one-line note."""
+    kind. Options of the command (`ctx`) that a resume does not take are named in a one-line note, except
+    `folder_options` when --out is not given: they chose the default folder (e.g. --objective: runs/fm)."""
     from checkpoints.io import RUN_META, read_json
     from checkpoints.meta import a_or_an
     from pipelines.errors import SigmaError
@@ -112,7 +120,9 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None) -> dic
     meta = read_json(out / RUN_META)
     if meta.get("kind") != kind:
         raise SigmaError(f"--resume: '{out}' holds {a_or_an(str(meta.get('kind')))} run, not {a_or_an(kind)} run")
-    ignored = [flag for name, flag in options_given(ctx).items() if name not in RESUME_OPTIONS]
+    given = options_given(ctx)
+    takes = RESUME_OPTIONS | (set() if "out" in given else set(folder_options))
+    ignored = [flag for name, flag in given.items() if name not in takes]
     if ignored and is_main_rank():  # a warning, not an error: re-running the run's own command plus --resume is
         # the natural way to continue it, but a changed value must not look as if it had been taken
         takes = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]

@@ -8,14 +8,14 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
-                             command, emit, parse_grid, resumed_train_config, run_to_resume, trained_or_shipped)
+                             command, emit, parse_grid, resume_device, resumed_train_config, run_to_resume, trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
 
 @app.command("train-imm")
 @command
 def train_imm(
-    ctx: typer.Context,
+    ctx: typer.Context = None,  # (injected by Typer; None when called from Python)
     preset: Annotated[str, typer.Option(help="Transformer and schedule size: tiny (2-core CPU) | small | base (GPU).")] = "tiny",
     space: Annotated[str, typer.Option(help="latent (the tokenizer's latents) | pixels (tubelet patches).")] = "latent",
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder for --space latent (default: runs/tokenizer if present, else the shipped one).")] = None,
@@ -100,8 +100,8 @@ def train_imm(
         raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
     init_model = None
     if resume:  # everything but --steps comes from the run itself
-        meta = run_to_resume(out, "imm", ctx)
-        cfg = resumed_train_config(meta, steps, keep_every, device)
+        meta = run_to_resume(out, "imm", ctx, folder_options=("objective",))
+        cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
         stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
         model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
         tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None
@@ -333,12 +333,11 @@ def sampling_options(meta: dict, steps, cfg, sampler, scheduler=None, midpoint=N
     --start-time is checked and set on the scheduler (the run's scheduler config holds the defaults)."""
     from pipelines.errors import SigmaError
     from pipelines.imm.scheduler import SAMPLERS
+    from pipelines.imm.trainer import default_guidance
 
     stage = meta.get("stage", {})
     steps = steps if steps is not None else stage.get("sample_steps", 2)
-    if cfg is None:  # the run's default; a run may keep another for single jumps
-        one_step = stage.get("cfg_one_step") if steps == 1 else None
-        cfg = one_step if one_step is not None else stage.get("cfg_scale", 1.0)
+    cfg = cfg if cfg is not None else default_guidance(stage, steps)  # the run's (a run may keep another for 1 step)
     if not 1 <= steps <= 1000:
         raise SigmaError(f"--steps must be between 1 and 1000, not {steps}")
     if not -100 <= cfg <= 100:  # also catches nan and inf, which would sample blank pictures

@@ -9,13 +9,13 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
-                             command, emit, resumed_train_config, run_to_resume)
+                             command, emit, resume_device, resumed_train_config, run_to_resume)
 
 
 @app.command("train-lm")
 @command
 def train_lm(
-    ctx: typer.Context,
+    ctx: typer.Context = None,  # (injected by Typer; None when called from Python)
     data: Annotated[Optional[str], typer.Option(help="A text file (default: CPython's pydoc_data.topics, read at run time).")] = None,
     ffn: Annotated[str, typer.Option(help="moe (DeepSeekMoE) | dense (SwiGLU of the same active size).")] = "moe",
     dense: Annotated[bool, typer.Option("--dense", help="Shorthand for --ffn dense.")] = False,
@@ -64,8 +64,8 @@ def train_lm(
     out = out or Path("runs/lm-dense" if ffn == "dense" else "runs/lm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     if resume:
-        meta = run_to_resume(out, "lm", ctx)
-        cfg = resumed_train_config(meta, steps, keep_every, device)
+        meta = run_to_resume(out, "lm", ctx, folder_options=("ffn", "dense"))
+        cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
         stage = LMStage(**meta["stage"])
         model = load_model(out, "lm")
         data = meta["data_spec"]

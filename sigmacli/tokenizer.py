@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
-                             command, emit, resumed_train_config, run_to_resume, trained_or_shipped)
+                             command, emit, resume_device, resumed_train_config, run_to_resume, trained_or_shipped)
 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, "
@@ -18,7 +18,7 @@ DataOpt = Annotated[Optional[str], typer.Option(
 @app.command("train-tokenizer")
 @command
 def train_tokenizer(
-    ctx: typer.Context,
+    ctx: typer.Context = None,  # (injected by Typer; None when called from Python)
     preset: Annotated[str, typer.Option(help="Model and schedule size: tiny (2-core CPU, minutes) | small | base (GPU).")] = "tiny",
     data: DataOpt = None,
     image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (resize + centre-crop; default 32, or --init's).")] = None,
@@ -62,8 +62,8 @@ def train_tokenizer(
     if out is None:
         out = Path("runs/tokenizer-ft" if finetune_decoder else "runs/tokenizer")
     if resume:  # everything but --steps comes from the run itself
-        meta = run_to_resume(out, "tokenizer", ctx)
-        cfg = resumed_train_config(meta, steps, keep_every, device)
+        meta = run_to_resume(out, "tokenizer", ctx, folder_options=("finetune_decoder",))
+        cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
         stage = TokenizerStage(**meta["stage"])
         model_config = read_json(out / CONFIG)
         data, image_size, frames = meta["data_spec"], model_config["image_size"], model_config["frames"]

@@ -89,6 +89,18 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
     assert r.exit_code == 0 and last_json(r)["steps"] == 6
     assert "ignored: --cfg, --start-time" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert json.loads((tmp_path / "r" / "sigma.json").read_text())["stage"]["start_time"] == 0.95
+    for step, device in ((7, "cpu"), (8, "auto")):  # --device applies on resume when given, auto included
+        assert last_json(cli("train-imm", "--resume", "--steps", step, "--device", device, "--out", tmp_path / "r", "--json"))
+        assert json.loads((tmp_path / "r" / "sigma.json").read_text())["train"]["device"] == device
+
+
+def test_resume_without_out_finds_the_default_folder_silently(runs, cli, tmp_path, monkeypatch):
+    """--objective flow-matching chose runs/fm; on --resume without --out it is not an ignored option."""
+    root, _ = runs
+    monkeypatch.chdir(tmp_path)
+    last_json(cli("train-imm", "--objective", "flow-matching", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--json"))
+    r = cli("train-imm", "--objective", "flow-matching", "--resume", "--steps", "3", "--json")
+    assert last_json(r)["steps"] == 3 and (tmp_path / "runs" / "fm").is_dir() and not r.stderr.strip(), r.stderr
 
 
 def test_bf16_precision_trains_on_the_cpu_and_is_kept_on_resume(runs, cli, tmp_path):
@@ -178,6 +190,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
          "'" + str(tmp_path / "a.png") + "' is a file, where a folder is needed"),
         (("sample", "--model", root / "imm", "--num", "2", "--save-individual", tmp_path / "a.png", "--out", tmp_path / "g.png"),
          "is a file, where a folder is needed"),
+        (("info", tmp_path / ("a" * 300) / "run"), "File name too long"),  # the error path itself must not raise
         (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
         (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
         (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),

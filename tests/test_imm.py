@@ -541,3 +541,12 @@ def test_start_time_moves_the_first_time_only():
             IMMSchedule().sampling_times(1, start=start)
     with pytest.raises(ValueError, match="midpoint must lie between"):  # the midpoint must be below the start
         IMMSchedule().sampling_times(2, midpoint=0.95, start=0.9)
+
+
+def test_default_guidance_per_step_count():
+    from pipelines.imm.trainer import default_guidance
+
+    stage = {"cfg_scale": 3.0, "cfg_one_step": 1.5}
+    assert default_guidance(stage, 1) == 1.5 and default_guidance(stage, 2) == 3.0
+    assert default_guidance({"cfg_scale": 3.0, "cfg_one_step": None}, 1) == 3.0  # none of its own: the run's --cfg
+    assert default_guidance({}, 1) == 1.0  # stages saved before either field: no guidance, as then

@@ -62,6 +62,13 @@ class IMMStage:
             self.cfg_scale = 3.0 if self.objective == "imm" else 1.5
 
 
+def default_guidance(stage: dict, steps: int) -> float:
+    """A run's default guidance scale at `steps` sampling steps, from its saved stage (`sigma.json`): cfg_one_step
+    for single jumps where the run has one, else cfg_scale (1, no guidance, for stages saved before either)."""
+    one_step = stage.get("cfg_one_step") if steps == 1 else None
+    return one_step if one_step is not None else stage.get("cfg_scale", 1.0)
+
+
 OPTIMIZERS = ("adamw", "muon")
 # weights that hold several matrices side by side (rows): Muon orthogonalises each one separately
 _MUON_SPLIT = ((".attn.qkv.weight", 3), (".ada.1.weight", 6), ("final_ada.1.weight", 2))
@@ -279,7 +286,7 @@ class IMMTask:
         per_class = 8
         labels = torch.arange(model.config.num_classes).repeat_interleave(per_class)
         x = generate(model, self.scheduler(), labels, self.stage.sample_steps, torch.Generator().manual_seed(0),
-                     self.tokenizer, self.stage.cfg_scale)
+                     self.tokenizer, default_guidance(asdict(self.stage), self.stage.sample_steps))
         model.train(was_training)
         ext = "gif" if x.shape[2] > 1 else "png"
         save_media(x, run_dir / "samples" / f"samples_{step:06d}.{ext}", nrow=per_class)
