@@ -158,23 +158,24 @@ def test_causal_cpu_path_matches_reference(window):
     assert (index[:, :, 8:] == 0).any(-1).all()  # so is the first block, once it is complete
 
 
-@pytest.mark.parametrize("N", [1, 5, 8])
+@pytest.mark.parametrize("N", [1, 5, 16])
 def test_causal_sequences_of_at_most_one_block(N):
     """A prompt shorter than one block has no compressed token yet (sigma generate with "The " used to crash):
-    the CPU path and the module still match the reference, forward and gradients."""
+    the CPU and Triton paths still match the reference, forward and gradients."""
     torch.manual_seed(0)
-    m = NSACausal(16, 4, 2, 8, block=8, top_n=3, window=4)
-    x, q, k, v = torch.randn(1, N, 16), torch.randn(1, 4, N, 8), torch.randn(1, 2, N, 8), torch.randn(1, 2, N, 8)
+    m = NSACausal(16, 4, 2, 16, block=16, top_n=3, window=4)  # (head dim and block 16: the Triton kernels' least)
+    x, q, k, v = torch.randn(1, N, 16), torch.randn(1, 4, N, 16), torch.randn(1, 2, N, 16), torch.randn(1, 2, N, 16)
     runs = []
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "cpu", "triton"):  # (the Triton kernel interpreted on the CPU)
         m.backend = backend
         inputs = [t.clone().requires_grad_() for t in (x, q, k, v)]
         o = m(*inputs)
         runs.append((o, torch.autograd.grad(o, inputs + list(m.parameters()), torch.ones_like(o), allow_unused=True)))
-    (o_ref, g_ref), (o, g) = runs
-    assert o.shape == (1, 4, N, 8) and torch.isfinite(o).all() and rel(o, o_ref) < 1e-5
-    for a, b in zip(g, g_ref):
-        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-5))
+    (o_ref, g_ref), *others = runs
+    for o, g in others:
+        assert o.shape == (1, 4, N, 16) and torch.isfinite(o).all() and rel(o, o_ref) < 1e-5
+        for a, b in zip(g, g_ref):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-5))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
