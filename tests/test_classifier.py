@@ -176,3 +176,15 @@ def test_bad_input_is_one_error_line(cli, tmp_path, args, message):
     r = cli("train-classifier", *TINY, "--steps", "1", "--out", tmp_path / "run", *args)
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_a_folder_of_one_class_is_refused(cli, tmp_path):
+    """Cross-entropy over one class is 0: such a run trained nothing and reported 100 % held-out accuracy."""
+    from PIL import Image
+
+    (tmp_path / "one").mkdir()
+    for i in range(12):
+        Image.new("RGB", (16, 16), (0, 20 * i, 0)).save(tmp_path / "one" / f"x{i}.png")
+    r = cli("train-classifier", *TINY, "--steps", "1", "--data", tmp_path / "one", "--out", tmp_path / "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "needs at least 2 classes" in lines[0], r.stderr

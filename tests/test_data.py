@@ -168,7 +168,11 @@ def test_image_folder_classes_and_formats(tmp_path, capsys):
 
     ds = make_dataset(str(root), image_size=16)
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"warning: skipped 1 unreadable files in {root.resolve()}"]
+    assert err.strip().splitlines() == [
+        f"note: only 9 images in {root.resolve()}: fewer than 10, so the held-out split is the training data",
+        f"warning: skipped 1 unreadable files (corrupt, or over Pillow's decompression-bomb size limit) in {root.resolve()}"]
+    make_dataset(str(root), image_size=16, split="heldout")  # the same files: nothing said twice
+    assert capsys.readouterr().err == ""
     assert ds.name == f"folder:{root.resolve()}"
     assert ds.class_names == ["all", "cats", "dogs"] and ds.num_classes == 3
     assert len(ds) == 8 and ds.frames == 1 and ds.channels == 3  # 9 pictures < 10: all in both splits
@@ -187,6 +191,37 @@ def test_image_folder_classes_and_formats(tmp_path, capsys):
     assert torch.equal(ds.get_batch(torch.tensor([3, 4, 5]))[0][2], ds.get_batch(torch.tensor([5]))[0][0])
 
 
+def test_image_folder_float_pictures_and_colour_key_transparency(tmp_path):
+    root = tmp_path / "modes"
+    root.mkdir()
+    Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(root / "float01.tif")  # floats in [0, 1]: mid gray
+    key = np.zeros((16, 16, 3), np.uint8)  # black is the colour key: transparent, so white
+    Image.fromarray(key).save(root / "rgb_key.png", transparency=(0, 0, 0))
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "gray_key.png", transparency=0)
+    ds = make_dataset(str(root), image_size=16)
+    assert torch.allclose(_pixel(ds, "float01.tif"), torch.zeros(3), atol=0.01)
+    assert torch.allclose(_pixel(ds, "rgb_key.png"), torch.ones(3)) and torch.allclose(_pixel(ds, "gray_key.png"), torch.ones(3))
+
+
+def test_image_folder_links_inside_the_folder_are_aliases(tmp_path):
+    """A class is its own folder: a link to a folder or file inside the data folder is skipped (no class renamed
+    or merged, no picture in both splits); a link to a folder outside it is followed, once."""
+    root, outside = tmp_path / "pets", tmp_path / "elsewhere" / "birds"
+    for i in range(6):
+        _solid(root / "dog" / f"d{i}.png", "RGB", (0, 0, 255))
+        _solid(root / "cat" / f"c{i}.png", "RGB", (255, 0, 0))
+        _solid(outside / f"b{i}.png", "RGB", (0, 255, 0))
+    (root / "canine").symlink_to(root / "dog")  # sorts before "dog": it used to take dog's pictures and name
+    (root / "cat" / "zz_dogs").symlink_to(root / "dog")  # dogs inside cat: used to be labelled cat
+    (root / "cat" / "c9.png").symlink_to(root / "cat" / "c0.png")  # the same picture twice
+    (root / "birds").symlink_to(outside)
+    (root / "more_birds").symlink_to(outside)
+    train, held = (make_dataset(str(root), image_size=8, split=split) for split in ("train", "heldout"))
+    assert train.class_names == held.class_names == ["birds", "cat", "dog"]
+    counts = torch.bincount(torch.cat([train.labels, held.labels]), minlength=3).tolist()
+    assert counts == [6, 6, 6] and len(held) == 1, (counts, train.paths, held.paths)
+
+
 def test_image_folder_split_and_bad_folders(tmp_path, capsys, monkeypatch):
     root = tmp_path / "flat"
     for i in range(23):
@@ -200,7 +235,7 @@ def test_image_folder_split_and_bad_folders(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(DataError, match="no readable images.*1 files, all unreadable"):
+    with pytest.raises(DataError, match="no readable images in the train split.*all 1 of its files are unreadable"):
         make_dataset(str(bad))
     assert capsys.readouterr().err == ""  # the one error line says it all
 

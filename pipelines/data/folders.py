@@ -54,14 +54,17 @@ class CachedDataset(Dataset):
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; 16-bit gray is scaled, not clipped
-    ("I"/"F" modes are read as 16-bit when any value exceeds 255, else as 8-bit)."""
+    """Any PIL mode -> 8-bit RGB. Transparency (alpha, or a palette's or colour key's) is composited on white;
+    16-bit gray is scaled, not clipped ("I"/"F" modes are read as 16-bit when any value exceeds 255, "F" in
+    [0, 1] as floats of that range, else as 8-bit)."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = a / 257.0
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float pictures in [0, 1] (e.g. 32-bit TIFFs)
+            a = a * 255.0
         return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:  # (P, and L/RGB colour keys)
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -120,17 +123,34 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
 def _walk(root: Path):
-    """os.walk over non-hidden folders in sorted order, following links but never the same folder twice."""
-    seen = set()
+    """os.walk over non-hidden folders in sorted order. A link to a folder or file inside the data folder is an
+    alias of something listed under its own name, and is skipped: a class keeps its own folder's name and no
+    picture lands in two classes or both splits. Links to places outside the data folder are followed, and
+    every folder and file is listed once (link loops end)."""
+    root_real = os.path.realpath(root)
+    seen_dirs, seen_files = set(), set()
+    alias = lambda p: os.path.islink(p) and _inside(os.path.realpath(p), root_real)  # noqa: E731
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen_dirs:
             dirnames[:] = []
             continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield Path(dirpath), sorted(filenames, key=_natural_key)
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not alias(os.path.join(dirpath, d)))
+        names = []
+        for f in sorted(filenames, key=_natural_key):
+            path = os.path.join(dirpath, f)
+            real_file = os.path.realpath(path)
+            if alias(path) or real_file in seen_files:
+                continue
+            seen_files.add(real_file)
+            names.append(f)
+        yield Path(dirpath), names
 
 
 def _check_folder(root: Path) -> Path:
@@ -146,17 +166,32 @@ def _class_of(rel: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
+_said: set[str] = set()  # warnings already printed by this process (train and held-out splits load separately)
+
+
+def _say(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
+
+
 def _split(items: list, split: str) -> list:
-    """Every 10th item is held out when there are at least 10; otherwise both splits use all of them."""
+    """Every 10th item is held out when there are at least 10; otherwise both splits use all of them (`_note_small`)."""
     if len(items) < 10:
         return items
     keep = (lambda i: i % 10 == 9) if split == "heldout" else (lambda i: i % 10 != 9)
     return [item for i, item in enumerate(items) if keep(i)]
 
 
-def _warn_skipped(skipped: int, what: str, root: Path) -> None:
+def _note_small(count: int, what: str, root: Path) -> None:
+    if count < 10:
+        _say(f"note: only {count} {what} in {root}: fewer than 10, so the held-out split is the training data")
+
+
+def _warn_skipped(skipped: int, what: str, root: Path, split: str, count: int) -> None:
+    """One line per split; a folder of fewer than 10 items has one split in effect, so one line in all."""
     if skipped:
-        print(f"warning: skipped {skipped} {what} in {root}", file=sys.stderr)
+        _say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""))
 
 
 def _build(name, root, arrays, labels, class_names, split) -> CachedDataset:
@@ -189,8 +224,10 @@ def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedData
         labels.append(class_names.index(_class_of(rel)))
         paths.append(rel.as_posix())
     if not arrays:  # the error says it all: no separate warning
-        raise DataError(f"no readable images in '{root}' ({split} split: {skipped} files, all unreadable)")
-    _warn_skipped(skipped, "unreadable files", root)
+        raise DataError(f"no readable images in the {split} split of '{root}' (all {skipped} of its files are unreadable;"
+                        " every 10th file, sorted, is held out)")
+    _note_small(len(files), "images", root)
+    _warn_skipped(skipped, "unreadable files (corrupt, or over Pillow's decompression-bomb size limit)", root, split, len(files))
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
@@ -236,7 +273,8 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
         paths.append(rel.as_posix())
     if not arrays:
         raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
-    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root)
+    _note_small(len(clips), "clips", root)
+    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root, split, len(clips))
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
@@ -254,11 +292,11 @@ def torchvision_set(kind: str, path: str | Path, *, image_size: int, split: str)
     cls = getattr(torchvision.datasets, TORCHVISION_SETS[kind])
     try:
         tv = cls(root=str(root), train=split == "train", download=False)
-    except RuntimeError:
-        raise DataError(
-            f"{kind} not found under '{root}' (sigma never downloads; place torchvision's {cls.__name__} files there)"
-        ) from None
-    except Exception as e:  # corrupt files: the parsers raise assorted errors
+    except Exception as e:  # missing files (torchvision's RuntimeError "... not found ..."), or corrupt ones
+        if isinstance(e, RuntimeError) and "not found" in str(e).lower():
+            raise DataError(
+                f"{kind} not found under '{root}' (sigma never downloads; place torchvision's {cls.__name__} files there)"
+            ) from None
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"{kind} under '{root}' could not be read: {first_line}") from None
 
