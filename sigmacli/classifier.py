@@ -61,10 +61,10 @@ def train_classifier(
     torch.manual_seed(cfg.seed)
     # frames=1: video sets are scored frame by frame, and a frame of moving-shapes is a shapes image
     train_set = make_dataset(data, image_size=image_size, split="train", seed=cfg.seed)
-    heldout = make_dataset(data, image_size=image_size, split="heldout", seed=cfg.seed)
     if train_set.num_classes < 2:  # cross-entropy over one class is 0: nothing would train, and 100 % be reported
         raise SigmaError(f"a classifier needs at least 2 classes; '{data}' has 1 ({train_set.class_names[0]}; "
                          "the class of a picture is its first-level sub-folder)")
+    heldout = make_dataset(data, image_size=image_size, split="heldout", seed=cfg.seed)
     if model is None:
         model = ShapesClassifier(image_size=image_size, num_classes=train_set.num_classes,
                                  class_names=list(train_set.class_names))

@@ -221,6 +221,27 @@ def test_image_folder_links_inside_the_folder_are_aliases(tmp_path):
     counts = torch.bincount(torch.cat([train.labels, held.labels]), minlength=3).tolist()
     assert counts == [6, 6, 6] and len(held) == 1, (counts, train.paths, held.paths)
 
+    # links into places the walk does not list are the pictures themselves: git-annex (a hidden folder) and a
+    # download cache (blobs without a picture's extension)
+    annex = tmp_path / "annex"
+    for i, name in enumerate(["cat", "dog"]):
+        _solid(annex / ".git" / "objects" / f"k{i}", "RGB", (255 * i, 0, 0), format="PNG")
+        _solid(annex / "blobs" / f"h{i}.dat", "RGB", (0, 255 * i, 0), format="PNG")
+        (annex / name).mkdir()
+        (annex / name / "a.png").symlink_to(annex / ".git" / "objects" / f"k{i}")
+        (annex / name / "b.png").symlink_to(annex / "blobs" / f"h{i}.dat")
+    ds = make_dataset(str(annex), image_size=8)
+    assert ds.class_names == ["cat", "dog"] and sorted(ds.paths) == ["cat/a.png", "cat/b.png", "dog/a.png", "dog/b.png"]
+
+
+def test_video_frame_folder_keeps_a_frame_repeated_through_a_link(tmp_path):
+    clip = tmp_path / "vids" / "walk" / "clip1"
+    for i in range(3):
+        _solid(clip / f"f{i}.png", "RGB", (80 * i, 0, 0))
+    (clip / "f3.png").symlink_to(clip / "f2.png")  # a held frame
+    ds = make_dataset(str(tmp_path / "vids"), image_size=8, frames=4)
+    assert ds.paths == ["walk/clip1"] and ds.frames == 4
+
 
 def test_image_folder_split_and_bad_folders(tmp_path, capsys, monkeypatch):
     root = tmp_path / "flat"

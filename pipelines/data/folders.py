@@ -54,7 +54,7 @@ class CachedDataset(Dataset):
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparency (alpha, or a palette's or colour key's) is composited on white;
+    """Any PIL mode -> 8-bit RGB. Transparency (alpha, a palette's, an 8-bit colour key) is composited on white;
     16-bit gray is scaled, not clipped ("I"/"F" modes are read as 16-bit when any value exceeds 255, "F" in
     [0, 1] as floats of that range, else as 8-bit)."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
@@ -123,18 +123,27 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _inside(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+def _listed(root: Path) -> set[str]:
+    """Real paths of what a walk that follows no link lists under its own name: non-hidden folders and pictures."""
+    listed = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        listed.add(os.path.realpath(dirpath))
+        listed.update(os.path.realpath(p) for f in filenames if _is_image(f)
+                      for p in [os.path.join(dirpath, f)] if not os.path.islink(p))
+    return listed
 
 
-def _walk(root: Path):
-    """os.walk over non-hidden folders in sorted order. A link to a folder or file inside the data folder is an
-    alias of something listed under its own name, and is skipped: a class keeps its own folder's name and no
-    picture lands in two classes or both splits. Links to places outside the data folder are followed, and
-    every folder and file is listed once (link loops end)."""
-    root_real = os.path.realpath(root)
+def _walk(root: Path, files_once: bool = True):
+    """os.walk over non-hidden folders in sorted order, following links. A link to a folder or picture that the
+    walk lists under its own name anyway is an alias and is skipped: a class keeps its own folder's name and no
+    picture lands in two classes or both splits. Links elsewhere (outside the data folder, into hidden folders
+    such as git-annex's, to files without a picture's extension such as a download cache's blobs) are followed,
+    and every folder is walked once (link loops end). `files_once`: also list every real file once (image
+    folders; a video's frame folder may repeat a frame through a link, and keeps it)."""
+    listed = _listed(root)
+    alias = lambda p: os.path.islink(p) and os.path.exists(p) and os.path.realpath(p) in listed  # noqa: E731
     seen_dirs, seen_files = set(), set()
-    alias = lambda p: os.path.islink(p) and _inside(os.path.realpath(p), root_real)  # noqa: E731
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
@@ -145,10 +154,11 @@ def _walk(root: Path):
         names = []
         for f in sorted(filenames, key=_natural_key):
             path = os.path.join(dirpath, f)
-            real_file = os.path.realpath(path)
-            if alias(path) or real_file in seen_files:
-                continue
-            seen_files.add(real_file)
+            if files_once and _is_image(f):  # (a blob without a picture's name is not listed, so not seen either)
+                real_file = os.path.realpath(path)
+                if alias(path) or real_file in seen_files:
+                    continue
+                seen_files.add(real_file)
             names.append(f)
         yield Path(dirpath), names
 
@@ -246,7 +256,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
     """
     root = _check_folder(Path(path).expanduser())
     clips = []  # (relative path, list of frame files or None for a GIF)
-    for d, names in _walk(root):
+    for d, names in _walk(root, files_once=False):
         stills = [d / f for f in names if _is_image(f) and not f.lower().endswith(".gif")]
         if stills:
             clips.append((d.relative_to(root), stills))
@@ -293,9 +303,10 @@ def torchvision_set(kind: str, path: str | Path, *, image_size: int, split: str)
     try:
         tv = cls(root=str(root), train=split == "train", download=False)
     except Exception as e:  # missing files (torchvision's RuntimeError "... not found ..."), or corrupt ones
-        if isinstance(e, RuntimeError) and "not found" in str(e).lower():
+        if isinstance(e, RuntimeError) and "not found" in str(e).lower():  # (CIFAR: "not found or corrupted")
+            also = " or corrupted" if "corrupt" in str(e).lower() else ""
             raise DataError(
-                f"{kind} not found under '{root}' (sigma never downloads; place torchvision's {cls.__name__} files there)"
+                f"{kind} not found{also} under '{root}' (sigma never downloads; place torchvision's {cls.__name__} files there)"
             ) from None
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"{kind} under '{root}' could not be read: {first_line}") from None
