@@ -251,6 +251,13 @@ def train_imm(
                       frames=frames, data_std=sched.sigma_d, align_dim=align_dim, align_depth=align_depth)
         if second_time not in ("stride", "s"):
             raise SigmaError(f"--second-time must be stride or s, not {second_time!r}")
+
+        def make_dit(**kw) -> DiT:
+            try:
+                return DiT(**kw)
+            except ValueError as e:  # an attention kind's own constraint, e.g. MTA's pairs of heads
+                raise SigmaError(str(e)) from None
+
         if space == "latent":
             tc = tok.config
             grid = (tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size)
@@ -263,14 +270,14 @@ def train_imm(
                     raise SigmaError(f"--pca-whiten must be in [0, 1], not {stage.pca_whiten}")
                 mean, std, basis = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev, pca=k,
                                                      whiten=stage.pca_whiten)
-                model = DiT(space="latent", num_tokens=k // tc.latent_dim, token_dim=tc.latent_dim, grid=grid,
+                model = make_dit(space="latent", num_tokens=k // tc.latent_dim, token_dim=tc.latent_dim, grid=grid,
                             latent_mean=mean, latent_std=std, latent_pca=k,
                             latent_shape=(tc.num_latents, tc.latent_dim), **common)
                 model.set_latent_basis(basis)
             else:
                 mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev,
                                               per_token=stage.latent_norm == "token")
-                model = DiT(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim, grid=grid,
+                model = make_dit(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim, grid=grid,
                             latent_mean=mean, latent_std=std, **common)
         else:
             tubelet = tubelet if tubelet is not None else (2 if frames > 1 and frames % 2 == 0 else 1)
@@ -281,7 +288,7 @@ def train_imm(
             cube_t = parse_grid(cube, "--cube") if cube else auto_cube(grid)
             if any(g % c for g, c in zip(grid, cube_t)):
                 raise SigmaError(f"the token grid {'x'.join(map(str, grid))} is not divisible by --cube {'x'.join(map(str, cube_t))}")
-            model = DiT(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
+            model = make_dit(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
                         cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
     if not resume and int(os.environ.get("RANK", "0")) == 0:  # the run folder is a diffusers pipeline folder from the start
         from checkpoints.io import checkpoint_dir

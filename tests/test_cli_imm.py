@@ -190,7 +190,9 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
          "'" + str(tmp_path / "a.png") + "' is a file, where a folder is needed"),
         (("sample", "--model", root / "imm", "--num", "2", "--save-individual", tmp_path / "a.png", "--out", tmp_path / "g.png"),
          "is a file, where a folder is needed"),
-        (("info", tmp_path / ("a" * 300) / "run"), "File name too long"),  # the error path itself must not raise
+        (("info", tmp_path / ("a" * 300) / "run"), "File name too long"),
+        (("train-imm", "--space", "pixels", "--attn", "mta", "--heads", "1", "--width", "32", "--out", tmp_path / "s"),
+         "MTA: 1 heads do not split into head groups of 2"),  # the error path itself must not raise
         (("sample", "--model", root / "tok"), "holds a tokenizer model, but this needs an imm model"),
         (("sample", "--model", root / "imm", "--steps", "0"), "--steps must be"),
         (("sample", "--model", root / "imm", "--class-label", "dragon"), "unknown class label 'dragon'"),

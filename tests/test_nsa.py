@@ -67,6 +67,30 @@ def test_gqa_heads_share_one_selection_and_match_reference():
         assert max(rel(g, r) for g, r in zip(grads, g_ref)) < 1e-5
 
 
+def test_auto_backend_falls_back_where_the_triton_tiles_do_not_fit(monkeypatch):
+    """On CUDA "auto" means Triton; a head dim of 24 or a cube of 8 tokens must take the PyTorch path instead of
+    failing (checked here with "auto" made to resolve as on CUDA; the kernel would raise on these shapes)."""
+    import kernels.nsa as nsa_mod
+
+    real = nsa_mod.resolve_backend
+    monkeypatch.setattr(nsa_mod, "resolve_backend", lambda b, d: "triton" if b == "auto" else real(b, d))
+    for K, block, grid in ((24, 16, (1, 2, 2)), (16, 8, (1, 2, 2))):
+        inputs, do = make_inputs(K=K, block=block, cube_grid=grid)
+        forced = cube_neighbourhood(grid, (0, 0, 0))
+        o_ref, _, _ = run("reference", inputs, do, block=block, forced=forced)
+        o, _, _ = run("auto", inputs, do, block=block, forced=forced)
+        assert rel(o, o_ref) < 1e-5
+
+
+def test_causal_output_keeps_the_input_dtype():
+    """Gates come in fp32 from the module: the output must stay bf16 for a bf16 model (a pure-bf16 LM crashed)."""
+    q, k, v, kc, vc, (g1, g2, g3) = causal_inputs()
+    args = [t.detach().bfloat16() for t in (q, k, v, kc, vc)]
+    for backend in ("reference", "cpu"):
+        o = nsa_causal(*args, g1, g2, block=8, top_n=3, window=4, g_win=g3, backend=backend)
+        assert o.dtype == torch.bfloat16, backend
+
+
 def test_reference_gradcheck_fp64():
     inputs, _ = make_inputs(B=1, H=2, hkv=1, cube_grid=(1, 1, 2), block=4, K=4, dtype=torch.float64)
     forced = cube_neighbourhood((1, 1, 2), (0, 0, 0))

@@ -191,7 +191,9 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
     hkv = k.shape[1]
     if N % block:
         raise ValueError(f"{N} tokens do not split into blocks of {block}")
-    backend = resolve_backend(backend, q.device)
+    auto, backend = backend == "auto", resolve_backend(backend, q.device)
+    if backend == "triton" and auto and not _impl("triton").shapes_ok(K, block):
+        backend = "cpu"  # e.g. a DiT with head dim 24 or a cube of 8 tokens: the PyTorch path runs on CUDA too
     if backend == "reference":
         o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced.to(q.device))
         return (o, index) if return_index else o
@@ -224,6 +226,7 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
     kc, vc = cpu._rows(k_cmp, H).view(B, H, nb, K), cpu._rows(v_cmp, H).view(B, H, nb, K)
     s = (q @ kc.transpose(-1, -2)).float() * K**-0.5
     p = torch.softmax(s.masked_fill(~cmp_mask, float("-inf")), -1).nan_to_num(0.0)  # [B, H, N, NB]
+    g_cmp, g_slc = g_cmp.to(q.dtype), g_slc.to(q.dtype)  # the output keeps the inputs' dtype (gates come in fp32)
     o = g_cmp[..., None] * (p.to(q.dtype) @ vc)
     with torch.no_grad():
         scores = p.view(B, hkv, H // hkv, N, nb).sum(2)
@@ -231,7 +234,7 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
         index = select_causal(scores, top_n, block, n_initial, n_local)
     o = o + g_slc[..., None] * causal_selected_attention(q, k, v, index, block, backend)
     if window > 0:
-        o = o + g_win[..., None] * cpu.causal_window(q, k, v, window)
+        o = o + g_win[..., None].to(q.dtype) * cpu.causal_window(q, k, v, window)
     return o
 
 
