@@ -125,9 +125,9 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
     ignored = [flag for name, flag in given.items() if name not in takes]
     if ignored and is_main_rank():  # a warning, not an error: re-running the run's own command plus --resume is
         # the natural way to continue it, but a changed value must not look as if it had been taken
-        takes = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]
+        flags = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]
         typer.echo(f"note: --resume continues the run as it was configured; ignored: {', '.join(ignored)} "
-                   f"(a resume takes {', '.join(takes)})", err=True)
+                   f"(a resume takes {', '.join(flags)})", err=True)
     return meta
 
 
