@@ -180,7 +180,9 @@ _said: set[str] = set()  # warnings already printed by this process (train and h
 
 
 def _say(message: str) -> None:
-    if message not in _said:
+    """Print a note or warning once per process, and only on the first process under torchrun (every rank reads
+    the same folder)."""
+    if message not in _said and int(os.environ.get("RANK", "0")) == 0:
         _said.add(message)
         print(message, file=sys.stderr)
 
