@@ -69,17 +69,20 @@ def test_gqa_heads_share_one_selection_and_match_reference():
 
 def test_auto_backend_falls_back_where_the_triton_tiles_do_not_fit(monkeypatch):
     """On CUDA "auto" means Triton; a head dim of 24 or a cube of 8 tokens must take the PyTorch path instead of
-    failing (checked here with "auto" made to resolve as on CUDA; the kernel would raise on these shapes)."""
+    failing (checked here with "auto" made to resolve as on CUDA; the kernel would raise on these shapes), in 3D
+    and in the causal op (which used to resolve "auto" before its selected branch could fall back)."""
     import kernels.nsa as nsa_mod
 
-    real = nsa_mod.resolve_backend
-    monkeypatch.setattr(nsa_mod, "resolve_backend", lambda b, d: "triton" if b == "auto" else real(b, d))
+    monkeypatch.setattr(nsa_mod, "_device_backend", lambda device: "triton")
     for K, block, grid in ((24, 16, (1, 2, 2)), (16, 8, (1, 2, 2))):
         inputs, do = make_inputs(K=K, block=block, cube_grid=grid)
         forced = cube_neighbourhood(grid, (0, 0, 0))
         o_ref, _, _ = run("reference", inputs, do, block=block, forced=forced)
         o, _, _ = run("auto", inputs, do, block=block, forced=forced)
         assert rel(o, o_ref) < 1e-5
+    q, k, v, kc, vc, (g1, g2, _) = causal_inputs(K=24)
+    o_ref = nsa_causal(q, k, v, kc, vc, g1, g2, block=8, top_n=3, backend="reference")
+    assert rel(nsa_causal(q, k, v, kc, vc, g1, g2, block=8, top_n=3, backend="auto"), o_ref) < 1e-5
 
 
 def test_causal_output_keeps_the_input_dtype():

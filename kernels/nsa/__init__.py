@@ -32,12 +32,21 @@ def _impl(backend: str):
     return cpu
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _device_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpu"
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None, block: int | None = None) -> str:
+    """"auto": Triton on CUDA, the PyTorch path elsewhere, and also on CUDA where the kernels' tiles do not fit
+    the given head dim and block (e.g. head dim 24, or a cube of 8 tokens)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown NSA backend {backend!r} (have: {', '.join(BACKENDS)})")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    return backend
+    if backend != "auto":
+        return backend
+    chosen = _device_backend(device)
+    if chosen == "triton" and head_dim is not None and not _impl("triton").shapes_ok(head_dim, block):
+        return "cpu"
+    return chosen
 
 
 # ---- the two attention branches as custom ops ----------------------------------------------------------------
@@ -159,9 +168,7 @@ _causal_selected.register_autograd(_causal_selected_backward, setup_context=_cau
 def causal_selected_attention(q, k, v, index, block: int, backend: str = "auto"):
     """Per-token selected attention, causal: token t of head h attends to the keys <= t of the KV blocks
     index[b, h // G, t, :] (-1 = unused slot). Triton kernel (a custom op) or the vectorised PyTorch path."""
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "triton" and backend == "auto" and not _impl("triton").shapes_ok(q.shape[-1], block):
-        chosen = "cpu"  # e.g. an LM with head dim 24: the PyTorch path runs on CUDA too
+    chosen = resolve_backend(backend, q.device, q.shape[-1], block)  # (an LM with head dim 24: PyTorch on CUDA too)
     if chosen == "triton":
         return _causal_selected(q, k, v, index, block)[0]
     return cpu.causal_selected(q, k, v, index, block)
@@ -191,9 +198,7 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
     hkv = k.shape[1]
     if N % block:
         raise ValueError(f"{N} tokens do not split into blocks of {block}")
-    auto, backend = backend == "auto", resolve_backend(backend, q.device)
-    if backend == "triton" and auto and not _impl("triton").shapes_ok(K, block):
-        backend = "cpu"  # e.g. a DiT with head dim 24 or a cube of 8 tokens: the PyTorch path runs on CUDA too
+    backend = resolve_backend(backend, q.device, K, block)
     if backend == "reference":
         o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced.to(q.device))
         return (o, index) if return_index else o
@@ -216,7 +221,7 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
     """Causal 1D NSA for the LM (per-token selection shared within a GQA group). The selected branch runs the
     Triton kernel (backend triton, auto on CUDA) or the CPU path that gathers each token's selected blocks (no
     N x N tensor); the compressed branch (N x N / block scores, small) and the window run in PyTorch."""
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.shape[-1], block)
     if backend == "reference":
         return nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, window, g_win, n_initial, n_local)[0]
     B, H, N, K = q.shape
