@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints their message as one line and exits non-zero (no traceback)."""
+import sys
 
 
 class SigmaError(Exception):
@@ -11,3 +12,38 @@ class DataError(SigmaError):
 
 class CheckpointError(SigmaError):
     """A weight or run folder that cannot be loaded: wrong kind, mismatched shapes, corrupt file."""
+
+
+# Notes and warnings ("note: ...", "warning: ...") for stderr. Under the CLI they are held back until the command's
+# work begins (`release_notes`, e.g. when training starts) or it ends well, and dropped if it fails first, so a bad
+# input still shows one `error:` line alone; called from Python, they print at once.
+_held: list[str] | None = None
+
+
+def say(message: str) -> None:
+    if _held is None:
+        print(message, file=sys.stderr)
+    elif message not in _held:
+        _held.append(message)
+
+
+def holding_notes() -> bool:
+    return _held is not None
+
+
+def hold_notes() -> None:
+    global _held
+    _held = []
+
+
+def release_notes() -> None:
+    """Print the held notes; later ones print at once."""
+    global _held
+    held, _held = _held, None
+    for message in held or ():
+        print(message, file=sys.stderr)
+
+
+def drop_notes() -> None:
+    global _held
+    _held = None

@@ -24,7 +24,7 @@ from torch import nn
 
 from checkpoints.io import (RUN_META, atomic_write_text, checkpoint_dir, keep_snapshot, load_training_state, save_model,
                             save_training_state)
-from pipelines.errors import SigmaError
+from pipelines.errors import SigmaError, release_notes
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -226,8 +226,12 @@ def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra
 def compile_backend() -> str:
     """$SIGMA_COMPILE_BACKEND (default inductor), checked against torch's registry: a typo is one line, not a
     traceback from the first compiled call."""
+    import logging
+
     import torch._dynamo
 
+    # inductor's C++ build looks for CUDA once and logs "No CUDA runtime is found" on CPU-only machines: not ours to act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     backend = os.environ.get("SIGMA_COMPILE_BACKEND", "inductor")
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
@@ -332,6 +336,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 if line.strip() and json.loads(line).get("step", 0) <= start]
         atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in kept))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if ddp.rank == 0 else None
+    release_notes()  # every check has passed: the notes held back so far (small data folder, ignored options) show now
     progress = None
     if ddp.rank == 0 and not quiet:
         from rich.console import Console

@@ -48,23 +48,41 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipelines.errors import SigmaError
+        from pipelines import errors
 
+        outer = not errors.holding_notes()  # (a command body that calls another command's function)
+        if outer:
+            errors.hold_notes()
         try:
-            return fn(*args, **kwargs)
-        except SigmaError as e:
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        except OSError as e:  # an --out that cannot be written (a file where a folder goes, no permission, disk full)
-            path = _shown_path(e.filename) if isinstance(e.filename, (str, bytes)) else e.filename
-            if e.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(path, Path):
-                in_the_way = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)  # (isfile never raises)
-                if in_the_way is not None:
-                    fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
-            fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path is not None else ""))
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+            result = fn(*args, **kwargs)
+        except (errors.SigmaError, OSError, KeyboardInterrupt) as e:
+            if outer:  # the error line alone: notes printed before a failure read as if they explained it
+                errors.drop_notes()
+            report(e)
+        except BaseException:
+            if outer:
+                errors.release_notes()
+            raise
+        if outer:
+            errors.release_notes()
+        return result
 
     return wrapper
+
+
+def report(e: BaseException):
+    """The one `error:` line (and exit code) for a SigmaError, an OSError or Ctrl-C."""
+    if isinstance(e, KeyboardInterrupt):
+        fail("interrupted", 130)
+    if not isinstance(e, OSError):  # a SigmaError: bad input, data, checkpoint
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    # an --out that cannot be written (a file where a folder goes, no permission, disk full)
+    path = _shown_path(e.filename) if isinstance(e.filename, (str, bytes)) else e.filename
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(path, Path):
+        in_the_way = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)  # (isfile never raises)
+        if in_the_way is not None:
+            fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
+    fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path is not None else ""))
 
 
 # what --resume may change: how far and how the run goes on, never what it trains (the rest is the run's own)
@@ -113,7 +131,7 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
     `folder_options` when --out is not given: they chose the default folder (e.g. --objective: runs/fm)."""
     from checkpoints.io import RUN_META, read_json
     from checkpoints.meta import a_or_an
-    from pipelines.errors import SigmaError
+    from pipelines.errors import SigmaError, say
 
     if not (out / RUN_META).exists():
         raise SigmaError(f"--resume: '{out}' holds no run to continue")
@@ -126,8 +144,8 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
     if ignored and is_main_rank():  # a warning, not an error: re-running the run's own command plus --resume is
         # the natural way to continue it, but a changed value must not look as if it had been taken
         flags = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]
-        typer.echo(f"note: --resume continues the run as it was configured; ignored: {', '.join(ignored)} "
-                   f"(a resume takes {', '.join(flags)})", err=True)
+        say(f"note: --resume continues the run as it was configured; ignored: {', '.join(ignored)} "
+            f"(a resume takes {', '.join(flags)})")
     return meta
 
 

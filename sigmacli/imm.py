@@ -303,7 +303,8 @@ def train_imm(
         enc_dev = rank_device(dev)
         latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=uses_bf16(cfg.precision, dev),
                                  show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
-    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents)
+    task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents,
+                   compile_encoder=cfg.compile)
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["objective"] = stage.objective

@@ -188,3 +188,8 @@ def test_a_folder_of_one_class_is_refused(cli, tmp_path):
     r = cli("train-classifier", *TINY, "--steps", "1", "--data", tmp_path / "one", "--out", tmp_path / "run")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "needs at least 2 classes" in lines[0], r.stderr
+    for i in range(5, 12):  # a folder under 10 pictures has a note to print, but a failing command shows its error alone
+        (tmp_path / "one" / f"x{i}.png").unlink()
+    r = cli("train-classifier", *TINY, "--steps", "1", "--data", tmp_path / "one", "--out", tmp_path / "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "needs at least 2 classes" in lines[0], r.stderr

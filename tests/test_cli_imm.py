@@ -74,6 +74,16 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     assert early["times"] == pytest.approx([0.5, 0.253, 0.006])  # uniform from there
 
 
+def test_compiled_training_matches_eager(runs, cli, tmp_path, monkeypatch):
+    """--compile compiles the network and, in latent space, the frozen tokenizer's encoder: the same losses."""
+    monkeypatch.setenv("SIGMA_COMPILE_BACKEND", "aot_eager")  # traces like inductor, without its C++ build
+    root, _ = runs
+    eager, compiled = (last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "3", *flags,
+                                     "--out", tmp_path / f"run{len(flags)}", "--json"))["final_loss"]
+                       for flags in ((), ("--compile",)))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 def test_resume_extends_a_run(runs, cli, tmp_path):
     """(Exactness of --resume is tested on the task in test_imm.py; here the CLI path.)"""
     root, _ = runs
@@ -92,6 +102,10 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
     for step, device in ((7, "cpu"), (8, "auto")):  # --device applies on resume when given, auto included
         assert last_json(cli("train-imm", "--resume", "--steps", step, "--device", device, "--out", tmp_path / "r", "--json"))
         assert json.loads((tmp_path / "r" / "sigma.json").read_text())["train"]["device"] == device
+    # a resume that fails after naming ignored options shows its error alone
+    r = cli("train-imm", "--resume", "--steps", "8", "--cfg", "2", "--out", tmp_path / "r")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"error: '{tmp_path / 'r'}' is already at step 8; pass --steps above 8 to continue"], r.stderr
 
 
 def test_resume_without_out_finds_the_default_folder_silently(runs, cli, tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from pipelines.data.base import Dataset, as_index_tensor
-from pipelines.errors import DataError
+from pipelines.errors import DataError, say
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -184,7 +183,7 @@ def _say(message: str) -> None:
     the same folder)."""
     if message not in _said and int(os.environ.get("RANK", "0")) == 0:
         _said.add(message)
-        print(message, file=sys.stderr)
+        say(message)
 
 
 def _split(items: list, split: str) -> list:
