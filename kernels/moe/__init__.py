@@ -37,6 +37,10 @@ def dispatch(topk_idx: torch.Tensor, num_experts: int):
     return order, order // topk_idx.shape[1], counts
 
 
+# Eager under torch.compile (`--compile`): how many tokens each expert gets changes every step, and traced, those
+# sizes became guards that recompiled the graph at every step (train-lm --compile ran 12x slower than eager, measured
+# in BENCHMARKS.md); grouped_mm's tracing kernel also takes bf16 only in torch 2.14. The rest of the layer compiles.
+@torch.compiler.disable
 def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r} (have: {', '.join(BACKENDS)})")
@@ -44,8 +48,6 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
     if backend == "auto":
         backend = "grouped" if HAS_GROUPED_MM else "sorted-loop"
-        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-            backend = "sorted-loop"  # grouped_mm's fake (tracing) kernel accepts only bf16 in torch 2.14
     E = w_in.shape[0]
     if backend == "loop":
         out = torch.zeros_like(x)

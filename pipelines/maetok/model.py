@@ -201,8 +201,11 @@ class MAETok(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False,
                 frozen_encoder: bool = False, with_features: bool = False, latent_noise: float = 0.0) -> MAETokOutput:
+        # under torch.compile (`--compile`) a masked encoder pass runs eager: its length changes with every batch's
+        # mask ratio, and compiled for symbolic lengths it ran slower than eager (BENCHMARKS.md); the decoders compile
+        encode = self.encode if keep is None else torch.compiler.disable(self.encode)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
-            z, kl = self.encode(x, keep, generator, sample=self.training)
+            z, kl = encode(x, keep, generator, sample=self.training)
         if latent_noise > 0:
             z = add_latent_noise(z, latent_noise, generator)
         recon = self.decode(z)
