@@ -10,7 +10,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     (`--precision bf16`), the flash kernel's backward is 2-4x slower in bf16 than in fp32 (torch 2.14, measured in
     BENCHMARKS.md), and at these head sizes attention is a small share of the FLOPs, so fp32 costs nothing and
     keeps the bf16 gain of the matmuls. Its bf16 forward is 2x faster than the fp32 one, so passes without
-    gradients (the frozen tokenizer's encoder, IMM's target) stay in bf16."""
+    gradients (a frozen tokenizer's encoder or teacher, sampling under autocast) stay in bf16."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and needs_grad:
         with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the fp32 inputs back down

@@ -18,13 +18,22 @@ class CheckpointError(SigmaError):
 # work begins (`release_notes`, e.g. when training starts) or it ends well, and dropped if it fails first, so a bad
 # input still shows one `error:` line alone; called from Python, they print at once.
 _held: list[str] | None = None
+_printed: set[str] = set()  # for `once`: what this process has shown (a dropped note was not shown)
 
 
-def say(message: str) -> None:
+def say(message: str, once: bool = False) -> None:
+    """`once`: not again in this process once shown (e.g. a data folder's warnings: each split loads it)."""
+    if once and message in _printed:
+        return
     if _held is None:
-        print(message, file=sys.stderr)
+        _show(message)
     elif message not in _held:
         _held.append(message)
+
+
+def _show(message: str) -> None:
+    _printed.add(message)
+    print(message, file=sys.stderr)
 
 
 def holding_notes() -> bool:
@@ -41,7 +50,7 @@ def release_notes() -> None:
     global _held
     held, _held = _held, None
     for message in held or ():
-        print(message, file=sys.stderr)
+        _show(message)
 
 
 def drop_notes() -> None:

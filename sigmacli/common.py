@@ -56,8 +56,9 @@ def command(fn):
         try:
             result = fn(*args, **kwargs)
         except (errors.SigmaError, OSError, KeyboardInterrupt) as e:
-            if outer:  # the error line alone: notes printed before a failure read as if they explained it
-                errors.drop_notes()
+            if not outer:
+                raise  # the outermost command reports it
+            errors.drop_notes()  # the error line alone: notes printed before a failure read as if they explained it
             report(e)
         except BaseException:
             if outer:

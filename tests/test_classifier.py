@@ -193,3 +193,7 @@ def test_a_folder_of_one_class_is_refused(cli, tmp_path):
     r = cli("train-classifier", *TINY, "--steps", "1", "--data", tmp_path / "one", "--out", tmp_path / "run")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "needs at least 2 classes" in lines[0], r.stderr
+    # the dropped note was not shown, so a later command in this process on the same folder still shows it
+    r = cli("train-tokenizer", "--image-size", "16", "--batch-size", "4", "--steps", "1", "--sample-every", "0",
+            "--data", tmp_path / "one", "--out", tmp_path / "tok")
+    assert r.exit_code == 0 and "note: only 5 images" in r.stderr, r.stderr

@@ -77,11 +77,15 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
 def test_compiled_training_matches_eager(runs, cli, tmp_path, monkeypatch):
     """--compile compiles the network and, in latent space, the frozen tokenizer's encoder: the same losses."""
     monkeypatch.setenv("SIGMA_COMPILE_BACKEND", "aot_eager")  # traces like inductor, without its C++ build
+    compiled_names, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_names.append(getattr(fn, "__name__", type(fn).__name__))
+                        or compile(fn, **kw))
     root, _ = runs
     eager, compiled = (last_json(cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "3", *flags,
                                      "--out", tmp_path / f"run{len(flags)}", "--json"))["final_loss"]
                        for flags in ((), ("--compile",)))
     assert compiled == pytest.approx(eager, rel=1e-4)
+    assert compiled_names == ["encode", "DiT"]  # the frozen encoder, then the network
 
 
 def test_resume_extends_a_run(runs, cli, tmp_path):

@@ -244,7 +244,7 @@ def test_attention_runs_in_fp32_under_cpu_bf16_autocast():
     assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16())
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
-    # without a backward to come (the frozen tokenizer, IMM's target) it stays bf16: that forward is 2x faster
+    # without a backward to come (a frozen tokenizer or teacher) it stays bf16: that forward is 2x faster
     q, k, v = (t.detach() for t in (q, k, v))
     with torch.autocast("cpu", torch.bfloat16):
         fast = sdpa(q, k, v)
@@ -311,3 +311,25 @@ def test_keep_every_leaves_loadable_snapshots(tmp_path):
     assert differ(weights[0], weights[1]) and differ(weights[1], final)  # three points of one run
     with pytest.raises(Exception, match="keep-every"):
         train(make_task(), config(keep_every=-1), tmp_path / "bad", quiet=True)
+
+
+def test_a_nested_command_failure_is_reported_once_without_the_held_notes(capsys):
+    """A command body that calls another command's function: the inner failure reaches the outer wrapper, which
+    prints the one error line and drops the notes held so far."""
+    import typer
+
+    from pipelines.errors import SigmaError, say
+    from sigmacli.common import command
+
+    @command
+    def inner():
+        raise SigmaError("inner failed")
+
+    @command
+    def outer():
+        say("note: something held")
+        inner()
+
+    with pytest.raises(typer.Exit):
+        outer()
+    assert capsys.readouterr().err.splitlines() == ["error: inner failed"]

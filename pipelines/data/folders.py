@@ -175,15 +175,11 @@ def _class_of(rel: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
-_said: set[str] = set()  # warnings already printed by this process (train and held-out splits load separately)
-
-
 def _say(message: str) -> None:
-    """Print a note or warning once per process, and only on the first process under torchrun (every rank reads
-    the same folder)."""
-    if message not in _said and int(os.environ.get("RANK", "0")) == 0:
-        _said.add(message)
-        say(message)
+    """Print a note or warning once per process (train and held-out splits load separately), and only on the
+    first process under torchrun (every rank reads the same folder)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        say(message, once=True)
 
 
 def _split(items: list, split: str) -> list:

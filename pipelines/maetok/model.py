@@ -181,6 +181,10 @@ class MAETok(ModelMixin, ConfigMixin):
             mean = mean + (0.5 * logvar).exp() * noise
         return mean, kl
 
+    # under torch.compile (`--compile`) a masked encoder pass runs eager: its length changes with every batch's mask
+    # ratio, and compiled for symbolic lengths it trained slower than eager (BENCHMARKS.md); the decoders compile
+    _masked_encode = torch.compiler.disable(encode)
+
     def _decode_tokens(self, z, from_latent, pos, stack):
         B = z.shape[0]
         queries = (self.mask_token + pos).expand(B, -1, -1)  # [B, N, D]
@@ -201,9 +205,7 @@ class MAETok(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, generator=None, with_hog: bool = False,
                 frozen_encoder: bool = False, with_features: bool = False, latent_noise: float = 0.0) -> MAETokOutput:
-        # under torch.compile (`--compile`) a masked encoder pass runs eager: its length changes with every batch's
-        # mask ratio, and compiled for symbolic lengths it ran slower than eager (BENCHMARKS.md); the decoders compile
-        encode = self.encode if keep is None else torch.compiler.disable(self.encode)
+        encode = self.encode if keep is None else self._masked_encode
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
             z, kl = encode(x, keep, generator, sample=self.training)
         if latent_noise > 0:
