@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints their message as one line and exits non-zero (no traceback)."""
+import os
 import sys
 
 
@@ -14,16 +15,17 @@ class CheckpointError(SigmaError):
     """A weight or run folder that cannot be loaded: wrong kind, mismatched shapes, corrupt file."""
 
 
-# Notes and warnings ("note: ...", "warning: ...") for stderr. Under the CLI they are held back until the command's
-# work begins (`release_notes`, e.g. when training starts) or it ends well, and dropped if it fails first, so a bad
-# input still shows one `error:` line alone; called from Python, they print at once.
+# Notes and warnings ("note: ...", "warning: ...") for stderr, from the first process only under torchrun (every rank
+# reads the same folder and options). Under the CLI they are held back until the command's work begins
+# (`release_notes`, e.g. when training starts) or it ends well, and dropped if it fails first, so a bad input still
+# shows one `error:` line alone; called from Python, they print at once.
 _held: list[str] | None = None
 _printed: set[str] = set()  # for `once`: what this process has shown (a dropped note was not shown)
 
 
 def say(message: str, once: bool = False) -> None:
     """`once`: not again in this process once shown (e.g. a data folder's warnings: each split loads it)."""
-    if once and message in _printed:
+    if (once and message in _printed) or int(os.environ.get("RANK", "0")) != 0:
         return
     if _held is None:
         _show(message)

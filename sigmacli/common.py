@@ -142,7 +142,7 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
     given = options_given(ctx)
     takes = RESUME_OPTIONS | (set() if "out" in given else set(folder_options))
     ignored = [flag for name, flag in given.items() if name not in takes]
-    if ignored and is_main_rank():  # a warning, not an error: re-running the run's own command plus --resume is
+    if ignored:  # a warning, not an error: re-running the run's own command plus --resume is
         # the natural way to continue it, but a changed value must not look as if it had been taken
         flags = [p.opts[0] for p in ctx.command.params if p.name in RESUME_OPTIONS - {"out", "resume", "as_json"}]
         say(f"note: --resume continues the run as it was configured; ignored: {', '.join(ignored)} "

@@ -175,13 +175,6 @@ def _class_of(rel: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
-def _say(message: str) -> None:
-    """Print a note or warning once per process (train and held-out splits load separately), and only on the
-    first process under torchrun (every rank reads the same folder)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        say(message, once=True)
-
-
 def _split(items: list, split: str) -> list:
     """Every 10th item is held out when there are at least 10; otherwise both splits use all of them (`_note_small`)."""
     if len(items) < 10:
@@ -192,13 +185,14 @@ def _split(items: list, split: str) -> list:
 
 def _note_small(count: int, what: str, root: Path) -> None:
     if count < 10:
-        _say(f"note: only {count} {what} in {root}: fewer than 10, so the held-out split is the training data")
+        # once: the training and held-out splits load the folder separately
+        say(f"note: only {count} {what} in {root}: fewer than 10, so the held-out split is the training data", once=True)
 
 
 def _warn_skipped(skipped: int, what: str, root: Path, split: str, count: int) -> None:
     """One line per split; a folder of fewer than 10 items has one split in effect, so one line in all."""
     if skipped:
-        _say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""))
+        say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""), once=True)
 
 
 def _build(name, root, arrays, labels, class_names, split) -> CachedDataset:
