@@ -8,7 +8,8 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
-                             command, emit, parse_grid, resume_device, resumed_train_config, run_to_resume, trained_or_shipped)
+                             command, emit, is_main_rank, parse_grid, resume_device, resumed_train_config, run_to_resume,
+                             trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
 
@@ -290,7 +291,7 @@ def train_imm(
                 raise SigmaError(f"the token grid {'x'.join(map(str, grid))} is not divisible by --cube {'x'.join(map(str, cube_t))}")
             model = make_dit(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
                         cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
-    if not resume and int(os.environ.get("RANK", "0")) == 0:  # the run folder is a diffusers pipeline folder from the start
+    if not resume and is_main_rank():  # the run folder is a diffusers pipeline folder from the start
         from checkpoints.io import checkpoint_dir
 
         if checkpoint_dir(out) is not None:
@@ -302,7 +303,7 @@ def train_imm(
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
         enc_dev = rank_device(dev)
         latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=uses_bf16(cfg.precision, dev),
-                                 show_progress=not as_json and int(os.environ.get("RANK", "0")) == 0)
+                                 show_progress=not as_json and is_main_rank())
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents,
                    compile_encoder=cfg.compile)
     result = train(task, cfg, out, resume=resume, quiet=as_json)

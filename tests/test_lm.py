@@ -55,6 +55,73 @@ def test_bias_update_balances_a_skewed_router():
     assert moe.bias[0] < moe.bias[1:].min()  # the overloaded expert's bias went down
 
 
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_moe_layer_is_the_deepseek_v3_formula(router):
+    """Token by token, from the notes: scores s = sigmoid(x R^T) (or softmax); the top-k of s + bias choose the
+    experts; the gates are the chosen *unbiased* scores, renormalised for sigmoid, times route_scale; the output
+    is the gated experts plus the shared experts."""
+    torch.manual_seed(0)
+    E, D, F, k, scale = 6, 8, 4, 2, 2.5
+    moe = MoE(D, E, F, top_k=k, shared=1, router=router, route_scale=scale).eval()
+    with torch.no_grad():
+        moe.w_out.normal_()  # zero at init: every expert would be silent
+        moe.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0]))  # expert 3 always chosen, its score unchanged
+    x = torch.randn(1, 7, D)
+    out = moe(x)[0]
+    for t in range(7):
+        xt = x[0, t]
+        logits = moe.router.weight @ xt
+        s = torch.sigmoid(logits) if router == "sigmoid" else torch.softmax(logits, -1)
+        chosen = torch.topk(s + moe.bias, k).indices
+        assert 3 in chosen.tolist()
+        g = s[chosen] / s[chosen].sum() if router == "sigmoid" else s[chosen]
+        want = moe.shared(xt)
+        for e, ge in zip(chosen.tolist(), (g * scale).tolist()):
+            h = xt @ moe.w_in[e]
+            want = want + ge * ((torch.nn.functional.silu(h[:F]) * h[F:]) @ moe.w_out[e])
+        assert torch.allclose(out[t], want, atol=1e-5, rtol=1e-5), t
+
+
+def test_sequence_balance_loss_is_eq_17_to_20():
+    """alpha * sum_e f_e P_e per sequence: f_e = E / (k T) * (tokens choosing e), P_e = mean over the
+    sequence of the scores normalised per token; averaged over sequences."""
+    torch.manual_seed(0)
+    E, k, T, alpha = 4, 2, 5, 0.3
+    moe = MoE(8, E, 4, top_k=k, shared=0, balance_loss=alpha)
+    scores = torch.rand(2, T, E)
+    choice = scores.topk(k, -1).indices
+    want = 0.0
+    for b in range(2):
+        f = [E / (k * T) * (choice[b] == e).sum().item() for e in range(E)]
+        p = [(scores[b, :, e] / scores[b].sum(-1)).mean().item() for e in range(E)]
+        want += alpha * sum(fe * pe for fe, pe in zip(f, p)) / 2
+    assert moe.sequence_balance_loss(scores, choice).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_rope_is_a_rotation_by_relative_position():
+    """apply_rope keeps norms, and <rope(q, m), rope(k, n)> depends on m - n only; so the LM (dense
+    attention, no cache) gives the same logits wherever the window starts."""
+    from pipelines.lm.model import rope_1d
+    from pipelines.nn.layers import apply_rope
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def at(x, pos):
+        cos, sin = rope_1d(torch.tensor([pos]), 16)
+        return apply_rope(x, cos, sin)
+
+    assert torch.allclose(at(q, 9).norm(), q.norm(), atol=1e-5)
+    dot = lambda m, n: (at(q, m) * at(k, n)).sum().item()  # noqa: E731
+    assert dot(7, 3) == pytest.approx(dot(14, 10), abs=1e-4) and dot(7, 3) != pytest.approx(dot(7, 4), abs=1e-3)
+    m = MoELM(**TINY).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        idx = torch.randint(0, 256, (2, 9))
+        assert torch.allclose(m(idx, start=0), m(idx, start=13), atol=1e-4)
+
+
 @pytest.mark.parametrize("attn", ["dense", "nsa", "mta", "dsa", "dsa-warmup"])
 def test_future_tokens_change_no_earlier_logit(attn):
     torch.manual_seed(0)
