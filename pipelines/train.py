@@ -103,6 +103,24 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    """The schedule's lr for every group, times the group's `lr_scale` (Muon's matrices run at a larger lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int):
+    """e <- d e + (1 - d) p after optimiser step `step` (0-based), with d = min(decay, (1 + step) / (10 + step)):
+    a short warm-up, so early EMA weights are not dominated by the random initialisation. Buffers (router
+    biases) are copied, not averaged."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
 def step_seed(seed: int, step: int) -> int:
     """A well-mixed 63-bit seed for (seed, step): every random draw of a step comes from it."""
     x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
@@ -353,8 +371,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         model.train()
         for step in range(start, cfg.steps):
             lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. Muon's matrices run at a larger lr
+            set_lr(optimizer, lr)
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
@@ -371,12 +388,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             if hasattr(task, "after_step"):  # e.g. the MoE router's aux-loss-free bias update
                 task.after_step(model, step)
             if ema is not None:
-                decay = min(cfg.ema, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for e, p in zip(ema.parameters(), model.parameters()):
-                        e.lerp_(p, 1 - decay)
-                    for e, b in zip(ema.buffers(), model.buffers()):  # buffers (router biases) are not averaged
-                        e.copy_(b)
+                update_ema(ema, model, cfg.ema, step)
             done = step + 1
             last = {"step": done, "loss": shared[0].item(), "lr": lr, **logs}
             if grad_norm is not None:

@@ -333,3 +333,93 @@ def test_a_nested_command_failure_is_reported_once_without_the_held_notes(capsys
     with pytest.raises(typer.Exit):
         outer()
     assert capsys.readouterr().err.splitlines() == ["error: inner failed"]
+
+
+def test_ema_update_warms_up_then_holds_the_decay_and_copies_buffers():
+    from pipelines.train import update_ema
+
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    model.register_buffer("bias_buf", torch.tensor([3.0]))
+    ema.register_buffer("bias_buf", torch.tensor([0.0]))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+    update_ema(ema, model, 0.999, step=0)  # d = 1 / 10: early weights follow the model
+    assert ema.weight[0, 0].item() == pytest.approx(0.9)
+    update_ema(ema, model, 0.999, step=10_000)  # d = the configured 0.999
+    assert ema.weight[0, 0].item() == pytest.approx(0.9 + 0.001 * 0.1)
+    assert ema.bias_buf.item() == 3.0  # copied, not averaged
+
+
+def test_lr_scale_multiplies_the_schedule_per_group():
+    from pipelines.train import set_lr
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 5.0}], lr=1.0)
+    set_lr(opt, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.05])
+
+
+def test_every_step_draws_from_its_own_seeded_generator(tmp_path):
+    """Step k's generator is seeded by (seed, k): different steps and seeds get different seeds, the same
+    (seed, step) the same one (which is what makes --resume exact)."""
+    draws = {}
+
+    def run(seed, name):
+        task = make_task()
+        real = task.loss
+
+        def recording(net, model, step, generator, *rest):
+            draws[(seed, name, step)] = generator.initial_seed()
+            return real(net, model, step, generator, *rest)
+
+        task.loss = recording
+        train(task, config(steps=3, seed=seed), tmp_path / name, quiet=True)
+
+    run(0, "a")
+    run(0, "b")
+    run(1, "c")
+    a = [draws[(0, "a", k)] for k in range(3)]
+    assert len(set(a)) == 3
+    assert a == [draws[(0, "b", k)] for k in range(3)]
+    assert all(x != y for x, y in zip(a, [draws[(1, "c", k)] for k in range(3)]))
+
+
+def test_a_failed_tensor_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    io.atomic_save_tensors({"x": torch.ones(4)}, path)
+
+    def dies_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 7)  # a torn write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_save_tensors({"x": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["x"], torch.ones(4))
+
+
+def test_killed_inside_the_checkpoint_swap_keeps_a_checkpoint(tmp_path, monkeypatch):
+    """Killed after the old checkpoint moved aside and before the new one is in place: checkpoint.old is whole."""
+    run = tmp_path / "run"
+    train(make_task(), config(steps=2), run, quiet=True)
+    before = (run / "checkpoint" / "model.safetensors").read_bytes()
+    real_replace = io.os.replace
+
+    def dies_on_the_folder_rename(src, dst):
+        if str(src).endswith(f".tmp{io.os.getpid()}") and io.Path(src).is_dir():
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", dies_on_the_folder_rename)
+    model = make_task().model
+    with pytest.raises(KeyboardInterrupt):
+        io.save_training_state(run, model_state=model.state_dict(), ema_state=None,
+                               optimizer=torch.optim.AdamW(model.parameters()), counters={"step": 99})
+    monkeypatch.undo()
+    found = io.checkpoint_dir(run)
+    assert found is not None and (found / "model.safetensors").read_bytes() == before
