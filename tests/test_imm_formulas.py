@@ -173,3 +173,15 @@ def test_the_second_time_embedding_reads_the_stride_or_s():
     with torch.no_grad():
         torch.testing.assert_close(stride(x, t, s, labels), by_s(x, t, t - s, labels))
         assert not torch.allclose(stride(x, t, s, labels), by_s(x, t, s, labels), atol=1e-4)
+
+
+def test_lognormal_time_sampler_is_the_truncated_normal_in_log_eta():
+    """log eta_t ~ N(P_mean = -1.1, P_std = 2) truncated to [log eta(eps), log eta(T)]: its median and quartiles."""
+    sched = IMMSchedule(time_sampler="lognormal")
+    _, _, t = sched.sample_times(50_000, torch.Generator().manual_seed(0))
+    log_eta = torch.log(t.double() / (1 - t.double()))
+    normal = torch.distributions.Normal(torch.tensor(-1.1, dtype=torch.float64), 2.0)
+    lo, hi = normal.cdf(torch.tensor(math.log(EPS / (1 - EPS)))), normal.cdf(torch.tensor(math.log(T / (1 - T))))
+    for q in (0.25, 0.5, 0.75):
+        want = normal.icdf(lo + q * (hi - lo)).item()
+        assert torch.quantile(log_eta, q).item() == pytest.approx(want, abs=0.03), q

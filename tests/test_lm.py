@@ -122,6 +122,29 @@ def test_rope_is_a_rotation_by_relative_position():
         assert torch.allclose(m(idx, start=0), m(idx, start=13), atol=1e-4)
 
 
+def test_training_steps_move_the_router_bias_and_inference_counts_no_load():
+    """The LM trainer's after_step applies gamma * sign(mean load - load) from the loads its training forwards
+    counted; forwards in eval mode (generation, validation) count nothing."""
+    from pipelines.lm.data import ByteCorpus
+    from pipelines.lm.trainer import LMStage, LMTask
+    from pipelines.train import TrainConfig
+
+    torch.manual_seed(0)
+    m = MoELM(**TINY, bias_update=0.01)
+    task = LMTask(m, ByteCorpus(None, 32), LMStage(), 4, None, TrainConfig(batch_size=4))
+    m.eval()
+    m(torch.randint(0, 256, (2, 16)))
+    assert all(layer.load.sum() == 0 for layer in m.moe_layers())
+    m.train()
+    task.loss(m, m, 0, torch.Generator().manual_seed(0), 0, 1)
+    loads = [layer.load.clone() for layer in m.moe_layers()]
+    assert all(load.sum() == 4 * 32 * TINY["top_k"] for load in loads)  # every token's k choices
+    task.after_step(m, 0)
+    for layer, load in zip(m.moe_layers(), loads):
+        torch.testing.assert_close(layer.bias, 0.01 * torch.sign(load.mean() - load))
+        assert layer.load.sum() == 0
+
+
 @pytest.mark.parametrize("attn", ["dense", "nsa", "mta", "dsa", "dsa-warmup"])
 def test_future_tokens_change_no_earlier_logit(attn):
     torch.manual_seed(0)

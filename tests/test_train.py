@@ -423,3 +423,15 @@ def test_killed_inside_the_checkpoint_swap_keeps_a_checkpoint(tmp_path, monkeypa
     monkeypatch.undo()
     found = io.checkpoint_dir(run)
     assert found is not None and (found / "model.safetensors").read_bytes() == before
+
+
+def test_the_saved_model_holds_the_ema_weights(tmp_path):
+    """The run folder's model (what sample / reconstruct load) is the EMA; the checkpoint keeps both."""
+    from safetensors.torch import load_file
+
+    train(make_task(), config(steps=3, ema=0.9), tmp_path / "run", quiet=True)
+    saved = io.load_model(tmp_path / "run", "tokenizer").state_dict()
+    ema = load_file(str(tmp_path / "run" / "checkpoint" / "ema.safetensors"))
+    raw = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)
