@@ -229,3 +229,39 @@ def test_triton_kernels_compile_for_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled 6" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 4)])
+def test_key_query_convolution_written_out(causal, kernel):
+    """out[i, j] = sum_{a, c} w[a, c] A[i + a - top, j + c - left] (zero outside), with the notes' placement:
+    causal top = c_q - 1 (a query and the c_q - 1 before it), else (c_q - 1) // 2; keys centred, left = (c_k - 1) // 2."""
+    from kernels.mta.reference import kq_conv
+
+    cq, ck = kernel
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(1, 1, 5, 6, generator=g, dtype=torch.float64), torch.randn(1, cq, ck, generator=g, dtype=torch.float64)
+    top, left = (cq - 1 if causal else (cq - 1) // 2), (ck - 1) // 2
+    want = torch.zeros_like(a)
+    for i in range(5):
+        for j in range(6):
+            for da in range(cq):
+                for dc in range(ck):
+                    ii, jj = i + da - top, j + dc - left
+                    if 0 <= ii < 5 and 0 <= jj < 6:
+                        want[0, 0, i, j] += w[0, da, dc] * a[0, 0, ii, jj]
+    torch.testing.assert_close(kq_conv(a, w, causal), want)
+
+
+def test_mta_layer_is_the_op_then_a_per_head_norm_and_gate():
+    """o = RMSnorm(P V) * g_h * sigmoid(W x)_h (x the depth scale when on), per head h."""
+    torch.manual_seed(0)
+    layer = MTA(16, 4, 8, causal=True, layer=3, kernel=(3, 5))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, (q, k, v) = torch.randn(1, 9, 16), (torch.randn(1, 4, 9, 8) for _ in range(3))
+    o = mta_reference(q, k, v, layer.kq_pre, layer.head_pre, layer.kq_post, layer.head_post, causal=True)
+    want = o / o.pow(2).mean(-1, keepdim=True).add(torch.finfo(o.dtype).eps).sqrt() * layer.norm[None, :, None]
+    want = want * torch.sigmoid(layer.gate(x)).transpose(1, 2)[..., None]
+    torch.testing.assert_close(layer(x, q, k, v), want, rtol=1e-4, atol=1e-5)

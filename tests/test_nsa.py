@@ -323,3 +323,66 @@ def test_dit_with_nsa_attention_trains_a_step():
     y = m(torch.randn(2, 64, 12), torch.rand(2), torch.rand(2) * 0.1, torch.tensor([0, 1]))
     y.square().mean().backward()
     assert all(p.grad is not None for p in m.blocks[0].ada.parameters())
+
+
+def test_selection_takes_the_highest_scoring_cubes_besides_the_forced_ones():
+    from kernels.nsa.reference import select_cubes
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1, 1, 6, 6, generator=g)
+    index = select_cubes(scores, 2, torch.eye(6, dtype=torch.bool))
+    for i in range(6):
+        others = [j for j in scores[0, 0, i].argsort(descending=True).tolist() if j != i][:2]
+        assert index[0, 0, i].tolist() == sorted([i, *others])
+    # end to end: one compressed key that every query prefers is selected by every query cube, on each path
+    inputs, _ = make_inputs(H=2, hkv=1, cube_grid=(2, 2, 2), block=8, K=8)
+    with torch.no_grad():
+        q, k_cmp = inputs[0], inputs[3]
+        k_cmp[0, 0, 5] = 8 * q[0].mean((0, 1)) / q[0].mean((0, 1)).norm()  # cube 5 dominates the compressed scores
+    for backend in ("reference", "cpu"):
+        _, index = nsa_3d(*inputs, block=8, top_n=1, forced=torch.eye(8, dtype=torch.bool), backend=backend,
+                          return_index=True)
+        assert (index == 5).any(-1).all(), backend
+
+
+def test_compressor_is_mean_pooling_plus_an_mlp_of_the_block():
+    """phi(block) = mean_j (x_j + pos_j) + fc2(gelu(fc1(flatten(x + pos)))): eq. 7 with a learned position."""
+    from kernels.nsa.module import Compressor
+
+    torch.manual_seed(0)
+    comp = Compressor(heads=2, head_dim=4, block=3)
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.normal_()  # pos and fc2 start at zero
+    x = torch.randn(1, 2, 6, 4)
+    out = comp(x)
+    for h in range(2):
+        for b in range(2):
+            blk = x[0, h, 3 * b : 3 * b + 3] + comp.pos[h]
+            want = blk.mean(0) + comp.fc2(F.gelu(comp.fc1(blk.flatten()), approximate="tanh"))
+            torch.testing.assert_close(out[0, h, b], want)
+
+
+def test_the_gate_layer_holds_the_compressed_gates_first():
+    """gate(x) = [compressed branch per head | selected branch per head (| window)]: with the compressed half
+    pushed to 0, NSA3D is pure selected attention; NSACausal likewise."""
+    torch.manual_seed(0)
+    H, K = 2, 8
+    layer = NSA3D(16, H, K, grid=(2, 4, 4), cube=(1, 2, 2), top_n=2)
+    with torch.no_grad():
+        layer.gate.bias[:H] = -60.0  # sigmoid -> 0: no compressed branch
+        layer.gate.bias[H:] = 2.0
+    x, (q, k, v) = torch.randn(1, 32, 16), (torch.randn(1, H, 32, K) for _ in range(3))
+    o = layer(x, q, k, v)
+    index = nsa_3d(q, k, v, layer.compress_k(k), layer.compress_v(v), torch.zeros(1, H, 32), torch.ones(1, H, 32),
+                   block=4, top_n=2, forced=layer.forced, backend="reference", return_index=True)[1]
+    selected, _ = attend(q, k, v, block_mask_from_index(index, 8, 4))
+    torch.testing.assert_close(o, torch.sigmoid(torch.tensor(2.0)) * selected, rtol=1e-4, atol=1e-5)
+    causal = NSACausal(16, H, H, K, block=4, top_n=3)
+    with torch.no_grad():
+        causal.gate.bias[:H] = -60.0
+        causal.gate.bias[H:] = 60.0
+    o = causal(x, q, k, v)
+    ref, _ = nsa_causal_reference(q, k, v, causal.compress_k(k), causal.compress_v(v), torch.zeros(1, H, 32),
+                                  torch.ones(1, H, 32), block=4, top_n=3)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5)
