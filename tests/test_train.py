@@ -435,3 +435,21 @@ def test_the_saved_model_holds_the_ema_weights(tmp_path):
     raw = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)
+
+
+def test_a_failed_text_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    import pathlib
+
+    path = tmp_path / "config.json"
+    io.atomic_write_text(path, '{"a": 1}')
+    real = pathlib.Path.write_text
+
+    def torn(self, text, *args, **kw):
+        real(self, text[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", torn)
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_write_text(path, '{"a": 2}')
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
