@@ -32,6 +32,8 @@ def read_safetensors_header(path: Path | str) -> dict:
     """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, "__metadata__"),
     validated against the file size. Raises CheckpointError for a truncated or corrupt file."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file '{path}' is missing" if not path.exists() else f"'{path}' is not a file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

@@ -4,7 +4,9 @@ import sys
 
 
 class SigmaError(Exception):
-    """Base class: bad input, bad data, bad checkpoint. The message is shown to the user as is."""
+    """Base class: bad input, bad data, bad checkpoint. The message is shown to the user as is, and the command
+    exits with `exit_code`."""
+    exit_code = 1
 
 
 class DataError(SigmaError):

@@ -83,7 +83,9 @@ class NonFiniteLoss(SigmaError):
 
 
 class Interrupted(SigmaError):
-    pass
+    """Ctrl-C during training: the step finished and the run was saved. Exit code 130, as for any Ctrl-C, so a
+    script tells it from a failure."""
+    exit_code = 130
 
 
 def resolve_device(name: str) -> torch.device:

@@ -48,12 +48,32 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
     return np.pad(grid, ((0, 0), (0, pad), (0, pad), (0, 0)), constant_values=PAD_VALUE)  # bottom/right border
 
 
-def _write_frames(frames: np.ndarray, path: Path, fps: int) -> Path:
-    """Write uint8 [T, H, W, 3] as PNG (T = 1) or looping GIF (T > 1); fixes the suffix to match; atomic."""
-    suffix = ".png" if len(frames) == 1 else ".gif"
+PICTURE_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def picture_path(path: str | os.PathLike, clips: bool) -> Path:
+    """Where a picture is written: PNG for images, GIF for clips. .png and .gif swap to match what is drawn (one
+    `--out samples.png` serves image and clip models); a name without a picture suffix gets the right one
+    appended (`grid` -> grid.png, `run.v2` -> run.v2.png); an existing folder, or another picture format's suffix
+    (x.jpg), raises ValueError with a one-line message (call it before the work, to fail early)."""
+    suffix = ".gif" if clips else ".png"
     path = Path(path)
-    if path.suffix.lower() != suffix:
-        path = path.with_suffix(suffix)
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder; give a file name for the picture, e.g. '{path / ('samples' + suffix)}'")
+    if path.suffix.lower() == suffix:
+        return path
+    if path.suffix.lower() in (".png", ".gif"):
+        return path.with_suffix(suffix)
+    if path.suffix.lower() in PICTURE_SUFFIXES:
+        kind = "clips are written as animated GIF" if clips else "images are written as PNG"
+        raise ValueError(f"'{path}': {kind}; name the file '{path.with_suffix(suffix)}'")
+    return path.with_name(path.name + suffix)
+
+
+def _write_frames(frames: np.ndarray, path: Path, fps: int) -> Path:
+    """Write uint8 [T, H, W, 3] as PNG (T = 1) or looping GIF (T > 1) at `picture_path`; atomic."""
+    suffix = ".png" if len(frames) == 1 else ".gif"
+    path = picture_path(path, len(frames) > 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     pictures = [Image.fromarray(f) for f in frames]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix + ".tmp")

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command, emit,
-                             resume_device, resumed_train_config, run_to_resume)
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command,
+                             emit, resume_device, resumed_train_config, run_to_resume, steps_done)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -76,7 +76,7 @@ def train_classifier(
     if result["rank"] == 0:
         result.update(evaluate_classifier(model.eval(), heldout, EVAL_SAMPLES, resolve_device(cfg.device)))
     emit(result, as_json, [
-        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4f}",
         f"held-out accuracy {100 * result.get('accuracy', float('nan')):.2f} % on {result.get('num')} "
         f"{heldout.name} samples; weights: {out}/",

@@ -75,8 +75,11 @@ def report(e: BaseException):
     """The one `error:` line (and exit code) for a SigmaError, an OSError or Ctrl-C."""
     if isinstance(e, KeyboardInterrupt):
         fail("interrupted", 130)
+    if isinstance(e, BrokenPipeError):  # `sigma info RUN | head`: the reader left; stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
+        raise typer.Exit(141)
     if not isinstance(e, OSError):  # a SigmaError: bad input, data, checkpoint
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, getattr(e, "exit_code", 1))
     # an --out that cannot be written (a file where a folder goes, no permission, disk full)
     path = _shown_path(e.filename) if isinstance(e.filename, (str, bytes)) else e.filename
     if e.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(path, Path):
@@ -150,6 +153,28 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
     return meta
 
 
+def output_picture(out: Path, clips: bool) -> Path:
+    """The picture file `out` names (PNG for images, GIF for clips; see pipelines.visual.picture_path), checked
+    before the work: a folder or another picture format's suffix is a one-line error."""
+    from pipelines.errors import SigmaError
+    from pipelines.visual import picture_path
+
+    try:
+        return picture_path(out, clips)
+    except ValueError as e:
+        raise SigmaError(f"--out {e}") from None
+
+
+def output_folder(folder: Path, option: str) -> Path:
+    """A folder to write into, checked before the work: neither it nor a parent may be a file."""
+    from pipelines.errors import SigmaError
+
+    in_the_way = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if in_the_way is not None:
+        raise SigmaError(f"{option} '{folder}': '{in_the_way}' is a file, where a folder is needed")
+    return folder
+
+
 def check_sizes(image_size: int | None, frames: int | None):
     """--image-size and --frames given as 0 or less (None: the default or the run's) are errors, not defaults."""
     from pipelines.errors import SigmaError
@@ -165,6 +190,12 @@ def check_precision(precision: str | None):
     from pipelines.train import check_precision as check
 
     check(precision)
+
+
+def steps_done(result: dict) -> str:
+    """'trained 30 steps', or after --resume 'trained steps 12-30 (resumed from step 11)': the work of this call."""
+    n, start = result["steps"], result.get("resumed_from") or 0
+    return f"trained {n} steps" if not start else f"trained steps {start + 1}-{n} (resumed from step {start})"
 
 
 def emit(result: dict, as_json: bool, lines: list[str]):

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
-                             command, emit, is_main_rank, parse_grid, resume_device, resumed_train_config, run_to_resume,
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
+                             check_precision, check_sizes, command, emit, is_main_rank, output_folder, output_picture,
+                             parse_grid, resume_device, resumed_train_config, run_to_resume, steps_done,
                              trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
@@ -311,7 +312,7 @@ def train_imm(
     result["objective"] = stage.objective
     result["latents_cached"] = stage.cache_latents
     emit(result, as_json, [
-        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4g}",
         f"weights: {out}/    samples: {result['pictures']}",
         f"sample: sigma sample --model {out}",
@@ -326,6 +327,10 @@ def load_pipeline(folder: Path, device):
     from pipelines.imm.scheduler import IMMScheduler
 
     model = load_model(folder, "imm", device)
+    if model.config.space == "latent" and not (folder / "tokenizer").is_dir():
+        if (folder.parent / "model_index.json").exists():
+            raise CheckpointError(f"'{folder}' is the transformer of an IMM run; pass the run folder '{folder.parent}'")
+        raise CheckpointError(f"'{folder}' has no tokenizer/ folder, which a latent-space IMM model needs")
     tok = load_model(folder / "tokenizer", "tokenizer", device) if model.config.space == "latent" else None
     sched_config = {k: v for k, v in read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config").items()
                     if not k.startswith("_")}
@@ -428,6 +433,10 @@ def sample(
         raise SigmaError("--num and --nrow must be at least 1")
     class_names = net.config.class_names or [str(i) for i in range(net.config.num_classes)]
     labels = parse_labels(class_label or [], class_names, num)
+    clips = net.config.frames > 1
+    out = output_picture(out or Path("samples.gif" if clips else "samples.png"), clips)
+    if save_individual is not None:
+        output_folder(save_individual, "--save-individual")
     if compile_:  # the transformer only: the sampler loop is a few Python steps
         from pipelines.train import compile_backend
 
@@ -435,8 +444,6 @@ def sample(
     start = time.perf_counter()
     x = generate(net, scheduler, labels, steps, torch.Generator().manual_seed(seed), tok, cfg, sampler)
     seconds = time.perf_counter() - start
-    clips = x.shape[2] > 1
-    out = out or Path("samples.gif" if clips else "samples.png")
     written = save_media(x, out, nrow=nrow)
     if save_individual is not None:
         write_each(x, save_individual)

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision,
-                             command, emit, resume_device, resumed_train_config, run_to_resume)
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
+                             check_precision, command, emit, resume_device, resumed_train_config, run_to_resume,
+                             steps_done)
 
 
 @app.command("train-lm")
@@ -137,7 +138,7 @@ def train_lm(
     active = result["parameters"] - (0 if cfgm.ffn == "dense" else cfgm.depth * (cfgm.experts - cfgm.top_k) * 3 * cfgm.width * cfgm.expert_hidden)
     result["active_parameters"] = active
     emit(result, as_json, [
-        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} tokens/s), "
+        f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} tokens/s), "
         f"validation {result.get('bits_per_byte', float('nan')):.3f} bits/byte",
         f"weights: {out}/    sample: {out}/samples.txt",
         f"generate: sigma generate --model {out} --prompt 'The '",

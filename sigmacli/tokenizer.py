@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt, check_precision, check_sizes,
-                             command, emit, resume_device, resumed_train_config, run_to_resume, trained_or_shipped)
+from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
+                             check_precision, check_sizes, command, emit, output_picture, resume_device,
+                             resumed_train_config, run_to_resume, steps_done, trained_or_shipped)
 
-DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, "
-                   "cifar100:PATH, mnist:PATH, fashion-mnist:PATH")]
+DATA_HELP = ("shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, cifar100:PATH, "
+             "mnist:PATH, fashion-mnist:PATH")
+DataOpt = Annotated[Optional[str], typer.Option("--data", help=DATA_HELP + " (default: shapes; moving-shapes with --frames above 1).")]
 
 
 @app.command("train-tokenizer")
@@ -142,7 +143,7 @@ def train_tokenizer(
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     emit(result, as_json, [
-        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
+        f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4f}",
         f"weights: {out}/    reconstructions: {result['pictures']}",
         f"evaluate: sigma reconstruct --model {out}",
@@ -153,7 +154,7 @@ def train_tokenizer(
 @command
 def reconstruct(
     model: Annotated[Path, typer.Option(help="A tokenizer folder (from sigma train-tokenizer).")] = Path("runs/tokenizer"),
-    data: DataOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help=DATA_HELP + " (default: the data the tokenizer was trained on).")] = None,
     num: Annotated[int, typer.Option(help="Held-out samples to evaluate (the first `--grid` are drawn).")] = 256,
     grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
     out: Annotated[Path, typer.Option(help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
@@ -179,6 +180,8 @@ def reconstruct(
     if data is None:
         data = read_json(model / RUN_META).get("data_spec", "shapes") if (model / RUN_META).exists() else "shapes"
     c = tokenizer.config
+    if grid:
+        out = output_picture(out, c.frames > 1)
     heldout = make_dataset(data, image_size=c.image_size, frames=c.frames, split="heldout", seed=seed)
     metrics, x, recon = evaluate_reconstruction(tokenizer, heldout, num, dev)
     written = None

@@ -39,6 +39,7 @@ def test_train_imm_pixels_with_nsa_trains_and_samples(cli, tmp_path):
     assert cfg["attn"] == "nsa" and cfg["attn_config"] == {"top_n": 1, "radius": [0, 0, 0]}
     s = last_json(cli("sample", "--model", tmp_path / "nsa", "--num", "4", "--out", tmp_path / "s.png", "--json"))
     assert Image.open(s["picture"]).size[0] > 16
+    assert last_json(cli("info", tmp_path / "nsa", "--json"))["parameters"] > 0  # built on the meta device
     r = cli("train-imm", "--space", "pixels", "--attn", "nsa", "--radius", "1x1", "--steps", "1", "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "--radius must look like" in r.stderr
 

@@ -52,6 +52,22 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
     assert not (snapshot / "checkpoint").exists() and (snapshot / "scheduler" / "scheduler_config.json").exists()
 
 
+def test_sample_checks_where_it_writes_before_the_work(runs, cli, tmp_path):
+    """--out: a folder or another picture format is one error line and nothing written; a name without a picture
+    suffix gets .png. --save-individual naming a file fails before the grid is written."""
+    root, _ = runs
+    args = ("sample", "--model", root / "imm", "--num", "2", "--steps", "1")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for extra, message in ((("--out", tmp_path / "folder"), "is a folder"),
+                           (("--out", tmp_path / "x.jpg"), "images are written as PNG"),
+                           (("--out", tmp_path / "g.png", "--save-individual", tmp_path / "a-file"), "is a file")):
+        r = cli(*args, *extra)
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"]
+    assert last_json(cli(*args, "--out", tmp_path / "grid.v2", "--json"))["picture"] == str(tmp_path / "grid.v2.png")
+
+
 def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     root, _ = runs
     args = ("sample", "--model", root / "imm", "--num", "6", "--steps", "2", "--json")
@@ -224,6 +240,7 @@ def test_bad_inputs_fail_with_one_line(runs, cli, tmp_path, monkeypatch):
         (("train-imm", "--tokenizer", root / "tok", "--midpoint", "0.97", "--steps", "1", "--out", tmp_path / "m"),
          "--midpoint must lie between eps 0.006 and the start 0.95"),
         (("sample", "--model", tmp_path / "nothing"), "does not exist"),
+        (("sample", "--model", root / "imm" / "transformer"), "is the transformer of an IMM run; pass the run folder"),
         (("train-imm", "--space", "pixels", "--image-size", "18", "--steps", "1", "--out", tmp_path / "x"), "not divisible"),
         (("train-imm", "--space", "pixels", "--cube", "1x3x3", "--steps", "1", "--out", tmp_path / "y"), "not divisible by --cube"),
         (("train-imm", "--tokenizer", root / "tok", "--batch-size", "6", "--steps", "1", "--out", tmp_path / "z"), "divisible"),

@@ -250,7 +250,7 @@ def test_ctrl_c_saves_then_resume_works(tmp_path):
         assert time.time() < deadline, "training did not start"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "interrupted at step" in err and "Traceback" not in err, err
+    assert proc.returncode == 130 and "interrupted at step" in err and "Traceback" not in err, err  # as for any Ctrl-C
     step = json.loads((out / "checkpoint" / "state.json").read_text())["counters"]["step"]
     assert step >= 10
     r = subprocess.run([*SIGMA, "train-tokenizer", "--out", str(out), "--resume", "--steps", str(step + 2), "--json"],

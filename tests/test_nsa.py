@@ -386,3 +386,12 @@ def test_the_gate_layer_holds_the_compressed_gates_first():
     ref, _ = nsa_causal_reference(q, k, v, causal.compress_k(k), causal.compress_v(v), torch.zeros(1, H, 32),
                                   torch.ones(1, H, 32), block=4, top_n=3)
     torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("radius", [(0, 0, 0), (0, 1, 1), (1, 2, 0)])
+def test_selection_size_from_the_grid_alone_and_on_the_meta_device(radius):
+    """NSA3D's S equals selection_size of its forced mask, and the layer builds on the meta device (sigma info)."""
+    layer = NSA3D(16, 2, 8, grid=(2, 8, 8), cube=(1, 2, 2), top_n=3, radius=radius)
+    assert layer.n_select == selection_size(3, layer.forced)
+    with torch.device("meta"):
+        assert NSA3D(16, 2, 8, grid=(2, 8, 8), cube=(1, 2, 2), top_n=3, radius=radius).n_select == layer.n_select

@@ -186,6 +186,9 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         io.load_model(tmp_path / "m", "tokenizer")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="weights file .* is missing"):
+        io.load_model(tmp_path / "m", "tokenizer")
     # mismatched shapes: a bigger model's config over these weights
     io.save_model(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / io.CONFIG).read_text())
@@ -453,3 +456,14 @@ def test_a_failed_text_write_leaves_the_previous_file_whole(tmp_path, monkeypatc
         io.atomic_write_text(path, '{"a": 2}')
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`sigma info RUN | head -1`: the reader left; exit 141 (as shell tools do), no error line."""
+    import subprocess
+    import sys
+
+    code = ("import errno, typer\nfrom sigmacli.common import report\n"
+            "try:\n    report(BrokenPipeError(errno.EPIPE, 'Broken pipe'))\nexcept typer.Exit as e:\n    raise SystemExit(e.exit_code)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cube_neighbourhood, nsa_3d, nsa_causal, selection_size
+from . import cube_neighbourhood, nsa_3d, nsa_causal
 
 
 class Compressor(nn.Module):
@@ -46,7 +46,7 @@ class Compressor(nn.Module):
 
 
 class NSA3D(nn.Module):
-    """Non-causal NSA over a token grid stored cube-major (DESIGN.md). grid, cube: (t, h, w) in tokens.
+    """Non-causal NSA over a token grid stored cube-major (layers.cube_major_order). grid, cube: (t, h, w) in tokens.
 
     top_n KV cubes are chosen per query cube on top of the forced ones: the cube itself and its neighbours
     within `radius` cubes per axis (the window branch of the paper, made 3D). Gates: sigmoid(Linear(x))
@@ -63,7 +63,10 @@ class NSA3D(nn.Module):
         self.block, self.top_n, self.backend = math.prod(cube), top_n, backend
         cube_grid = tuple(g // c for g, c in zip(grid, cube))
         self.register_buffer("forced", cube_neighbourhood(cube_grid, tuple(radius)), persistent=False)
-        self.n_select = selection_size(top_n, self.forced)
+        # S from the grid alone (the largest neighbourhood is an inner cube's), not from the buffer: a model built
+        # on the meta device (`sigma info` counts parameters that way) has no values to read
+        largest_forced = math.prod(min(2 * r + 1, n) for r, n in zip(radius, cube_grid))
+        self.n_select = min(math.prod(cube_grid), top_n + largest_forced)
         self.compress_k = Compressor(heads, head_dim, self.block, compress)
         self.compress_v = Compressor(heads, head_dim, self.block, compress)
         self.gate = nn.Linear(dim, 2 * heads)

@@ -6,7 +6,7 @@ The tokens live in a *space*:
   latent  the MAETok tokenizer's latents z [B, L, c], normalised per channel (or per token and channel) to std `data_std`
           (statistics in the config); positions: the grid spots the tokenizer gives its latents. Or (`latent_pca`
           = K > 0) the top K principal components of the flattened z: K / c tokens of width c
-  pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (DESIGN.md) so that sparse
+  pixels  tubelet patches of the clip [B, C, T, H, W], in cube-major order (layers.cube_major_order) so that sparse
           attention sees every cube as one contiguous block; positions: each patch's (t, h, w)
 Axis legend: B batch, N tokens, c token width, D model width.
 """

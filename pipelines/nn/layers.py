@@ -188,7 +188,7 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int, 
 
 def cube_major_order(grid: tuple[int, int, int], cube: tuple[int, int, int]) -> torch.Tensor:
     """[N] row-major token indices listed cube by cube: all tokens of cube 0 (in row-major order inside
-    the cube), then cube 1, ... Sparse attention then sees each cube as one contiguous block (DESIGN.md)."""
+    the cube), then cube 1, ... Sparse attention then sees each cube as one contiguous block."""
     (t, h, w), (ct, ch, cw) = grid, cube
     if t % ct or h % ch or w % cw:
         raise ValueError(f"token grid {t}x{h}x{w} is not divisible by the cube {ct}x{ch}x{cw}")
