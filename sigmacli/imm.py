@@ -283,7 +283,9 @@ def train_imm(
                             latent_mean=mean, latent_std=std, **common)
         else:
             tubelet = tubelet if tubelet is not None else (2 if frames > 1 and frames % 2 == 0 else 1)
-            if patch_size < 1 or tubelet < 1 or image_size % patch_size or frames % tubelet:
+            if patch_size < 1 or tubelet < 1:
+                raise SigmaError(f"--patch-size and --tubelet must be at least 1, not {patch_size} / {tubelet}")
+            if image_size % patch_size or frames % tubelet:
                 raise SigmaError(f"--image-size {image_size} / --frames {frames} are not divisible by the patch "
                                  f"{patch_size} / tubelet {tubelet}")
             grid = (frames // tubelet, image_size // patch_size, image_size // patch_size)

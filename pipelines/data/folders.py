@@ -186,6 +186,7 @@ def _split(items: list, split: str) -> list:
 def _note_small(count: int, what: str, root: Path) -> None:
     if count < 10:
         # once: the training and held-out splits load the folder separately
+        what = what.rstrip("s") if count == 1 else what  # "1 clip", "1 image"
         say(f"note: only {count} {what} in {root}: fewer than 10, so the held-out split is the training data", once=True)
 
 
