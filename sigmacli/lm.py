@@ -41,7 +41,7 @@ def train_lm(
     keep_every: KeepEveryOpt = None,
     sample_every: Annotated[int, typer.Option(help="Write samples.txt every N steps (0 = only at the end).")] = 500,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/lm, or runs/lm-dense).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     fsdp: FsdpOpt = False,
     compile_: CompileOpt = False,
     precision: PrecisionOpt = None,
