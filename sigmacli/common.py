@@ -83,7 +83,7 @@ def report(e: BaseException):
     # an --out that cannot be written (a file where a folder goes, no permission, disk full)
     path = _shown_path(e.filename) if isinstance(e.filename, (str, bytes)) else e.filename
     if e.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(path, Path):
-        in_the_way = next((p for p in (path, *path.parents) if os.path.isfile(p)), None)  # (isfile never raises)
+        in_the_way = file_in_the_way(path)
         if in_the_way is not None:
             fail(f"'{in_the_way}' is a file, where a folder is needed (a run folder or a folder of pictures)")
     fail(f"{e.strerror or type(e).__name__}" + (f": '{path}'" if path is not None else ""))
@@ -165,11 +165,16 @@ def output_picture(out: Path, clips: bool) -> Path:
         raise SigmaError(f"--out {e}") from None
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The folder itself or its nearest parent that is a file, if any (isfile never raises)."""
+    return next((p for p in (folder, *folder.parents) if os.path.isfile(p)), None)
+
+
 def output_folder(folder: Path, option: str) -> Path:
     """A folder to write into, checked before the work: neither it nor a parent may be a file."""
     from pipelines.errors import SigmaError
 
-    in_the_way = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    in_the_way = file_in_the_way(folder)
     if in_the_way is not None:
         raise SigmaError(f"{option} '{folder}': '{in_the_way}' is a file, where a folder is needed")
     return folder
