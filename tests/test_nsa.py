@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.nsa import cube_neighbourhood, nsa_3d, nsa_causal, selected_attention, selection_size
+from kernels.nsa import (compressed_attention, cube_neighbourhood, nsa_3d, nsa_causal, selected_attention,
+                         selection_size)
 from kernels.nsa import triton as nsa_triton
 from kernels.nsa.module import NSA3D, NSACausal
 from kernels.nsa.reference import attend, block_mask_from_index, expand_kv, nsa_causal_reference
@@ -54,6 +55,36 @@ def test_forward_and_all_gradients_match_reference(backend, dtype, tol):
     assert rel(o, o_ref) < tol
     for name, g, r in zip(["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc"], grads, g_ref):
         assert rel(g, r) < tol, name
+
+
+@pytest.mark.parametrize("block,cube_grid", [(32, (2, 1, 2)), (64, (1, 1, 3))])
+def test_triton_cubes_larger_than_a_tile_run_as_several_tiles(monkeypatch, block, cube_grid):
+    """A cube of more than MAX_TILE tokens runs as (block / tile)^2 tiles (on a GPU a 256-token cube in one
+    tile needs more shared memory than an H100 has): the same output, gradients and selection as the
+    reference. MAX_TILE lowered to 16 here so the interpreter stays fast."""
+    monkeypatch.setattr(nsa_triton, "MAX_TILE", 16)
+    inputs, do = make_inputs(H=2, hkv=1, cube_grid=cube_grid, block=block)
+    forced = cube_neighbourhood(cube_grid, (0, 0, 0))
+    ref_in = [x.detach().double().requires_grad_() for x in inputs]
+    o_ref, idx_ref, g_ref = run("reference", ref_in, do.double(), block=block, top_n=1, forced=forced)
+    o, idx, grads = run("triton", inputs, do, block=block, top_n=1, forced=forced)
+    assert torch.equal(idx, idx_ref) and rel(o, o_ref) < 1e-5
+    for name, g, r in zip(["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc"], grads, g_ref):
+        assert rel(g, r) < 1e-5, name
+    q, kc, vc = (x.detach() for x in (inputs[0], inputs[3], inputs[4]))
+    scores = compressed_attention(q, kc, vc, block, backend="triton")[2]  # summed over all the cube's query tiles
+    assert torch.allclose(scores, compressed_attention(q, kc, vc, block, backend="cpu")[2], atol=1e-5)
+    tiles, tile = nsa_triton.tile_index(idx, block, 16)
+    R = block // 16
+    assert tile == 16 and tiles.shape == (1, 1, idx.shape[2] * R, idx.shape[3] * R)
+    assert torch.equal(tiles[0, 0, R + 1, :R], idx[0, 0, 1, 0] * R + torch.arange(R))  # a tile of cube 1: cube 1's first pick
+
+
+def test_triton_tiles_halve_for_rows_over_256_bytes():
+    """fp32 at head dim 128 in 64-row tiles needs 198 KB of shared memory, over an A100's 163 KB (compile_check)."""
+    rows = lambda D, dtype: torch.empty(1, 1, 1, D, dtype=dtype)  # noqa: E731
+    assert nsa_triton.max_tile(rows(128, torch.float32)) == 32
+    assert nsa_triton.max_tile(rows(64, torch.float32)) == nsa_triton.max_tile(rows(128, torch.bfloat16)) == 64
 
 
 def test_gqa_heads_share_one_selection_and_match_reference():

@@ -132,25 +132,29 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, QBLOCKS, sm_scale,
 
 @triton.jit
 def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
-                   BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr):
-    """scores[b, h, i, j] = sum over the queries of block i of softmax(q kc^T)[j], from the saved lse."""
+                   BLOCK_Q: tl.constexpr, TILE_Q: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr):
+    """scores[b, h, i, j] = sum over the queries of block i of softmax(q kc^T)[j], from the saved lse; the block's
+    queries in tiles of TILE_Q rows (a whole cube of 256 tokens would not fit one tile's registers)."""
     i_qb, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // (H // HKV)
-    o_q = i_qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_d = tl.arange(0, D)
-    m_q = o_q < NQ
-    b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
-    b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
     p_kc = KC + (i_b * HKV + i_hkv).to(tl.int64) * NC * D
     p_out = SCORES + (i_bh.to(tl.int64) * tl.cdiv(NQ, BLOCK_Q) + i_qb) * NC
     for c0 in range(0, NC, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < NC
         b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_kc)) * sm_scale
-        b_p = tl.where(m_q[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-        tl.store(p_out + o_c, tl.sum(b_p, 0), mask=m_c)
+        b_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for q0 in range(0, BLOCK_Q, TILE_Q):
+            o_q = i_qb * BLOCK_Q + q0 + tl.arange(0, TILE_Q)
+            m_q = o_q < NQ
+            b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
+            b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_kc)) * sm_scale
+            b_p = tl.where(m_q[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+            b_sum += tl.sum(b_p, 0)
+        tl.store(p_out + o_c, b_sum, mask=m_c)
 
 
 # ---- causal 1D: per-token selection, one program per (token, kv head) ----------------------------------------
@@ -258,6 +262,7 @@ def _causal_bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, TOKENS, sm_
 
 
 # ---- host side ----------------------------------------------------------------------------------------------
+MAX_TILE = 64  # the most query or key rows of one tl.dot tile: larger cubes run as several tiles (tile_index)
 FILL_NAN = False  # tests set this: outputs start as NaN, so a tile a kernel forgets to write cannot pass
 
 
@@ -332,9 +337,15 @@ def sparse_bwd(do, q, k, v, o, lse, index, block_q: int, block_k: int):
     return dq, dk, dv
 
 
-def _tile(n: int) -> int:
-    """Tile for the compressed keys: the smallest power of two >= n, between 16 and 64."""
-    return max(16, min(64, triton.next_power_of_2(n)))
+def max_tile(q: torch.Tensor) -> int:
+    """The most query or key rows of one tile: MAX_TILE, halved for rows of more than 256 bytes (fp32 at head dim
+    128 needs 198 KB of shared memory at 64 rows, over an A100's 163 KB: `python -m kernels.compile_check`)."""
+    return MAX_TILE if q.shape[-1] * q.element_size() <= 256 else max(16, MAX_TILE // 2)
+
+
+def _tile(n: int, most: int) -> int:
+    """Tile for the compressed keys: the smallest power of two >= n, between 16 and `most`."""
+    return max(16, min(most, triton.next_power_of_2(n)))
 
 
 def dense_index(B: int, hkv: int, nqb: int, nk: int, tile: int, device) -> torch.Tensor:
@@ -345,31 +356,49 @@ def compressed_fwd(q, k_cmp, v_cmp, block: int):
     """o [B, H, N, D], lse [B, H, N] and scores [B, H, N // block, NB] (fp32) of the compressed branch."""
     B, H, N, D = q.shape
     hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
-    tile = _tile(nc)
-    o, lse = sparse_fwd(q, k_cmp, v_cmp, dense_index(B, hkv, triton.cdiv(N, 64), nc, tile, q.device), 64, tile)
+    most = max_tile(q)
+    tile = _tile(nc, most)
+    o, lse = sparse_fwd(q, k_cmp, v_cmp, dense_index(B, hkv, triton.cdiv(N, most), nc, tile, q.device), most, tile)
     _check(q, block)
     scores = torch.empty(B, H, N // block, nc, dtype=torch.float32, device=q.device)
     if FILL_NAN:
         scores.fill_(float("nan"))
     _scores_kernel[(N // block, B * H)](q.contiguous(), k_cmp.contiguous(), lse, scores, D**-0.5, N, nc, H, hkv,
-                                        BLOCK_Q=block, BLOCK_C=tile, D=D)
+                                        BLOCK_Q=block, TILE_Q=min(block, most), BLOCK_C=tile, D=D)
     return o, lse, scores
 
 
 def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
     B, H, N, D = q.shape
     hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
-    tile = _tile(nc)
-    index = dense_index(B, hkv, triton.cdiv(N, 64), nc, tile, q.device)
-    return sparse_bwd(do, q, k_cmp, v_cmp, o, lse, index, 64, tile)
+    most = max_tile(q)
+    tile = _tile(nc, most)
+    index = dense_index(B, hkv, triton.cdiv(N, most), nc, tile, q.device)
+    return sparse_bwd(do, q, k_cmp, v_cmp, o, lse, index, most, tile)
+
+
+def tile_index(index: torch.Tensor, block: int, most: int = MAX_TILE) -> tuple[torch.Tensor, int]:
+    """index [B, Hkv, NQB, S] over cubes of `block` tokens -> the same selection over tiles of at most `most`
+    tokens, [B, Hkv, NQB R, S R] with R = block / tile: each query tile of cube i attends to every tile of
+    the cubes i selected. (One tile per cube of 256 tokens needs 266 KB of shared memory in dK/dV, more than
+    an H100 has: `python -m kernels.compile_check`.)"""
+    tile = min(block, most)
+    R = block // tile
+    if R == 1:
+        return index, tile
+    B, hkv, nqb, S = index.shape
+    tiles = (index[..., None] * R + torch.arange(R, device=index.device, dtype=index.dtype)).reshape(B, hkv, nqb, S * R)
+    return tiles.repeat_interleave(R, dim=2), tile
 
 
 def selected_fwd(q, k, v, index, block: int):
-    return sparse_fwd(q, k, v, index, block, block)
+    index, tile = tile_index(index, block, max_tile(q))
+    return sparse_fwd(q, k, v, index, tile, tile)
 
 
 def selected_bwd(do, q, k, v, o, lse, index, block: int):
-    return sparse_bwd(do, q, k, v, o, lse, index, block, block)
+    index, tile = tile_index(index, block, max_tile(q))
+    return sparse_bwd(do, q, k, v, o, lse, index, tile, tile)
 
 
 def _group_rows(H: int, hkv: int) -> tuple[int, int]:
