@@ -31,7 +31,15 @@ import time
 # Shared memory one block may use (opt-in maximum), bytes: H100/H200 227 KB, A100 163 KB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 _DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.int32": "i32",
-           "torch.int64": "i64", "torch.bool": "i1", "torch.uint8": "u8"}
+           "torch.int64": "i64", "torch.bool": "u1", "torch.uint8": "u8"}
+
+
+def _spec(value) -> str:
+    """The specialisation Triton's JIT gives a runtime argument at launch: "D" for a tensor whose address, or an
+    int whose value, is divisible by 16 (the compiler then vectorises loads and pipelines accordingly; an int equal
+    to 1 becomes a constant, handled in compile_launch)."""
+    number = value.data_ptr() if hasattr(value, "data_ptr") else value
+    return "D" if number % 16 == 0 else ""
 
 
 # ---- step 1: record the launches -----------------------------------------------------------------------------
@@ -41,11 +49,11 @@ def _describe(fn, args, kwargs) -> dict:
     described = {}
     for name, value in values.items():
         if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
-            described[name] = {"tensor": _DTYPES[str(value.dtype)]}
+            described[name] = {"tensor": _DTYPES[str(value.dtype)], "spec": _spec(value)}
         elif isinstance(value, bool):
             described[name] = {"bool": value}
         elif isinstance(value, int):
-            described[name] = {"int": value}
+            described[name] = {"int": value, "spec": _spec(value)}
         elif isinstance(value, float):
             described[name] = {"float": value}
         elif value is None:
@@ -98,11 +106,12 @@ def _cases(quick: bool):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.bfloat16 if quick else torch.float16
     cases = [nsa3d(bf16, 8, 8, 64, (4, 4, 4), (2, 4, 4)), nsa3d(f32, 8, 2, 64, (4, 4, 4), (2, 4, 4)),
              causal(bf16, 8, 2, 64, 32, 256), causal(f32, 16, 1, 64, 32, 256),
-             multi_token(bf16, 8, 64, (6, 11), False), multi_token(f32, 8, 64, (6, 11), True)]
+             multi_token(bf16, 8, 64, (6, 11), False), multi_token(f32, 8, 64, (6, 11), True),
+             nsa3d(bf16, 8, 8, 64, (4, 8, 8), (2, 2, 2), top_n=2)]  # a cube of 256 tokens: tiles, not one tile
     if not quick:  # the other dtypes, head dims and cube sizes the toolkit's models and benchmarks launch
         cases += [nsa3d(f16, 8, 8, 64, (4, 4, 4), (2, 4, 4)), nsa3d(bf16, 4, 4, 32, (2, 4, 4), (2, 4, 4)),
                   nsa3d(bf16, 8, 8, 128, (4, 4, 4), (4, 4, 4)), nsa3d(bf16, 16, 16, 64, (1, 4, 4), (1, 8, 8)),
-                  nsa3d(bf16, 8, 8, 64, (4, 8, 8), (2, 2, 2), top_n=2), nsa3d(f32, 8, 8, 128, (4, 4, 8), (2, 2, 2), top_n=2),
+                  nsa3d(f32, 8, 8, 128, (4, 4, 8), (2, 2, 2), top_n=2),
                   causal(bf16, 8, 2, 64, 128, 512),
                   causal(bf16, 8, 8, 64, 16, 256), causal(bf16, 8, 2, 128, 64, 512), causal(f16, 4, 1, 32, 16, 128),
                   multi_token(f16, 8, 64, (6, 11), False), multi_token(bf16, 4, 128, (6, 11), True),
@@ -141,7 +150,7 @@ def _signature_key(launch: dict) -> dict:
     key = {}
     for name, a in launch["args"].items():
         runtime_int = "int" in a and name not in launch["constexprs"]
-        key[name] = _scalar_type(a["int"]) if runtime_int else a
+        key[name] = [_scalar_type(a["int"]) if a["int"] != 1 else 1, a.get("spec", "")] if runtime_int else a
     return key | {"options": launch["options"]}
 
 
@@ -154,30 +163,35 @@ def compile_launch(launch: dict, arch: int) -> dict:
     import importlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(launch["module"]), launch["name"])
     constexpr = {p.name for p in fn.params if p.is_constexpr}
-    signature, constants = {}, {}
-    for name in fn.arg_names:
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
         a = launch["args"][name]
         if name in constexpr:
             signature[name] = "constexpr"
             constants[name] = next(iter(a.values()))
         elif "tensor" in a:
             signature[name] = "*" + a["tensor"]
+        elif "int" in a and a["int"] == 1:  # the JIT passes a runtime 1 as a constant
+            signature[name] = "constexpr"
+            constants[name] = 1
         elif "int" in a:
             signature[name] = _scalar_type(a["int"])
         elif "float" in a:
             signature[name] = "fp32"
         elif "bool" in a:
-            signature[name] = "i1"
+            signature[name] = "u1"
         else:
             raise TypeError(f"{launch['name']}: a None for the non-constexpr argument {name}")
+        if a.get("spec") and signature[name] != "constexpr":
+            attrs[(i,)] = BaseBackend.parse_attr(a["spec"])
     options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "num_ctas")}
     start = time.perf_counter()
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options=options)
     meta = kernel.metadata
     n_regs, n_spills = _registers(kernel)
@@ -220,9 +234,12 @@ def compile_all(launches: list[dict], archs: list[int]) -> tuple[list[dict], lis
                 problems.append(f"sm_{arch} {launch['name']} ({launch['case']}): {type(e).__name__}: {first}")
                 continue
             results.append(r)
-            if r["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[80]):
+            if r["registers"] is None:
+                problems.append(f"sm_{arch} {r['kernel']} ({r['case']}): ptxas -v reported no registers")
+            limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+            if r["shared"] > limit:
                 problems.append(f"sm_{arch} {r['kernel']} ({r['case']}): {r['shared']} bytes of shared memory, "
-                                f"over the chip's {SHARED_LIMIT[arch]} per block")
+                                f"over the chip's {limit} per block")
     return results, problems
 
 
@@ -257,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: --compile needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
         with open(a.compile) as f:
             launches = json.load(f)
-        results, problems = compile_all(launches, archs)
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # Triton prints a failing ptxas's whole PTX to stdout
+            results, problems = compile_all(launches, archs)
         print(json.dumps({"results": results, "problems": problems}))
         return 0
     import tempfile

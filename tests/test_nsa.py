@@ -63,6 +63,21 @@ def test_triton_cubes_larger_than_a_tile_run_as_several_tiles(monkeypatch, block
     tile needs more shared memory than an H100 has): the same output, gradients and selection as the
     reference. MAX_TILE lowered to 16 here so the interpreter stays fast."""
     monkeypatch.setattr(nsa_triton, "MAX_TILE", 16)
+    rows = []  # every tile the kernels are launched with: none may be over MAX_TILE rows
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tiles = ("TILE_Q", "BLOCK_C") if "TILE_Q" in kwargs else ("BLOCK_Q", "BLOCK_K")  # scores: BLOCK_Q = the cube
+                rows.extend(kwargs[k] for k in tiles)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkv_kernel", "_scores_kernel"):
+        monkeypatch.setattr(nsa_triton, name, Spy(getattr(nsa_triton, name)))
     inputs, do = make_inputs(H=2, hkv=1, cube_grid=cube_grid, block=block)
     forced = cube_neighbourhood(cube_grid, (0, 0, 0))
     ref_in = [x.detach().double().requires_grad_() for x in inputs]
@@ -74,6 +89,7 @@ def test_triton_cubes_larger_than_a_tile_run_as_several_tiles(monkeypatch, block
     q, kc, vc = (x.detach() for x in (inputs[0], inputs[3], inputs[4]))
     scores = compressed_attention(q, kc, vc, block, backend="triton")[2]  # summed over all the cube's query tiles
     assert torch.allclose(scores, compressed_attention(q, kc, vc, block, backend="cpu")[2], atol=1e-5)
+    assert rows and max(rows) <= 16, sorted(set(rows))
     tiles, tile = nsa_triton.tile_index(idx, block, 16)
     R = block // 16
     assert tile == 16 and tiles.shape == (1, 1, idx.shape[2] * R, idx.shape[3] * R)

@@ -141,20 +141,19 @@ def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
     o_d = tl.arange(0, D)
     p_kc = KC + (i_b * HKV + i_hkv).to(tl.int64) * NC * D
     p_out = SCORES + (i_bh.to(tl.int64) * tl.cdiv(NQ, BLOCK_Q) + i_qb) * NC
-    for c0 in range(0, NC, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        m_c = o_c < NC
-        b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
-        b_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for q0 in range(0, BLOCK_Q, TILE_Q):
-            o_q = i_qb * BLOCK_Q + q0 + tl.arange(0, TILE_Q)
-            m_q = o_q < NQ
-            b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
-            b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+    for q0 in range(0, BLOCK_Q, TILE_Q):  # each query tile loaded once; its sums added to the earlier tiles'
+        o_q = i_qb * BLOCK_Q + q0 + tl.arange(0, TILE_Q)
+        m_q = o_q < NQ
+        b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
+        b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
+        for c0 in range(0, NC, BLOCK_C):
+            o_c = c0 + tl.arange(0, BLOCK_C)
+            m_c = o_c < NC
+            b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kc)) * sm_scale
             b_p = tl.where(m_q[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-            b_sum += tl.sum(b_p, 0)
-        tl.store(p_out + o_c, b_sum, mask=m_c)
+            b_sum = tl.sum(b_p, 0) + tl.load(p_out + o_c, mask=m_c & (q0 > 0), other=0.0)
+            tl.store(p_out + o_c, b_sum, mask=m_c)
 
 
 # ---- causal 1D: per-token selection, one program per (token, kv head) ----------------------------------------
@@ -380,7 +379,7 @@ def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
 def tile_index(index: torch.Tensor, block: int, most: int = MAX_TILE) -> tuple[torch.Tensor, int]:
     """index [B, Hkv, NQB, S] over cubes of `block` tokens -> the same selection over tiles of at most `most`
     tokens, [B, Hkv, NQB R, S R] with R = block / tile: each query tile of cube i attends to every tile of
-    the cubes i selected. (One tile per cube of 256 tokens needs 266 KB of shared memory in dK/dV, more than
+    the cubes i selected. (One tile per cube of 256 tokens needs 397 KB of shared memory in dK/dV, more than
     an H100 has: `python -m kernels.compile_check`.)"""
     tile = min(block, most)
     R = block // tile
@@ -391,12 +390,19 @@ def tile_index(index: torch.Tensor, block: int, most: int = MAX_TILE) -> tuple[t
     return tiles.repeat_interleave(R, dim=2), tile
 
 
+def _whole_cubes(k: torch.Tensor, block: int):
+    if k.shape[2] % block:  # tile_index numbers the tiles of whole cubes
+        raise ValueError(f"{k.shape[2]} keys do not split into cubes of {block}")
+
+
 def selected_fwd(q, k, v, index, block: int):
+    _whole_cubes(k, block)
     index, tile = tile_index(index, block, max_tile(q))
     return sparse_fwd(q, k, v, index, tile, tile)
 
 
 def selected_bwd(do, q, k, v, o, lse, index, block: int):
+    _whole_cubes(k, block)
     index, tile = tile_index(index, block, max_tile(q))
     return sparse_bwd(do, q, k, v, o, lse, index, tile, tile)
 

@@ -24,7 +24,7 @@ step() {
     local name=$1 limit=$2 start=$SECONDS status
     shift 2
     echo "== $name ($(date -u +%T), limit ${limit} s)" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
     [ "$status" = 0 ] || failed=$((failed + 1))
@@ -35,7 +35,7 @@ step_json() {
     local name=$1 limit=$2 file=$3 start=$SECONDS status
     shift 3
     echo "== $name ($(date -u +%T), limit ${limit} s)" | tee -a "$log"
-    timeout "$limit" "$@" >>"$file" 2>>"$log"
+    timeout -k 10 "$limit" "$@" >>"$file" 2>>"$log"
     status=$?
     tail -c 2000 "$file" | tee -a "$log"
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
@@ -45,6 +45,7 @@ step_json() {
 step environment 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv &&
     python3 -c "import torch, triton, diffusers, typer; print(\"torch\", torch.__version__, \"triton\", triton.__version__,
     \"diffusers\", diffusers.__version__, \"typer\", typer.__version__, torch.cuda.get_device_name())"'
+[ "$failed" = 0 ] || { echo "== no GPU, or a package missing: nothing else can run" | tee -a "$log"; exit 1; }
 
 # compiled Triton kernels against the references (fp32 exact with IEEE dots), bf16 training smoke runs
 step gpu-suite 150 env SIGMA_TEST_GPU=1 TRITON_F32_DEFAULT=ieee python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
