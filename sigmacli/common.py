@@ -165,9 +165,22 @@ def output_picture(out: Path, clips: bool) -> Path:
         raise SigmaError(f"--out {e}") from None
 
 
+def as_created(folder: Path) -> Path:
+    """The path mkdir(parents=True) reaches: the longest existing prefix as the OS resolves it, the rest (folders
+    mkdir makes, so no symbolic links among them) normalised by name; `missing/../a-file` is `a-file`, which
+    looks free until `missing` exists."""
+    parts = folder.parts
+    for i in range(len(parts), 0, -1):
+        if os.path.exists(Path(*parts[:i])):
+            return Path(os.path.normpath(Path(os.path.realpath(Path(*parts[:i])), *parts[i:])))
+    return Path(os.path.normpath(folder))
+
+
 def file_in_the_way(folder: Path) -> Path | None:
-    """The folder itself or its nearest parent that is a file, if any (isfile never raises)."""
-    return next((p for p in (folder, *folder.parents) if os.path.isfile(p)), None)
+    """The folder itself or its nearest parent that is a file, if any, as named or as mkdir would reach it
+    (isfile never raises)."""
+    reached = as_created(folder)
+    return next((p for p in (folder, *folder.parents, reached, *reached.parents) if os.path.isfile(p)), None)
 
 
 def output_folder(folder: Path, option: str) -> Path:

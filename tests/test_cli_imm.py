@@ -61,7 +61,8 @@ def test_sample_checks_where_it_writes_before_the_work(runs, cli, tmp_path):
     (tmp_path / "a-file").write_text("x")
     for extra, message in ((("--out", tmp_path / "folder"), "is a folder"),
                            (("--out", tmp_path / "x.jpg"), "images are written as PNG"),
-                           (("--out", tmp_path / "g.png", "--save-individual", tmp_path / "a-file"), "is a file")):
+                           (("--out", tmp_path / "g.png", "--save-individual", tmp_path / "a-file"), "is a file"),
+                           (("--out", tmp_path / "g.png", "--save-individual", tmp_path / "new" / ".." / "a-file"), "is a file")):
         r = cli(*args, *extra)
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"]
