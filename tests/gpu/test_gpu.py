@@ -19,20 +19,27 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def nsa_inputs(B, H, hkv, D, block, cube_grid, dtype):
+    """nsa_3d's seven inputs on the GPU (q, k, v, compressed k and v, both gates), an output gradient, and the
+    inputs again in fp64 for the reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    nb = math.prod(cube_grid)
+    N = block * nb
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype).requires_grad_()  # noqa: E731
+    inputs = [r(B, H, N, D), r(B, hkv, N, D), r(B, hkv, N, D), r(B, hkv, nb, D), r(B, hkv, nb, D),
+              torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_(), torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_()]
+    do = torch.randn(B, H, N, D, device="cuda").to(dtype)
+    return inputs, do, [x.detach().double().requires_grad_() for x in inputs]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("hkv", [8, 2])
 def test_triton_nsa_matches_reference(dtype, tol, hkv):
     from kernels.nsa import cube_neighbourhood, nsa_3d
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, K, block, cube_grid = 2, 8, 64, 64, (2, 4, 4)
-    N, nb = math.prod(cube_grid) * block, math.prod(cube_grid)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype).requires_grad_()  # noqa: E731
-    inputs = [r(B, H, N, K), r(B, hkv, N, K), r(B, hkv, N, K), r(B, hkv, nb, K), r(B, hkv, nb, K),
-              torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_(), torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_()]
-    do = torch.randn(B, H, N, K, device="cuda").to(dtype)
+    block, cube_grid = 64, (2, 4, 4)
+    inputs, do, ref_in = nsa_inputs(2, 8, hkv, 64, block, cube_grid, dtype)
     forced = cube_neighbourhood(cube_grid, (0, 1, 1))
-    ref_in = [x.detach().double().requires_grad_() for x in inputs]
     o_ref, idx_ref = nsa_3d(*ref_in, block=block, top_n=4, forced=forced, backend="reference", return_index=True)
     o, idx = nsa_3d(*inputs, block=block, top_n=4, forced=forced, backend="triton", return_index=True)
     assert (idx == idx_ref).float().mean() > 0.98  # half precision may swap near-ties
@@ -49,16 +56,9 @@ def test_triton_nsa_cubes_over_one_tile_match_reference(dtype, D, cube, tol):
     (kernels/nsa/triton.py tile_index): in one tile they would need more shared memory than the chip has."""
     from kernels.nsa import cube_neighbourhood, nsa_3d
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, hkv, cube_grid = 1, 4, 2, (2, 2, 2)
-    block, nb = math.prod(cube), math.prod(cube_grid)
-    N = block * nb
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype).requires_grad_()  # noqa: E731
-    inputs = [r(B, H, N, D), r(B, hkv, N, D), r(B, hkv, N, D), r(B, hkv, nb, D), r(B, hkv, nb, D),
-              torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_(), torch.rand(B, H, N, device="cuda").to(dtype).requires_grad_()]
-    do = torch.randn(B, H, N, D, device="cuda").to(dtype)
+    block, cube_grid = math.prod(cube), (2, 2, 2)
+    inputs, do, ref_in = nsa_inputs(1, 4, 2, D, block, cube_grid, dtype)
     forced = cube_neighbourhood(cube_grid, (0, 0, 0))
-    ref_in = [x.detach().double().requires_grad_() for x in inputs]
     o_ref, idx_ref = nsa_3d(*ref_in, block=block, top_n=2, forced=forced, backend="reference", return_index=True)
     o, idx = nsa_3d(*inputs, block=block, top_n=2, forced=forced, backend="triton", return_index=True)
     grads = torch.autograd.grad(o, inputs, do)
