@@ -141,19 +141,22 @@ def _scores_kernel(Q, KC, LSE, SCORES, sm_scale, NQ, NC, H, HKV,
     o_d = tl.arange(0, D)
     p_kc = KC + (i_b * HKV + i_hkv).to(tl.int64) * NC * D
     p_out = SCORES + (i_bh.to(tl.int64) * tl.cdiv(NQ, BLOCK_Q) + i_qb) * NC
-    for q0 in range(0, BLOCK_Q, TILE_Q):  # each query tile loaded once; its sums added to the earlier tiles'
-        o_q = i_qb * BLOCK_Q + q0 + tl.arange(0, TILE_Q)
-        m_q = o_q < NQ
-        b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
-        b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
-        for c0 in range(0, NC, BLOCK_C):
-            o_c = c0 + tl.arange(0, BLOCK_C)
-            m_c = o_c < NC
-            b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
+    for c0 in range(0, NC, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < NC
+        b_kc = tl.load(p_kc + o_c[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0)
+        b_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # the sum stays in registers: adding to the stored sums of earlier query tiles instead would read what
+        # other threads of the program wrote, with no barrier between (a race on a GPU, invisible to the interpreter)
+        for q0 in range(0, BLOCK_Q, TILE_Q):
+            o_q = i_qb * BLOCK_Q + q0 + tl.arange(0, TILE_Q)
+            m_q = o_q < NQ
+            b_q = tl.load(Q + i_bh.to(tl.int64) * NQ * D + o_q[:, None] * D + o_d[None, :], mask=m_q[:, None], other=0.0)
+            b_lse = tl.load(LSE + i_bh.to(tl.int64) * NQ + o_q, mask=m_q, other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kc)) * sm_scale
             b_p = tl.where(m_q[:, None] & m_c[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-            b_sum = tl.sum(b_p, 0) + tl.load(p_out + o_c, mask=m_c & (q0 > 0), other=0.0)
-            tl.store(p_out + o_c, b_sum, mask=m_c)
+            b_sum += tl.sum(b_p, 0)
+        tl.store(p_out + o_c, b_sum, mask=m_c)
 
 
 # ---- causal 1D: per-token selection, one program per (token, kv head) ----------------------------------------
