@@ -260,7 +260,7 @@ def _subprocess(args: list[str], interpret: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default: 90 and 80)")
-    parser.add_argument("--quick", action="store_true", help="only the GPU suite's shapes, bf16 and fp32")
+    parser.add_argument("--quick", action="store_true", help="only the GPU suite's shapes and a 256-token cube, bf16 and fp32")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile", metavar="FILE", help=argparse.SUPPRESS)
