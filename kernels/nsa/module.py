@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cube_neighbourhood, nsa_3d, nsa_causal
+from . import cube_neighbourhood, nsa_3d, nsa_causal, selection_size
 
 
 class Compressor(nn.Module):
@@ -62,11 +62,12 @@ class NSA3D(nn.Module):
                              f"{'x'.join(map(str, cube))}; pick a cube whose sides divide the grid")
         self.block, self.top_n, self.backend = math.prod(cube), top_n, backend
         cube_grid = tuple(g // c for g, c in zip(grid, cube))
-        self.register_buffer("forced", cube_neighbourhood(cube_grid, tuple(radius)), persistent=False)
-        # S from the grid alone (the largest neighbourhood is an inner cube's), not from the buffer: a model built
-        # on the meta device (`sigma info` counts parameters that way) has no values to read
-        largest_forced = math.prod(min(2 * r + 1, n) for r, n in zip(radius, cube_grid))
-        self.n_select = min(math.prod(cube_grid), top_n + largest_forced)
+        # the mask is made on the CPU so that S can be read from it even when the layer is built on the meta device
+        # (`sigma info` counts parameters that way); the buffer then goes where the layer is built, as before
+        with torch.device("cpu"):
+            forced = cube_neighbourhood(cube_grid, tuple(radius))
+        self.n_select = selection_size(top_n, forced)
+        self.register_buffer("forced", forced.to(torch.empty(0).device), persistent=False)
         self.compress_k = Compressor(heads, head_dim, self.block, compress)
         self.compress_v = Compressor(heads, head_dim, self.block, compress)
         self.gate = nn.Linear(dim, 2 * heads)
