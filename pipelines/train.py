@@ -271,6 +271,8 @@ def check_train_config(cfg: TrainConfig):
         raise SigmaError(f"--sample-every must be >= 0 (0: only at the end), not {cfg.sample_every}")
     if not 0 <= cfg.ema < 1:
         raise SigmaError(f"--ema must be in [0, 1) (0: no EMA), not {cfg.ema}")
+    if cfg.log_every < 1:  # (no CLI option sets it; a script could, and `step % 0` is a ZeroDivisionError)
+        raise SigmaError(f"log_every must be at least 1, not {cfg.log_every}")
 
 
 def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, quiet: bool = False) -> dict:
