@@ -195,6 +195,10 @@ def load_training_state(run_dir: Path | str, model, ema, optimizer, weights: boo
     if ckpt is None:
         raise CheckpointError(f"no training checkpoint to resume in '{run_dir}'")
     meta = read_json(ckpt / "state.json", "training state")
+    if not (isinstance(meta.get("counters"), dict) and isinstance(meta["counters"].get("step"), int)
+            and isinstance(meta.get("param_groups"), list) and isinstance(meta.get("scalars"), dict)):
+        raise CheckpointError(f"training state '{ckpt / 'state.json'}' is incomplete (it needs counters.step, "
+                              "param_groups and scalars)")
     if weights:
         load_state_checked(model, ckpt / "model.safetensors")
     if weights and ema is not None:
@@ -202,10 +206,10 @@ def load_training_state(run_dir: Path | str, model, ema, optimizer, weights: boo
     read_safetensors_header(ckpt / "optimizer.safetensors")
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
     try:
+        for key, value in [*tensors.items(), *meta["scalars"].items()]:
+            idx, name = key.split(".", 1)  # "INDEX.NAME", as save_training_state writes them
+            state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"the optimiser state in '{ckpt}' does not fit this run ({e})") from None

@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from checkpoints import SHIPPED
-from checkpoints.io import atomic_save_tensors
-from checkpoints.meta import CONFIG, CheckpointError, RUN_META, WEIGHTS, expect_kind
+from checkpoints.io import atomic_save_tensors, load_model
+from checkpoints.meta import CONFIG, CheckpointError, RUN_META, WEIGHTS
 
 
 def _copy_model(src: Path, dst: Path, half: bool):
@@ -28,16 +28,26 @@ def _copy_model(src: Path, dst: Path, half: bool):
     atomic_save_tensors(tensors, dst / WEIGHTS)
 
 
-def _check_kind(folder: Path, kind: str):
+def _check_run(folder: Path, kind: str, files: tuple[str, ...]):
+    """One line, not a traceback, and before the shipped copy is removed: the run must be of `kind`, its weights
+    must load, and it must hold every file shipping copies."""
     try:
-        expect_kind(folder, kind)
-    except CheckpointError as err:  # one line, not a traceback, and before the shipped copy is removed
+        load_model(folder, kind)  # config and weights
+        if kind == "imm" and (folder / "tokenizer").exists():
+            load_model(folder / "tokenizer", "tokenizer")
+    except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
+    missing = [name for name in files if not (folder / name).exists()]
+    if missing:
+        raise SystemExit(f"error: '{folder}' has no {', '.join(missing)}: not a whole {kind} run to ship")
 
 
 def ship(imm: Path | None, classifier: Path | None):
     if imm is not None:
-        _check_kind(imm, "imm")
+        _check_run(imm, "imm", ("model_index.json", RUN_META, "scheduler/scheduler_config.json"))
+    if classifier is not None:
+        _check_run(classifier, "classifier", (RUN_META,))
+    if imm is not None:
         dst = SHIPPED["imm"]
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
@@ -48,7 +58,6 @@ def ship(imm: Path | None, classifier: Path | None):
         if (imm / "tokenizer").exists():
             _copy_model(imm / "tokenizer", dst / "tokenizer", half=False)
     if classifier is not None:
-        _check_kind(classifier, "classifier")
         dst = SHIPPED["classifier"]
         shutil.rmtree(dst, ignore_errors=True)
         _copy_model(classifier, dst, half=False)

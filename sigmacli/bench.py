@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, command, emit, parse_grid
+from sigmacli.common import DeviceOpt, JsonOpt, command, emit, output_picture, parse_grid
 
 
 @app.command("bench-attn")
@@ -70,12 +70,14 @@ def bench_attn(
     if "triton" in (mta_chosen or []) and not _mta_triton_shapes_ok(heads, head_dim):
         raise SigmaError("the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16")
     kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")
+    out = output_picture(out, clips=False)  # a folder or x.jpg fails here, not after the timings
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
                       compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
                       mta=mta, mta_kernel=kernel, mta_backends=mta_chosen, reference_max_tokens=reference_max_tokens)
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, disable=as_json) as bar:
+    with Progress(transient=True, disable=as_json, console=Console(stderr=True)) as bar:  # stdout: the results only
         task = bar.add_task("bench-attn", total=len(grids))
         result = run(cfg, on_grid=lambda g: bar.advance(task))
     rows = result["rows"]

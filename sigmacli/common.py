@@ -17,7 +17,16 @@ import typer
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object of the results on stdout.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, masks, sampling).")]
+
+
+def _seed(value: int) -> int:
+    """A seed torch can take (its generators hold 64 bits): a larger one is a usage error, not a traceback."""
+    if not -2**63 <= value < 2**64:
+        raise typer.BadParameter(f"{value} does not fit in 64 bits")
+    return value
+
+
+SeedOpt = Annotated[int, typer.Option("--seed", callback=_seed, help="Random seed (data order, masks, sampling).")]
 FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
 KeepEveryOpt = Annotated[Optional[int], typer.Option("--keep-every", help="Also keep the sampling weights every N steps as a loadable folder, OUT/snapshots/step-NNNNNNN, the step in 7 digits (a checkpoint is written at those steps too; --save-every keeps only the latest). Default 0 (off), or the run's own on --resume, where it may be changed.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]
@@ -60,7 +69,10 @@ def command(fn):
                 raise  # the outermost command reports it
             errors.drop_notes()  # the error line alone: notes printed before a failure read as if they explained it
             report(e)
-        except BaseException:
+        except BaseException as e:
+            if outer and out_of_memory(e):
+                errors.drop_notes()
+                fail(f"out of memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, --num or size")
             if outer:
                 errors.release_notes()
             raise
@@ -69,6 +81,13 @@ def command(fn):
         return result
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: numpy's (MemoryError) or torch's (on the CPU a RuntimeError from its allocator,
+    on CUDA torch.OutOfMemoryError, a RuntimeError too): sizes too large for the machine, not a bug."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "std::bad_alloc", "out of memory")))
 
 
 def report(e: BaseException):
@@ -91,6 +110,10 @@ def report(e: BaseException):
 
 # what --resume may change: how far and how the run goes on, never what it trains (the rest is the run's own)
 RESUME_OPTIONS = {"out", "resume", "steps", "keep_every", "precision", "device", "fsdp", "compile_", "cache_latents", "as_json"}
+# what a resume reads from the run's sigma.json besides its kind, per kind of run
+RESUME_NEEDS = {"tokenizer": ("train", "stage", "data_spec"), "lm": ("train", "stage", "data_spec"),
+                "imm": ("train", "stage", "schedule", "data_spec", "image_size", "frames"),
+                "classifier": ("train", "data_spec")}
 
 
 def options_given(ctx: typer.Context | None) -> dict[str, str]:
@@ -116,12 +139,23 @@ def resumed_train_config(meta: dict, steps: int | None, keep_every: int | None =
     extend it), --keep-every (to watch a long run from where it is) and --device (None: the run's)."""
     from pipelines.train import TrainConfig
 
-    cfg = TrainConfig(**meta["train"])
+    cfg = run_part(TrainConfig, meta, "train")
     cfg.steps = steps if steps is not None else cfg.steps
     cfg.keep_every = keep_every if keep_every is not None else cfg.keep_every
     cfg.device = device if device is not None else cfg.device
     cfg.sample_every = max(cfg.sample_every, 0)  # runs saved before a negative value was refused (it drew every step)
     return cfg
+
+
+def run_part(cls, meta: dict, key: str):
+    """cls(**meta[key]): a part of the sigma.json a --resume reads (training config, stage, schedule), or one line
+    if it is not a mapping of the fields this version knows."""
+    from pipelines.errors import CheckpointError
+
+    try:
+        return cls(**meta[key])
+    except TypeError as e:
+        raise CheckpointError(f"--resume: the run's sigma.json has a {key!r} this version cannot read ({e})") from None
 
 
 def resume_device(ctx: typer.Context | None, device: str) -> str | None:
@@ -141,7 +175,11 @@ def run_to_resume(out: Path, kind: str, ctx: typer.Context | None = None, folder
         raise SigmaError(f"--resume: '{out}' holds no run to continue")
     meta = read_json(out / RUN_META)
     if meta.get("kind") != kind:
-        raise SigmaError(f"--resume: '{out}' holds {a_or_an(str(meta.get('kind')))} run, not {a_or_an(kind)} run")
+        found = f"{a_or_an(str(meta['kind']))} run" if meta.get("kind") else "a sigma.json that names no kind of run"
+        raise SigmaError(f"--resume: '{out}' holds {found}, not {a_or_an(kind)} run")
+    missing = [key for key in RESUME_NEEDS[kind] if key not in meta]
+    if missing:
+        raise SigmaError(f"--resume: '{out / RUN_META}' lacks {', '.join(missing)}: the run cannot be continued")
     given = options_given(ctx)
     takes = RESUME_OPTIONS | (set() if "out" in given else set(folder_options))
     ignored = [flag for name, flag in given.items() if name not in takes]

@@ -9,7 +9,7 @@ import typer
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
                              check_precision, check_sizes, command, emit, is_main_rank, output_folder, output_picture,
-                             parse_grid, resume_device, resumed_train_config, run_to_resume, steps_done,
+                             parse_grid, resume_device, resumed_train_config, run_part, run_to_resume, steps_done,
                              trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
 
@@ -104,7 +104,7 @@ def train_imm(
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "imm", ctx, folder_options=("objective",))
         cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
-        stage, sched = IMMStage(**meta["stage"]), IMMSchedule(**meta["schedule"])
+        stage, sched = run_part(IMMStage, meta, "stage"), run_part(IMMSchedule, meta, "schedule")
         model = load_model(out, "imm")  # the architecture (and latent statistics) from transformer/config.json
         tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None
         data, image_size, frames = meta["data_spec"], meta["image_size"], meta["frames"]
@@ -263,7 +263,7 @@ def train_imm(
         if space == "latent":
             tc = tok.config
             grid = (tc.frames // tc.tubelet, tc.image_size // tc.patch_size, tc.image_size // tc.patch_size)
-            if stage.latent_pca:
+            if stage.latent_norm == "pca":  # (not stage.latent_pca: --pca-dims 0 must fail the check below)
                 k, size = stage.latent_pca, tc.num_latents * tc.latent_dim
                 if k < 1 or k % tc.latent_dim or k > min(size, stage.latent_stats_samples):
                     raise SigmaError(f"--pca-dims must be a multiple of the latent width {tc.latent_dim} in "

@@ -9,8 +9,8 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, command, emit, resume_device, resumed_train_config, run_to_resume,
-                             steps_done)
+                             check_precision, command, emit, resume_device, resumed_train_config, run_part,
+                             run_to_resume, steps_done)
 
 
 @app.command("train-lm")
@@ -67,7 +67,7 @@ def train_lm(
     if resume:
         meta = run_to_resume(out, "lm", ctx, folder_options=("ffn", "dense"))
         cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
-        stage = LMStage(**meta["stage"])
+        stage = run_part(LMStage, meta, "stage")
         model = load_model(out, "lm")
         data = meta["data_spec"]
     else:
@@ -219,6 +219,7 @@ def bench_moe(
 ):
     """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same
     active size: tokens/s, forward and forward + backward."""
+    from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
     from kernels.moe.bench import run_bench
     from pipelines.errors import SigmaError
     from pipelines.train import resolve_device
@@ -227,6 +228,10 @@ def bench_moe(
         raise SigmaError("sizes must be positive and --top-k at most --experts")
     if dtype not in ("fp32", "bf16"):
         raise SigmaError(f"--dtype must be fp32 or bf16, not {dtype!r}")
+    size = {"fp32": 4, "bf16": 2}[dtype]
+    if HAS_GROUPED_MM and not grouped_mm_fits(dim, hidden, size):  # the grouped path is what it measures
+        raise SigmaError(f"--dim and --hidden must be multiples of {16 // size} in {dtype} (torch._grouped_mm takes "
+                         f"rows of whole 16-byte units), not {dim} / {hidden}")
     r = run_bench(tokens, dim, experts, hidden, top_k, dtype, resolve_device(device).type, repeats)
     lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
              f"(max |grouped - reference| = {r['check_max_abs']:.1e})"]

@@ -9,7 +9,7 @@ import typer
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
                              check_precision, check_sizes, command, emit, output_picture, resume_device,
-                             resumed_train_config, run_to_resume, steps_done, trained_or_shipped)
+                             resumed_train_config, run_part, run_to_resume, steps_done, trained_or_shipped)
 
 DATA_HELP = ("shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, cifar100:PATH, "
              "mnist:PATH, fashion-mnist:PATH")
@@ -53,7 +53,7 @@ def train_tokenizer(
     check_precision(precision)
     import torch
 
-    from checkpoints.io import CONFIG, load_model, read_json
+    from checkpoints.io import CONFIG, load_model
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.maetok.model import MAETok
@@ -65,10 +65,9 @@ def train_tokenizer(
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "tokenizer", ctx, folder_options=("finetune_decoder",))
         cfg = resumed_train_config(meta, steps, keep_every, resume_device(ctx, device))
-        stage = TokenizerStage(**meta["stage"])
-        model_config = read_json(out / CONFIG)
-        data, image_size, frames = meta["data_spec"], model_config["image_size"], model_config["frames"]
-        model = MAETok.from_config(model_config)
+        stage = run_part(TokenizerStage, meta, "stage")
+        model = load_model(out, "tokenizer")  # its config checked, in one line (the weights come from the checkpoint)
+        data, image_size, frames = meta["data_spec"], model.config.image_size, model.config.frames
     else:
         check_sizes(image_size, frames)
         if preset not in TRAIN_PRESETS:

@@ -20,8 +20,18 @@ def test_bench_attn_checks_times_and_plots(cli, tmp_path):
     assert Image.open(res["plot"]).size[0] > 500
 
 
-def test_bench_attn_bad_inputs_fail_with_one_line(cli):
+def test_bench_attn_keeps_stdout_for_its_results(cli, tmp_path):
+    """Its progress bar goes to stderr, as the trainers' does: stdout holds the table alone (no blank line)."""
+    r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--repeats", "1",
+            "--backends", "cpu", "--out", tmp_path / "b.png")
+    assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("check against the reference"), r.stdout
+
+
+def test_bench_attn_bad_inputs_fail_with_one_line(cli, tmp_path):
+    small = ("--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--repeats", "1")
     for args, message in [(("--grid", "1x6x8", "--cube", "1x4x4"), "not divisible by the cube"),
+                          ((*small, "--out", tmp_path), "is a folder; give a file name"),  # the plot: checked first
+                          ((*small, "--out", tmp_path / "b.jpg"), "images are written as PNG"),
                           (("--grid", "8x8"), "must look like TxHxW"),
                           (("--dtype", "fp8"), "--dtype must be one of"),
                           (("--backends", "triton"), "not available on cpu"),
@@ -29,6 +39,7 @@ def test_bench_attn_bad_inputs_fail_with_one_line(cli):
                           (("--mta", "--mta-backends", "triton", "--heads", "6"), "power-of-two number of heads")]:
         r = cli("bench-attn", *args)
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_imm_pixels_with_nsa_trains_and_samples(cli, tmp_path):

@@ -1,5 +1,6 @@
 """`sigma train-imm`, `sigma sample`, `sigma eval` end to end at tiny sizes, and their bad inputs."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -300,8 +301,10 @@ def test_ship_refuses_a_wrong_folder_in_one_line_and_keeps_the_shipped_copy(runs
     shipped.mkdir()
     (shipped / "keep").write_text("x")
     monkeypatch.setitem(ship.SHIPPED, "imm", shipped)
+    partial = tmp_path / "partial"  # an IMM pipeline folder without the run's sigma.json: nothing to copy it from
+    shutil.copytree(root / "imm", partial, ignore=shutil.ignore_patterns("sigma.json"))
     for wrong, message in [(root / "tok", "holds a tokenizer model, but this needs an imm model"),
-                           (tmp_path / "missing", "does not exist")]:
+                           (tmp_path / "missing", "does not exist"), (partial, "has no sigma.json")]:
         with pytest.raises(SystemExit) as exit_:
             ship.ship(wrong, None)
         assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code)
@@ -339,6 +342,8 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     auto = last_json(cli(*common, "--out", tmp_path / "auto"))
     off = last_json(cli(*common, "--no-cache-latents", "--out", tmp_path / "off"))
     assert auto["latents_cached"] and not off["latents_cached"]
+    plain = cli(*common[:-1], "--out", tmp_path / "plain")  # the encoding bar goes to stderr: stdout holds the results
+    assert plain.exit_code == 0 and plain.stdout.splitlines()[0].startswith("trained 6 steps"), plain.stdout
     assert auto["final_loss"] == pytest.approx(off["final_loss"], rel=1e-5)
     short = ("train-imm", "--tokenizer", root / "tok", "--data", tmp_path / "pics", *TINY_DIT, "--json")
     assert not last_json(cli(*short, "--steps", "2", "--out", tmp_path / "r"))["latents_cached"]  # 16 samples < 2 passes
@@ -362,6 +367,7 @@ def test_principal_component_latent_space_trains_resumes_and_samples(runs, cli, 
     s = last_json(cli("sample", "--model", out, "--num", "2", "--out", tmp_path / "pca.png", "--json"))
     assert Path(s["picture"]).exists()
     for args, message in ((("--pca-dims", "40"), "--pca-dims must be a multiple of the latent width 16"),
+                          (("--pca-dims", "0"), "--pca-dims must be a multiple of the latent width 16"),  # not channel
                           (("--pca-whiten", "2"), "--pca-whiten must be in [0, 1]"),
                           (("--latent-norm", "zca"), "--latent-norm must be token, channel or pca")):
         r = cli("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "1", "--latent-norm", "pca", *args,

@@ -229,6 +229,15 @@ def test_bad_model_folders_are_one_line(cli, trained, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "holds a classifier model, but this needs a tokenizer model" in r.stderr
 
 
+def test_resume_of_a_run_with_a_broken_config_is_one_line(cli, trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "config.json").write_text("{}")  # valid JSON, but no tokenizer config
+    r = cli("train-tokenizer", "--out", run, "--resume", "--steps", "5")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "names no model class" in r.stderr, r.stderr
+
+
 def test_two_gloo_processes_through_torchrun(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sigmacli",

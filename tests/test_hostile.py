@@ -1,7 +1,10 @@
-"""Hostile input, property-based (hypothesis): random and mutated bytes reach the checkpoint loader, the image
-loader and the text loader; the only outcomes allowed are a clean load or our one-line error types."""
+"""Hostile input. Property-based (hypothesis): random and mutated bytes reach the checkpoint loader, the image
+loader and the text loader; the only outcomes allowed are a clean load or our one-line error types. Then the CLI
+given sizes the machine or a kernel cannot take, and run folders with parts missing: one `error:` line each."""
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -126,6 +129,32 @@ def test_random_bytes_as_images_are_skipped_and_counted(tmp_path, data, prefix):
     assert x.shape[1:] == (3, 1, 8, 8) and torch.isfinite(x).all()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_fifo_named_like_a_picture_is_skipped_not_read_forever(tmp_path, frames):
+    from pipelines.data import make_dataset
+
+    (tmp_path / "a" / "clip").mkdir(parents=True)
+    for i in range(2):
+        _good_png(tmp_path / "a" / "clip" / f"f{i}.png")
+    os.mkfifo(tmp_path / "a" / "pipe.png")  # (frames 2: as a picture of the clip folder a/; a GIF-named one alike)
+    os.mkfifo(tmp_path / "a" / "pipe.gif")
+
+    class Hung(BaseException):  # (not an Exception: the loader skips those as unreadable files)
+        pass
+
+    def hung(signum, frame):
+        raise Hung("reading the folder blocked on a FIFO")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        ds = make_dataset(str(tmp_path), image_size=8, frames=frames)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(ds) == (2 if frames == 1 else 1)  # the two pictures, or the clip; the FIFOs skipped and counted
+
+
 @FUZZ
 @given(data=st.binary(max_size=2000))
 def test_random_bytes_as_text(tmp_path, data):
@@ -147,3 +176,95 @@ def test_headers_past_the_end_and_huge_lengths(model_folder, tmp_path):
         path.write_bytes(bad)
         with pytest.raises(SigmaError, match="not a valid safetensors file"):
             read_safetensors_header(path)
+
+
+# ---- the CLI: sizes the machine or a kernel cannot take, and run folders with parts missing ------------------------
+def one_line(r, message, code=1):
+    lines = r.stderr.strip().splitlines()
+    return r.exit_code == code and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_out_of_memory_is_one_line_and_other_errors_still_raise(cli, tmp_path, monkeypatch):
+    """numpy's MemoryError and torch's failed CPU allocation (a RuntimeError) end as one line (an absurd --num or
+    --batch-size reaches them); any other RuntimeError is a bug and still raises."""
+    import pipelines.imm.sampling as sampling
+
+    for error in (MemoryError("Unable to allocate 14.9 GiB for an array with shape (100000000, 20) and data type "
+                              "uint64"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 102400000000 bytes. Error code 12"),
+                  RuntimeError("std::bad_alloc"), RuntimeError("a bug")):
+        def generate(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(sampling, "generate", generate)
+        r = cli("sample", "--num", "2", "--out", tmp_path / "s.png")
+        if str(error) == "a bug":
+            assert r.exception is error
+        else:
+            assert one_line(r, "out of memory"), r.stderr
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_seed_beyond_64_bits_is_a_usage_error(cli, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sigmacli.app import main
+
+    for seed in (2**64, -(2**63) - 1):
+        monkeypatch.setattr(sys, "argv", ["sigma", "sample", "--num", "1", "--seed", str(seed)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and "'--seed'" in lines[0] and "64 bits" in lines[0], lines
+    for seed in (2**64 - 1, -(2**63)):  # what torch takes still works
+        assert cli("sample", "--num", "1", "--seed", seed, "--out", tmp_path / "s.png").exit_code == 0
+
+
+TINY_LM = ["--depth", "1", "--context", "16", "--experts", "4", "--top-k", "2", "--steps", "1", "--batch-size", "2",
+           "--sample-every", "0"]
+
+
+def test_lm_widths_rope_or_grouped_mm_cannot_take(cli, tmp_path):
+    """Heads of odd size are one line (RoPE turns channel pairs); a width whose rows are not whole 16-byte units
+    trains on the sorted loop instead of failing inside torch._grouped_mm, with the same result."""
+    from kernels.moe import moe_ffn
+
+    r = cli("train-lm", *TINY_LM, "--width", "6", "--heads", "2", "--out", tmp_path / "odd")
+    assert one_line(r, "RoPE needs an even size"), r.stderr
+    for width, heads in ((2, 1), (6, 3)):
+        r = cli("train-lm", *TINY_LM, "--width", width, "--heads", heads, "--out", tmp_path / f"w{width}")
+        assert r.exit_code == 0, r.stderr
+    g = torch.Generator().manual_seed(0)
+    x, w_in, w_out = (torch.randn(8, 6, generator=g), torch.randn(3, 6, 10, generator=g),
+                      torch.randn(3, 5, 6, generator=g))
+    idx, gate = torch.randint(0, 3, (8, 2), generator=g), torch.rand(8, 2, generator=g)
+    torch.testing.assert_close(moe_ffn(x, w_in, w_out, idx, gate), moe_ffn(x, w_in, w_out, idx, gate, "reference"))
+    for args, message in ((("--dim", "6"), "must be multiples of 4 in fp32"),
+                          (("--hidden", "12", "--dtype", "bf16"), "must be multiples of 8 in bf16")):
+        r = cli("bench-moe", "--tokens", "16", "--repeats", "1", *args)
+        assert one_line(r, message), r.stderr
+
+
+def test_resume_of_a_run_whose_metadata_lacks_parts_is_one_line(cli, tmp_path):
+    run = tmp_path / "lm"
+    assert cli("train-lm", *TINY_LM, "--width", "16", "--heads", "2", "--out", run).exit_code == 0
+    meta = json.loads((run / "sigma.json").read_text())
+    for broken, message in (({}, "names no kind of run"),
+                            ({"kind": "lm", "step": 1}, "lacks train, stage, data_spec"),
+                            ({**meta, "train": {**meta["train"], "bogus": 1}},
+                             "has a 'train' this version cannot read"),
+                            ({**meta, "stage": [1]}, "has a 'stage' this version cannot read")):
+        (run / "sigma.json").write_text(json.dumps(broken))
+        r = cli("train-lm", "--out", run, "--resume", "--steps", "2")
+        assert one_line(r, message), (broken, r.stderr)
+    (run / "sigma.json").write_text(json.dumps(meta))
+    state = run / "checkpoint" / "state.json"
+    good = json.loads(state.read_text())
+    for broken in ({}, {**good, "counters": {}}, {**good, "scalars": None}):
+        state.write_text(json.dumps(broken))
+        r = cli("train-lm", "--out", run, "--resume", "--steps", "2")
+        assert one_line(r, "is incomplete"), (broken, r.stderr)
+    state.write_text(json.dumps({**good, "scalars": {"no-index": 1.0}}))
+    assert one_line(cli("train-lm", "--out", run, "--resume", "--steps", "2"), "does not fit this run")
+    state.write_text(json.dumps(good))
+    assert cli("train-lm", "--out", run, "--resume", "--steps", "2").exit_code == 0

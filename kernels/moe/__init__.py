@@ -8,8 +8,9 @@ backend: "grouped" (argsort by expert -> gather -> torch._grouped_mm for the two
 folded into the hidden activations (F wide, not D) -> index_add back; dropless), "sorted-loop" (the same dispatch with one matmul per expert: the
 fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
 expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
-every token), "auto" = grouped when this torch has it, else sorted-loop. index_add_ is sequential on the
-CPU, so every path is deterministic there (on CUDA it uses atomics: not bitwise reproducible).
+every token), "auto" = grouped when this torch has it and its rows are whole 16-byte units (grouped_mm_fits),
+else sorted-loop. index_add_ is sequential on the CPU, so every path is deterministic there (on CUDA it uses
+atomics: not bitwise reproducible).
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from .reference import expert_ffn, moe_reference, swiglu
 
 BACKENDS = ("auto", "grouped", "sorted-loop", "loop", "reference")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_fits(dim: int, hidden: int, element_size: int) -> bool:
+    """torch._grouped_mm reads rows of whole 16-byte units only: the width and the experts' hidden size, in bytes,
+    must be multiples of 16 (e.g. of 4 in fp32, of 8 in bf16)."""
+    return dim * element_size % 16 == 0 and hidden * element_size % 16 == 0
 
 
 def _grouped_mm(x, w, offs):
@@ -46,8 +53,9 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         raise ValueError(f"unknown MoE backend {backend!r} (have: {', '.join(BACKENDS)})")
     if backend == "reference":
         return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
-    if backend == "auto":
-        backend = "grouped" if HAS_GROUPED_MM else "sorted-loop"
+    if backend == "auto":  # (autocast leaves grouped_mm alone: it runs in x's dtype)
+        fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size())
+        backend = "grouped" if HAS_GROUPED_MM and fits else "sorted-loop"
     E = w_in.shape[0]
     if backend == "loop":
         out = torch.zeros_like(x)
@@ -69,4 +77,4 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # autocast may have made ys bf16
 
 
-__all__ = ["moe_ffn", "moe_reference", "dispatch", "BACKENDS", "HAS_GROUPED_MM"]
+__all__ = ["moe_ffn", "moe_reference", "dispatch", "grouped_mm_fits", "BACKENDS", "HAS_GROUPED_MM"]

@@ -82,11 +82,18 @@ def _square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def _open(path: Path) -> Image.Image:
+    """Image.open of a regular file only: reading a FIFO or device named like a picture would wait forever."""
+    if not os.path.isfile(path):  # (follows links: a dangling one fails here too)
+        raise OSError(f"'{path}' is not a regular file")
+    return Image.open(path)
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """One still picture (a GIF's first frame) -> uint8 [size, size, 3]. Raises on unreadable files."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.draft(None, (size, size))  # JPEG: decode at a reduced scale when the picture is much larger
             img.load()
             try:
@@ -100,7 +107,7 @@ def load_gif_frames(path: Path, size: int, frames: int) -> np.ndarray | None:
     """The first `frames` frames of an animated GIF -> uint8 [frames, size, size, 3]; None if it has fewer."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with _open(path) as img:
             if getattr(img, "n_frames", 1) < frames:
                 return None
             out = []

@@ -161,13 +161,16 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     deterministically (the VAE mean, no masking) and here under the training's autocast (`bf16`), so a
     cached latent is what a step would compute (up to rounding), without the encoder's ~25 % of a CPU
     training step (BENCHMARKS.md)."""
+    from rich.console import Console
     from rich.progress import track
 
     n = len(data)
     out = torch.empty(n, tokenizer.config.num_latents, tokenizer.config.latent_dim)
     starts = range(0, n, batch_size)
     if show_progress:
-        starts = track(starts, description="encoding the data set once", transient=True)
+        # on stderr, as the training bar: stdout holds the results only (a bar there leaves a blank line in a pipe)
+        starts = track(starts, description="encoding the data set once", transient=True,
+                       console=Console(stderr=True))
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for start in starts:
             x, _ = data.get_batch(torch.arange(start, min(n, start + batch_size)))

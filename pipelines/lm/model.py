@@ -103,6 +103,8 @@ class Attention(nn.Module):
             raise ValueError(f"attention kind {attn!r} is not available for the LM (have: {', '.join(LM_ATTN_KINDS)})")
         if dim % heads or heads % kv_heads:
             raise ValueError(f"width {dim} / {heads} heads / {kv_heads} kv heads do not divide")
+        if (dim // heads) % 2:  # RoPE turns pairs of channels
+            raise ValueError(f"width {dim} / {heads} heads: heads of odd size {dim // heads}; RoPE needs an even size")
         self.heads, self.kv_heads, self.head_dim, self.attn = heads, kv_heads, dim // heads, attn
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
