@@ -80,7 +80,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     sqrt_a = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
     middle = sqrt_a @ cov_b @ sqrt_a
     tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
+    fd = float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
+    return max(fd, 0.0)  # a squared distance: below 0 only by rounding (printed as -0.000 otherwise)
 
 
 def class_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -338,6 +338,7 @@ def test_steps_done_names_the_steps_of_this_call():
 
     assert steps_done({"steps": 30}) == "trained 30 steps"
     assert steps_done({"steps": 30, "resumed_from": 0}) == "trained 30 steps"
+    assert steps_done({"steps": 1}) == "trained 1 step"
     assert steps_done({"steps": 30, "resumed_from": 11}) == "trained steps 12-30 (resumed from step 11)"
 
 
