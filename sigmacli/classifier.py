@@ -9,7 +9,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command,
-                             emit, resume_device, resumed_train_config, run_to_resume, steps_done)
+                             emit, fresh_run_folder, resume_device, resumed_train_config, run_to_resume, steps_done)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -52,6 +52,7 @@ def train_classifier(
         model = ShapesClassifier.from_config(read_json(out / CONFIG))
         image_size = model.config.image_size
     else:
+        fresh_run_folder(out)
         cfg = TrainConfig(**DEFAULTS, seed=seed, device=device, save_every=250, sample_every=0)
         for name, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
             if value is not None:

@@ -231,6 +231,17 @@ def output_folder(folder: Path, option: str) -> Path:
     return folder
 
 
+def fresh_run_folder(out: Path):
+    """A new run's --out, checked before the set-up (a tokenizer to load, latent statistics): it must not hold a
+    run already (pipelines.train.train refuses it too, but only once everything is built)."""
+    from checkpoints.io import checkpoint_dir
+    from pipelines.errors import SigmaError
+
+    output_folder(out, "--out")
+    if checkpoint_dir(out) is not None:
+        raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+
+
 def check_sizes(image_size: int | None, frames: int | None):
     """--image-size and --frames given as 0 or less (None: the default or the run's) are errors, not defaults."""
     from pipelines.errors import SigmaError

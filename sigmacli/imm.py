@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, check_sizes, command, emit, is_main_rank, output_folder, output_picture,
+                             check_precision, check_sizes, command, emit, fresh_run_folder, is_main_rank, output_folder, output_picture,
                              parse_grid, resume_device, resumed_train_config, run_part, run_to_resume, steps_done,
                              trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
@@ -109,6 +109,7 @@ def train_imm(
         tok = load_model(out / "tokenizer", "tokenizer") if model.config.space == "latent" else None
         data, image_size, frames = meta["data_spec"], meta["image_size"], meta["frames"]
     else:
+        fresh_run_folder(out)
         check_sizes(image_size, frames)
         if preset not in TRAIN_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")
@@ -295,10 +296,6 @@ def train_imm(
             model = make_dit(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
                         cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
     if not resume and is_main_rank():  # the run folder is a diffusers pipeline folder from the start
-        from checkpoints.io import checkpoint_dir
-
-        if checkpoint_dir(out) is not None:
-            raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
         IMMPipeline(model, run_scheduler(sched, stage), tok).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision

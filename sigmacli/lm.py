@@ -9,7 +9,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, command, emit, resume_device, resumed_train_config, run_part,
+                             check_precision, command, emit, fresh_run_folder, resume_device, resumed_train_config, run_part,
                              run_to_resume, steps_done)
 
 
@@ -71,6 +71,7 @@ def train_lm(
         model = load_model(out, "lm")
         data = meta["data_spec"]
     else:
+        fresh_run_folder(out)
         if preset not in LM_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(LM_PRESETS)})")
         if ffn not in ("moe", "dense"):

@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, check_sizes, command, emit, output_picture, resume_device,
+                             check_precision, check_sizes, command, emit, fresh_run_folder, output_picture, resume_device,
                              resumed_train_config, run_part, run_to_resume, steps_done, trained_or_shipped)
 
 DATA_HELP = ("shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, cifar100:PATH, "
@@ -69,6 +69,7 @@ def train_tokenizer(
         model = load_model(out, "tokenizer")  # its config checked, in one line (the weights come from the checkpoint)
         data, image_size, frames = meta["data_spec"], model.config.image_size, model.config.frames
     else:
+        fresh_run_folder(out)
         check_sizes(image_size, frames)
         if preset not in TRAIN_PRESETS:
             raise SigmaError(f"unknown preset {preset!r} (have: {', '.join(TRAIN_PRESETS)})")

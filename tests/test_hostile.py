@@ -268,3 +268,16 @@ def test_resume_of_a_run_whose_metadata_lacks_parts_is_one_line(cli, tmp_path):
     assert one_line(cli("train-lm", "--out", run, "--resume", "--steps", "2"), "does not fit this run")
     state.write_text(json.dumps(good))
     assert cli("train-lm", "--out", run, "--resume", "--steps", "2").exit_code == 0
+
+
+def test_a_new_run_into_a_folder_holding_one_fails_before_the_set_up(cli, tmp_path):
+    """The check comes first: with a missing tokenizer or data folder as well, the error is about --out (the set-up
+    behind it, e.g. loading a tokenizer and its latent statistics, took seconds before the line came)."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.json").write_text("{}")
+    missing = str(tmp_path / "missing")
+    for args in (("train-imm", "--tokenizer", missing), ("train-tokenizer", "--data", missing),
+                 ("train-lm", "--data", missing), ("train-classifier", "--data", missing)):
+        r = cli(*args, "--steps", "1", "--out", run)
+        assert one_line(r, "already holds a run; pass --resume"), (args, r.stderr)
