@@ -313,7 +313,7 @@ def train_imm(
     emit(result, as_json, [
         f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4g}",
-        f"weights: {out}/    samples: {result['pictures']}",
+        f"weights: {out}/" + (f"    samples: {result['pictures']}" if result["pictures"] else ""),  # (none under FSDP)
         f"sample: sigma sample --model {out}",
     ])
 

@@ -145,7 +145,7 @@ def train_tokenizer(
     emit(result, as_json, [
         f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4f}",
-        f"weights: {out}/    reconstructions: {result['pictures']}",
+        f"weights: {out}/" + (f"    reconstructions: {result['pictures']}" if result["pictures"] else ""),  # (none under FSDP)
         f"evaluate: sigma reconstruct --model {out}",
     ])
 
