@@ -259,6 +259,12 @@ def compile_backend() -> str:
     return backend
 
 
+def check_new_run(run_dir: Path | str):
+    """A new run must not start in a folder that holds one (its checkpoint would be overwritten)."""
+    if checkpoint_dir(run_dir) is not None:
+        raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+
+
 def check_train_config(cfg: TrainConfig):
     """Values the optimiser or the EMA would otherwise take silently (or fail on with a traceback)."""
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -297,8 +303,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
     sharded = cfg.fsdp and ddp.enabled  # one process holds everything anyway: --fsdp alone changes nothing
     if resume and checkpoint_dir(run_dir) is None:
         raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
-    if not resume and checkpoint_dir(run_dir) is not None:
-        raise SigmaError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    if not resume:
+        check_new_run(run_dir)
     if sharded:
         if resume:  # whole weights into the whole model first; fully_shard then cuts them
             from checkpoints.io import load_state_checked

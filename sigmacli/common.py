@@ -233,13 +233,11 @@ def output_folder(folder: Path, option: str) -> Path:
 
 def fresh_run_folder(out: Path):
     """A new run's --out, checked before the set-up (a tokenizer to load, latent statistics): it must not hold a
-    run already (pipelines.train.train refuses it too, but only once everything is built)."""
-    from checkpoints.io import checkpoint_dir
-    from pipelines.errors import SigmaError
+    run already (pipelines.train.train checks it too, but only once everything is built)."""
+    from pipelines.train import check_new_run
 
     output_folder(out, "--out")
-    if checkpoint_dir(out) is not None:
-        raise SigmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    check_new_run(out)
 
 
 def check_sizes(image_size: int | None, frames: int | None):
