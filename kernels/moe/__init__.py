@@ -30,6 +30,8 @@ def grouped_mm_fits(dim: int, hidden: int, element_size: int) -> bool:
 
 
 def _grouped_mm(x, w, offs):
+    if not (w.is_contiguous() or w.transpose(-1, -2).is_contiguous()):  # grouped_mm takes row- or column-major
+        w = w.contiguous()  # experts only: a strided view (w[..., ::2], experts innermost) is copied
     y = torch._grouped_mm(x, w, offs=offs)
     if y.requires_grad:  # grouped_mm's backward rejects expanded (stride-0) gradients: make them dense
         y.register_hook(lambda g: g.contiguous())
@@ -56,6 +58,10 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     if backend == "auto":  # (autocast leaves grouped_mm alone: it runs in x's dtype)
         fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size())
         backend = "grouped" if HAS_GROUPED_MM and fits else "sorted-loop"
+    if backend == "grouped" and not grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size()):
+        raise ValueError(f"MoE backend 'grouped': width {x.shape[-1]} and expert hidden size {w_out.shape[1]} must be "
+                         f"multiples of {16 // x.element_size()} in {x.dtype} (torch._grouped_mm reads 16-byte "
+                         "units); use 'auto' or 'sorted-loop'")
     E = w_in.shape[0]
     if backend == "loop":
         out = torch.zeros_like(x)

@@ -95,6 +95,8 @@ def mta(q, k, v, kq_pre=None, head_pre=None, kq_post=None, head_post=None, causa
     if kq_pre is not None and kq_post is not None and kq_pre.shape != kq_post.shape:
         raise ValueError(f"MTA: the pre- and post-softmax kernels must have one shape, not {tuple(kq_pre.shape)} "
                          f"and {tuple(kq_post.shape)}")
+    if not all(t.is_floating_point() for t in (q, k, v)):  # (the fused kernel would round its fp32 result to ints)
+        raise ValueError(f"MTA: q, k and v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
     backend = resolve_backend(backend, q)
     if backend == "reference":
         return mta_reference(q, k, v, kq_pre, head_pre, kq_post, head_post, causal)

@@ -153,7 +153,7 @@ def mta_cpu(q, k, v, kq_pre=None, head_pre=None, kq_post=None, head_post=None, c
     """Same signature and result as reference.mta_reference, in query chunks of `chunk` rows."""
     B, H, S, K = q.shape
     if chunk is None:
-        chunk = max(16, min(S, CHUNK_BYTES // (4 * B * H * S)))
+        chunk = max(16, min(S, CHUNK_BYTES // max(1, 4 * B * H * S)))  # (max: an empty batch)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, kq_pre, head_pre, kq_post, head_post))
     out = []
     for t0 in range(0, S, chunk):

@@ -189,6 +189,17 @@ def selected_attention(q, k, v, index, block: int, backend: str = "auto"):
 
 
 # ---- NSA -------------------------------------------------------------------------------------------------------
+def _checked_inputs(q, k, v, k_cmp, v_cmp):
+    """q, k, v, k_cmp, v_cmp made contiguous, after checking they share one floating dtype: the kernels' matmuls
+    take no mixed or integer operands (the gates may differ: they are cast). Contiguous, because the custom ops'
+    fake implementations (what torch.compile plans with) give outputs q's layout, and not every backend would."""
+    tensors = (q, k, v, k_cmp, v_cmp)
+    if len({t.dtype for t in tensors}) > 1 or not q.is_floating_point():
+        raise ValueError(f"NSA: q, k, v, k_cmp and v_cmp must share one floating dtype, got "
+                         f"{', '.join(str(t.dtype).removeprefix('torch.') for t in tensors)}")
+    return tuple(t.contiguous() for t in tensors)
+
+
 def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, forced: torch.Tensor,
            backend: str = "auto", return_index: bool = False, n_select: int | None = None):
     """Non-causal NSA over cube-major tokens (one compressed token per cube). forced: [NB, NB] bool, the cubes
@@ -198,13 +209,17 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
     hkv = k.shape[1]
     if N % block:
         raise ValueError(f"{N} tokens do not split into blocks of {block}")
+    q, k, v, k_cmp, v_cmp = _checked_inputs(q, k, v, k_cmp, v_cmp)
+    if forced.shape != (N // block, N // block):
+        raise ValueError(f"NSA: {N} tokens make {N // block} cubes of {block}, but the forced cube mask is "
+                         f"{'x'.join(map(str, forced.shape))} (a layer built for another grid?)")
     backend = resolve_backend(backend, q.device, K, block)
     if backend == "reference":
         o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced.to(q.device))
         return (o, index) if return_index else o
     branch = ("triton" if q.is_cuda else "cpu") if backend == "flex" else backend
     o_cmp, _, scores = _compressed(q, k_cmp, v_cmp, block, branch)
-    scores = scores.view(B, hkv, H // hkv, N // block, -1).sum(2)  # a GQA group shares one selection
+    scores = scores.view(B, hkv, H // hkv, N // block, k_cmp.shape[2]).sum(2)  # a GQA group shares one selection
     index = select_cubes(scores, top_n, forced, n_select)
     if backend == "flex":
         from .flex import selected_flex
@@ -221,6 +236,7 @@ def nsa_causal(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, w
     """Causal 1D NSA for the LM (per-token selection shared within a GQA group). The selected branch runs the
     Triton kernel (backend triton, auto on CUDA) or the CPU path that gathers each token's selected blocks (no
     N x N tensor); the compressed branch (N x N / block scores, small) and the window run in PyTorch."""
+    q, k, v, k_cmp, v_cmp = _checked_inputs(q, k, v, k_cmp, v_cmp)
     backend = resolve_backend(backend, q.device, q.shape[-1], block)
     if backend == "reference":
         return nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, window, g_win, n_initial, n_local)[0]

@@ -83,7 +83,7 @@ def nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n: int
     if index is None:
         # importance of KV cube j for query cube i: compressed probabilities summed over the cube's queries
         # and over the heads of a GQA group, so the group shares one selection (notes: probabilities, not logits)
-        scores = p_cmp.view(B, H, nb, block, nb).sum(3).view(B, k.shape[1], -1, nb, nb).sum(2)
+        scores = p_cmp.view(B, H, nb, block, nb).sum(3).view(B, k.shape[1], H // k.shape[1], nb, nb).sum(2)
         index = select_cubes(scores, top_n, forced)
     mask = expand_kv(block_mask_from_index(index, nb, block), H)
     o_slc, _ = attend(q, expand_kv(k, H), expand_kv(v, H), mask)
