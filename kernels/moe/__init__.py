@@ -55,10 +55,10 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         raise ValueError(f"unknown MoE backend {backend!r} (have: {', '.join(BACKENDS)})")
     if backend == "reference":
         return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
-    if backend == "auto":  # (autocast leaves grouped_mm alone: it runs in x's dtype)
-        fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size())
+    fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size())  # (autocast leaves grouped_mm at x's dtype)
+    if backend == "auto":
         backend = "grouped" if HAS_GROUPED_MM and fits else "sorted-loop"
-    if backend == "grouped" and not grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size()):
+    if backend == "grouped" and not fits:
         raise ValueError(f"MoE backend 'grouped': width {x.shape[-1]} and expert hidden size {w_out.shape[1]} must be "
                          f"multiples of {16 // x.element_size()} in {x.dtype} (torch._grouped_mm reads 16-byte "
                          "units); use 'auto' or 'sorted-loop'")
