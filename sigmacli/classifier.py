@@ -39,7 +39,7 @@ def train_classifier(
     check_precision(precision)
     import torch
 
-    from checkpoints.io import CONFIG, read_json
+    from checkpoints.io import load_model
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.evaluation.classifier import ClassifierTask, ShapesClassifier, evaluate_classifier
@@ -49,7 +49,7 @@ def train_classifier(
         meta = run_to_resume(out, "classifier", ctx)
         cfg = resumed_train_config(meta, steps, device=resume_device(ctx, device))
         data = meta["data_spec"]
-        model = ShapesClassifier.from_config(read_json(out / CONFIG))
+        model = load_model(out, "classifier")  # its config checked, in one line, as the other trainers' resumes
         image_size = model.config.image_size
     else:
         fresh_run_folder(out)

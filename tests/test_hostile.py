@@ -281,3 +281,12 @@ def test_a_new_run_into_a_folder_holding_one_fails_before_the_set_up(cli, tmp_pa
                  ("train-lm", "--data", missing), ("train-classifier", "--data", missing)):
         r = cli(*args, "--steps", "1", "--out", run)
         assert one_line(r, "already holds a run; pass --resume"), (args, r.stderr)
+
+
+def test_classifier_resume_with_a_broken_config_is_one_line(cli, tmp_path):
+    """As the tokenizer's, LM's and IMM's resumes: the run's config.json is checked (it used to be read as
+    defaults, so an empty one resumed a default classifier)."""
+    run = tmp_path / "clf"
+    assert cli("train-classifier", "--steps", "1", "--batch-size", "8", "--out", run).exit_code == 0
+    (run / "config.json").write_text("{}")
+    assert one_line(cli("train-classifier", "--out", run, "--resume", "--steps", "2"), "names no model class")
