@@ -92,7 +92,8 @@ def train_imm(
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
     from pipelines.imm.trainer import (GROUPINGS, OBJECTIVES, OPTIMIZERS, TRAIN_PRESETS, IMMStage, IMMTask,
-                                       encode_dataset, latent_statistics, run_scheduler, should_cache_latents)
+                                       encode_dataset, latent_statistics, pipeline_defaults, run_scheduler,
+                                       should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
     from pipelines.train import TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16
 
@@ -296,7 +297,7 @@ def train_imm(
             model = make_dit(space="pixels", num_tokens=math.prod(grid), token_dim=3 * tubelet * patch_size**2, grid=grid,
                         cube=cube_t, patch_size=patch_size, tubelet=tubelet, **common)
     if not resume and is_main_rank():  # the run folder is a diffusers pipeline folder from the start
-        IMMPipeline(model, run_scheduler(sched, stage), tok).save_pretrained(out)
+        IMMPipeline(model, run_scheduler(sched, stage), tok, **pipeline_defaults(stage)).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
     latents = None
@@ -322,8 +323,10 @@ def train_imm(
 def load_pipeline(folder: Path, device):
     """(transformer, scheduler, tokenizer, run metadata) of an IMM run/pipeline folder, with one-line errors."""
     from checkpoints.io import RUN_META, load_model, read_json
+    from checkpoints.meta import PIPELINE_INDEX
     from pipelines.errors import CheckpointError
     from pipelines.imm.scheduler import IMMScheduler
+    from pipelines.imm.trainer import PIPELINE_DEFAULTS
 
     model = load_model(folder, "imm", device)
     if model.config.space == "latent" and not (folder / "tokenizer").is_dir():
@@ -337,7 +340,11 @@ def load_pipeline(folder: Path, device):
         scheduler = IMMScheduler(**sched_config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"'{folder}/scheduler' is not a valid IMM scheduler config ({e})") from None
-    meta = read_json(folder / RUN_META) if (folder / RUN_META).exists() else {}
+    if (folder / RUN_META).exists():
+        meta = read_json(folder / RUN_META)
+    else:  # a folder IMMPipeline.save_pretrained wrote: the run's sampling defaults are in its model_index.json
+        index = read_json(folder / PIPELINE_INDEX, "pipeline index") if (folder / PIPELINE_INDEX).exists() else {}
+        meta = {"stage": {field: index[key] for field, key in PIPELINE_DEFAULTS.items() if index.get(key) is not None}}
     return model, scheduler, tok, meta
 
 

@@ -46,6 +46,8 @@ def test_train_imm_writes_a_pipeline_folder(runs, cli):
     assert stage["midpoint"] == 0.6
     sched = json.loads((root / "imm" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["start_time"] == 0.95 and sched["midpoint"] == 0.6
+    index = json.loads((root / "imm" / "model_index.json").read_text())  # the sampling defaults, for diffusers users
+    assert (index["default_steps"], index["guidance_scale"], index["guidance_scale_one_step"]) == (2, 3.0, None)
     info = last_json(cli("info", root / "imm", "--json"))
     assert info["kind"] == "imm" and info["step"] == 3 and info["config"]["space"] == "latent"
     snapshot = root / "imm" / "snapshots" / "step-0000002"  # --keep-every 2: a pipeline folder of step 2
@@ -90,6 +92,20 @@ def test_sample_writes_a_grid_deterministically(runs, cli, tmp_path):
     assert st["times"] == pytest.approx([0.9, 0.6, 0.006])
     early = last_json(cli(*args, "--start-time", "0.5", "--out", tmp_path / "e.png"))  # before the run's midpoint:
     assert early["times"] == pytest.approx([0.5, 0.253, 0.006])  # uniform from there
+
+
+def test_a_pipeline_folder_without_sigma_json_samples_with_the_runs_defaults(runs, cli, tmp_path):
+    """IMMPipeline.save_pretrained writes no sigma.json: sigma sample reads the run's steps and guidance from
+    model_index.json, so the copy draws what the run draws."""
+    from pipelines.imm.pipeline import IMMPipeline
+
+    root, _ = runs
+    IMMPipeline.from_pretrained(root / "imm", low_cpu_mem_usage=False).save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "sigma.json").exists()
+    args = ("sample", "--num", "2", "--out", tmp_path / "x.png", "--json")
+    run, copy = (last_json(cli(*args, "--model", folder)) for folder in (root / "imm", tmp_path / "copy"))
+    assert (copy["steps"], copy["cfg"]) == (run["steps"], run["cfg"]) == (2, 3.0)
+    assert last_json(cli(*args, "--model", tmp_path / "copy", "--steps", "1"))["cfg"] == 3.0  # no 1-step value: --cfg
 
 
 def test_compiled_training_matches_eager(runs, cli, tmp_path, monkeypatch):

@@ -226,6 +226,29 @@ def test_pipeline_save_load_round_trip(tmp_path):
     assert pil[0].size == (16, 16)
 
 
+def test_pipeline_samples_with_its_saved_defaults(tmp_path):
+    """default_steps / guidance_scale / guidance_scale_one_step survive save/load and are what a call without
+    num_inference_steps or guidance_scale uses (the 1-step value only for single jumps); none saved: 1 step, no
+    guidance."""
+    from pipelines.imm.pipeline import IMMPipeline
+
+    torch.manual_seed(0)
+    model = tiny_dit().eval()
+    pipe = IMMPipeline(model, IMMScheduler(), None, default_steps=2, guidance_scale=2.5, guidance_scale_one_step=1.25)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = IMMPipeline.from_pretrained(tmp_path / "pipe", low_cpu_mem_usage=False)
+    assert (loaded.config.default_steps, loaded.default_guidance(2), loaded.default_guidance(1)) == (2, 2.5, 1.25)
+
+    def draw(p, **kw):
+        return p(class_labels=[0, 2], output_type="pt", generator=torch.Generator().manual_seed(5), **kw).images
+
+    assert torch.equal(draw(loaded), draw(pipe, num_inference_steps=2, guidance_scale=2.5))
+    assert not torch.equal(draw(loaded), draw(pipe, num_inference_steps=2, guidance_scale=1.0))
+    assert torch.equal(draw(loaded, num_inference_steps=1), draw(pipe, num_inference_steps=1, guidance_scale=1.25))
+    plain = IMMPipeline(model, IMMScheduler(), None)
+    assert torch.equal(draw(plain), draw(pipe, num_inference_steps=1, guidance_scale=1.0))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_imm_training_resumes_exactly(tmp_path, optimizer):
     """4 straight steps == a crash at step 3 (checkpoint at 2) + resume, with IMM's draws, EMA and latent-free pixels

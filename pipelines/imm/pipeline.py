@@ -18,19 +18,37 @@ class IMMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->tokenizer"
     _optional_components = ["tokenizer"]  # pixel space has none
 
-    def __init__(self, transformer, scheduler, tokenizer):  # tokenizer None in pixel space (no default: diffusers
-        # would treat a defaulted argument as optional and leave it out of save_pretrained)
+    def __init__(self, transformer, scheduler, tokenizer, default_steps: int | None = None,
+                 guidance_scale: float | None = None, guidance_scale_one_step: float | None = None):
+        # tokenizer: None in pixel space (no default: diffusers would treat a defaulted argument as optional and
+        # leave it out of save_pretrained). The three numbers are the run's sampling defaults (`sigma train-imm`
+        # saves its --sample-steps, --cfg and --cfg-one-step), kept in model_index.json, as diffusers keeps
+        # its own pipelines' settings; None: 1 step, no guidance.
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
+        self.register_to_config(default_steps=default_steps, guidance_scale=guidance_scale,
+                                guidance_scale_one_step=guidance_scale_one_step)
+
+    def default_guidance(self, steps: int) -> float:
+        """The run's guidance at `steps` sampling steps: its 1-step value for single jumps where it has one."""
+        one_step = self.config.guidance_scale_one_step if steps == 1 else None
+        if one_step is not None:
+            return one_step
+        return self.config.guidance_scale if self.config.guidance_scale is not None else 1.0
 
     @torch.no_grad()
-    def __call__(self, class_labels: list[int] | torch.Tensor | None = None, num_images: int = 1, num_inference_steps: int = 1,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None, sampler: str | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Generate; class_labels None = unconditional (the null class). output_type: "pil" (a list of PIL
-        images; for clips a list of frame lists), "np" ([B, H, W, C] or [B, T, H, W, C] in [0, 1]) or "pt"
-        ([B, C, T, H, W] in [-1, 1])."""
+    def __call__(self, class_labels: list[int] | torch.Tensor | None = None, num_images: int = 1,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
+                 return_dict: bool = True):
+        """Generate; class_labels None = unconditional (the null class). num_inference_steps and guidance_scale
+        default to the run's (`default_guidance`). output_type: "pil" (a list of PIL images; for clips a list of
+        frame lists), "np" ([B, H, W, C] or [B, T, H, W, C] in [0, 1]) or "pt" ([B, C, T, H, W] in [-1, 1])."""
         model = self.transformer
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_steps or 1
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance(num_inference_steps)
         if class_labels is None:
             labels = torch.full((num_images,), model.null_class, dtype=torch.long)
         else:

@@ -187,6 +187,15 @@ def run_scheduler(schedule: IMMSchedule, stage: IMMStage):
                                       stage.midpoint)
 
 
+# a run's sampling defaults: IMMStage field -> IMMPipeline's config key (kept in model_index.json, so a pipeline
+# folder without sigma.json, and diffusers users, sample as the run would)
+PIPELINE_DEFAULTS = {"sample_steps": "default_steps", "cfg_scale": "guidance_scale", "cfg_one_step": "guidance_scale_one_step"}
+
+
+def pipeline_defaults(stage: IMMStage) -> dict:
+    return {key: getattr(stage, field) for field, key in PIPELINE_DEFAULTS.items()}
+
+
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
     """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
     features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
