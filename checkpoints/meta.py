@@ -63,6 +63,8 @@ def read_safetensors_header(path: Path | str) -> dict:
 
 def read_json(path: Path | str, what: str = "file") -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read for ever
+        raise CheckpointError(f"{what} '{path}' is not a file")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

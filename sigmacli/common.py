@@ -198,9 +198,11 @@ def output_picture(out: Path, clips: bool) -> Path:
     from pipelines.visual import picture_path
 
     try:
-        return picture_path(out, clips)
+        path = picture_path(out, clips)
     except ValueError as e:
         raise SigmaError(f"--out {e}") from None
+    check_writable(path.parent, "--out")
+    return path
 
 
 def as_created(folder: Path) -> Path:
@@ -221,13 +223,27 @@ def file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in (folder, *folder.parents, reached, *reached.parents) if os.path.isfile(p)), None)
 
 
+def check_writable(folder: Path, option: str):
+    """The folder, or the nearest existing folder that mkdir would create it in, must let this user write: a
+    read-only place is one line before the work, not an error after it (root passes every permission check;
+    a read-only file system still fails it)."""
+    from pipelines.errors import SigmaError
+
+    reached = as_created(folder)
+    existing = next((p for p in (reached, *reached.parents) if os.path.exists(p)), None)
+    if existing is not None and os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise SigmaError(f"{option} '{folder}': cannot write into '{existing}' (no permission, or a read-only file system)")
+
+
 def output_folder(folder: Path, option: str) -> Path:
-    """A folder to write into, checked before the work: neither it nor a parent may be a file."""
+    """A folder to write into, checked before the work: neither it nor a parent may be a file, and it (or where
+    it would be made) must be writable."""
     from pipelines.errors import SigmaError
 
     in_the_way = file_in_the_way(folder)
     if in_the_way is not None:
         raise SigmaError(f"{option} '{folder}': '{in_the_way}' is a file, where a folder is needed")
+    check_writable(folder, option)
     return folder
 
 

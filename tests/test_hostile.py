@@ -290,3 +290,41 @@ def test_classifier_resume_with_a_broken_config_is_one_line(cli, tmp_path):
     assert cli("train-classifier", "--steps", "1", "--batch-size", "8", "--out", run).exit_code == 0
     (run / "config.json").write_text("{}")
     assert one_line(cli("train-classifier", "--out", run, "--resume", "--steps", "2"), "names no model class")
+
+
+def test_unwritable_output_places_fail_before_the_work(cli, tmp_path, monkeypatch):
+    """--out and --save-individual in a folder this user cannot write: one line, before any work or file. (Tests
+    run as root here, whom os.access never refuses, so the refusal is simulated for one folder.)"""
+    import sigmacli.common
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(sigmacli.common.os, "access", lambda p, mode: str(p) != str(locked) and real_access(p, mode))
+    for args in (("sample", "--num", "2", "--out", locked / "x.png"),
+                 ("sample", "--num", "2", "--out", tmp_path / "x.png", "--save-individual", locked / "new" / "each"),
+                 ("train-classifier", "--steps", "1", "--out", locked / "run"),
+                 ("bench-attn", "--out", locked / "plot.png")):
+        r = cli(*args)
+        assert r.exit_code == 1 and "cannot write into" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert list(locked.iterdir()) == [] and not (tmp_path / "x.png").exists()
+
+
+def test_a_fifo_named_config_json_is_refused_not_read(tmp_path):
+    """A FIFO where a model's config.json goes would block the read for ever: one error instead."""
+    import threading
+
+    (tmp_path / "m").mkdir()
+    fifo = tmp_path / "m" / "config.json"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock():  # should the loader read the FIFO after all, feed it after a while: the test fails, not hangs
+        if not done.wait(5):
+            with open(fifo, "w") as f:
+                f.write("{}")
+
+    threading.Thread(target=unblock, daemon=True).start()
+    with pytest.raises(SigmaError, match="is not a file"):
+        load_model(tmp_path / "m", "classifier")
+    done.set()
