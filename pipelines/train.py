@@ -160,9 +160,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                              betas=(cfg.beta1, cfg.beta2), fused=False)
 
 
-SIGINT_REPEAT_S = 1.0  # a second SIGINT sooner than this after the first is the same Ctrl-C (torchrun forwards it)
-
-
 class _Distributed:
     def __init__(self, device: torch.device):
         self.enabled = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -350,17 +347,14 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         if cfg.keep_every and step % cfg.keep_every == 0:
             keep_snapshot(run_dir, step)
 
-    # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once). Under torchrun one Ctrl-C
-    # arrives twice, from the terminal and forwarded by torchrun a moment later: a repeat within a second is the same.
-    stop = {"asked": False, "at": 0.0}
+    # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
+    stop = {"asked": False}
     previous_handler = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):
         if stop["asked"]:
-            if time.monotonic() - stop["at"] > SIGINT_REPEAT_S:
-                raise KeyboardInterrupt
-            return
-        stop["asked"], stop["at"] = True, time.monotonic()
+            raise KeyboardInterrupt
+        stop["asked"] = True
 
     signal.signal(signal.SIGINT, on_sigint)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -70,37 +70,6 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("repeat_window", [1.0, 0.0])
-def test_ctrl_c_twice_at_once_is_one_ctrl_c_and_later_stops_at_once(tmp_path, monkeypatch, repeat_window):
-    """Under torchrun one Ctrl-C reaches a worker twice (the terminal's, then torchrun's forwarded copy): the repeat
-    within SIGINT_REPEAT_S still finishes the step and saves. A second Ctrl-C after it stops at once, unsaved."""
-    import os
-    import signal
-
-    import pipelines.train
-    from pipelines.train import Interrupted
-
-    monkeypatch.setattr(pipelines.train, "SIGINT_REPEAT_S", repeat_window)
-    task = make_task()
-    real_loss = task.loss
-
-    def ctrl_c_twice_at_step_2(net, model, step, *rest):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # each handled on its own, before the next line runs
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(net, model, step, *rest)
-
-    task.loss = ctrl_c_twice_at_step_2
-    if repeat_window:
-        with pytest.raises(Interrupted, match="interrupted at step 3"):
-            train(task, config(), tmp_path / "run", quiet=True)
-        assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["counters"]["step"] == 3
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            train(task, config(), tmp_path / "run", quiet=True)
-        assert not (tmp_path / "run" / "checkpoint").exists()
-
-
 def test_resume_after_a_crash_drops_the_steps_logged_past_the_checkpoint(tmp_path):
     """A crash at step 4 (checkpoint at 2, steps 3-4 logged): --resume re-runs 3-4 and the log has each step once."""
     train(make_task(), config(), tmp_path / "straight", quiet=True)
