@@ -70,6 +70,27 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_second_ctrl_c_stops_at_once_unsaved(tmp_path):
+    """The first Ctrl-C asks for a save at the end of the step; a second one before that stops at once."""
+    import os
+    import signal
+
+    task = make_task()
+    real_loss = task.loss
+
+    def ctrl_c_twice_at_step_2(net, model, step, *rest):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # each handled on its own, before the next line runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(net, model, step, *rest)
+
+    task.loss = ctrl_c_twice_at_step_2
+    with pytest.raises(KeyboardInterrupt):
+        train(task, config(), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
+
+
 def test_resume_after_a_crash_drops_the_steps_logged_past_the_checkpoint(tmp_path):
     """A crash at step 4 (checkpoint at 2, steps 3-4 logged): --resume re-runs 3-4 and the log has each step once."""
     train(make_task(), config(), tmp_path / "straight", quiet=True)
