@@ -42,8 +42,8 @@ class TimeEmbedding(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+    def forward(self, t):  # the fp32 sinusoids in the weights' dtype (a half-precision model: fp16 / bf16)
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class DiT(ModelMixin, ConfigMixin):
@@ -183,7 +183,7 @@ class DiT(ModelMixin, ConfigMixin):
 
     def latents_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.latent_pca:
-            flat = (tokens.flatten(1).float() / self.config.data_std * self.z_std) @ self.z_basis + self.z_mean
+            flat = (tokens.flatten(1).float() / self.config.data_std * self.z_std) @ self.z_basis.float() + self.z_mean
             return flat.view(tokens.shape[0], *self.config.latent_shape)  # the discarded directions at their mean
         return tokens / self.config.data_std * self.z_std + self.z_mean
 

@@ -27,14 +27,14 @@ def sample_tokens(model, scheduler: IMMScheduler, labels: torch.Tensor, steps: i
     restart      x0 = f(x; t_i -> eps), re-noised to t_{i+1} with fresh noise (the last step keeps x0)
     euler        flow matching: x <- x - (t_i - t_{i+1}) sigma_d G(x, t_i, t_i)
     """
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     B = labels.shape[0]
-    labels = labels.to(device)
-    scheduler.set_timesteps(steps, device, sampler)
-    x = (scheduler.init_noise_sigma * torch.randn(B, *model.token_shape, generator=generator)).to(device)
+    labels = labels.to(param.device)
+    scheduler.set_timesteps(steps, param.device, sampler)
+    x = (scheduler.init_noise_sigma * torch.randn(B, *model.token_shape, generator=generator)).to(param.device, param.dtype)
     for t in scheduler.timesteps:
         t_b = t.expand(B).float()
-        s_b = torch.full((B,), scheduler.network_s(t), device=device)
+        s_b = torch.full((B,), scheduler.network_s(t), device=param.device)
         G = guided_output(model, scheduler.scale_model_input(x, t_b[:, None, None]), t_b, s_b, labels, cfg_scale)
         x = scheduler.step(G, t, x, generator=generator).prev_sample
     return x
@@ -43,8 +43,10 @@ def sample_tokens(model, scheduler: IMMScheduler, labels: torch.Tensor, steps: i
 @torch.no_grad()
 def decode_tokens(model, tokens: torch.Tensor, tokenizer=None) -> torch.Tensor:
     """Tokens -> pixels [B, C, T, H, W] in [-1, 1]: the tokenizer's decoder (latent space) or unpatchify (pixels)."""
-    if model.config.space == "latent":
-        return torch.cat([tokenizer.decode(model.latents_from_tokens(chunk)) for chunk in tokens.split(256)]).clamp(-1, 1)
+    if model.config.space == "latent":  # latents in the tokenizer's dtype (the statistics may be fp32 in a half model)
+        dtype = next(tokenizer.parameters()).dtype
+        return torch.cat([tokenizer.decode(model.latents_from_tokens(chunk).to(dtype))
+                          for chunk in tokens.split(256)]).clamp(-1, 1)
     return model.pixels_from_tokens(tokens).clamp(-1, 1)
 
 
