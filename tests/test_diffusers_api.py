@@ -32,3 +32,26 @@ def test_half_precision_latent_pipeline_samples(tmp_path):
     for pipe in (load().to(torch.float16), load(dtype=torch.bfloat16)):
         out = pipe(class_labels=[0, 2], output_type="pt", generator=seed()).images
         assert out.dtype == torch.float32 and (out - ref).abs().mean() < 0.05
+
+
+def test_step_refuses_timesteps_off_the_schedule_and_before_set_timesteps():
+    sched = IMMScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(1, 2, 2), 0.994, torch.zeros(1, 2, 2))
+    sched.set_timesteps(2)
+    x = torch.zeros(1, 2, 2)
+    sched.step(x, sched.timesteps[0].to(torch.bfloat16), x)  # a half-precision copy of a time is still that time
+    for t in (999, 0.3):  # a 0-1000 timestep, a time between two: the nearest time would repeat a step silently
+        with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+            sched.step(x, t, x)
+    for steps, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match="num_inference_steps"):
+            sched.set_timesteps(steps)
+
+
+def test_sampler_argument_is_for_that_call_only():
+    pipe = tiny_pipe()
+    kw = dict(class_labels=[0, 1], output_type="pt")
+    before = pipe(**kw, generator=seed()).images
+    pipe(**kw, sampler="restart", generator=seed())
+    assert torch.equal(pipe(**kw, generator=seed()).images, before) and pipe.scheduler.config.sampler == "pushforward"

@@ -2,6 +2,7 @@
 (flow-matching baseline) samplers. A step maps x_t to x_s from the network output G at (c_in x_t, t, s_net)."""
 from __future__ import annotations
 
+import operator
 from dataclasses import fields
 
 import torch
@@ -12,6 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from pipelines.imm.schedule import IMMSchedule
 
 SAMPLERS = ("pushforward", "restart", "euler")
+TIME_TOLERANCE = 5e-3  # how far a timestep given to step() may be from the schedule's (fp16/bf16 rounding of t)
 
 
 class IMMScheduler(SchedulerMixin, ConfigMixin):
@@ -46,11 +48,17 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, sampler: str | None = None):
         """Times t_0 > ... > t_n = eps, uniform in t from t_0 = `start_time` (default T; two steps: through
-        `midpoint` if configured and below the start)."""
-        if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
-            self.sampler = sampler
+        `midpoint` if configured and below the start). `sampler` is for these timesteps only; None: the config's."""
+        try:
+            num_inference_steps = operator.index(num_inference_steps)
+        except TypeError:
+            raise TypeError(f"num_inference_steps must be an int, not {num_inference_steps!r}") from None
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, not {num_inference_steps}")
+        sampler = self.config.sampler if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+        self.sampler = sampler
         self.num_inference_steps = num_inference_steps
         start, midpoint = self.config.start_time, self.config.midpoint
         if start is not None and midpoint is not None and midpoint >= start:  # a start moved before the midpoint
@@ -62,7 +70,13 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
         return self.schedule.c_in(torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device)) * sample
 
     def _index(self, timestep) -> int:
-        return int((self.times[:-1] - float(timestep)).abs().argmin())
+        if self.times is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step / network_s")
+        gaps = (self.times[:-1] - float(timestep)).abs()
+        i = int(gaps.argmin())
+        if gaps[i] > TIME_TOLERANCE:  # e.g. a 0-1000 timestep: the nearest time would silently repeat a step
+            raise ValueError(f"timestep {float(timestep):g} is not one of scheduler.timesteps {self.timesteps.tolist()}")
+        return i
 
     def network_s(self, timestep) -> float:
         """The s the network is conditioned on at this step: the next time (IMM pushforward), eps (restart:
