@@ -34,6 +34,24 @@ def test_half_precision_latent_pipeline_samples(tmp_path):
         assert out.dtype == torch.float32 and (out - ref).abs().mean() < 0.05
 
 
+def test_hand_written_loop_reproduces_the_pipeline():
+    """set_timesteps / timesteps / init_noise_sigma / scale_model_input / step(...).prev_sample, with the network's
+    second time from network_s, give the pipeline's tokens for the same noise."""
+    pipe = tiny_pipe()
+    model, sched = pipe.transformer, pipe.scheduler
+    expected = pipe(class_labels=[0, 1], guidance_scale=1.0, output_type="latent", generator=seed(3)).images
+    sched.set_timesteps(2)
+    x = sched.init_noise_sigma * torch.randn(2, *model.token_shape, generator=seed(3))
+    labels = torch.tensor([0, 1])
+    for t in sched.timesteps:
+        G = model(sched.scale_model_input(x, t), t.expand(2), torch.full((2,), sched.network_s(t)), labels)
+        x = sched.step(G, t, x).prev_sample
+    torch.testing.assert_close(x, expected)
+    assert torch.equal(decode_tokens(model, x), pipe(class_labels=[0, 1], guidance_scale=1.0, output_type="pt",
+                                                     generator=seed(3)).images)
+
+
+
 def test_step_refuses_timesteps_off_the_schedule_and_before_set_timesteps():
     sched = IMMScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
@@ -55,3 +73,26 @@ def test_sampler_argument_is_for_that_call_only():
     before = pipe(**kw, generator=seed()).images
     pipe(**kw, sampler="restart", generator=seed())
     assert torch.equal(pipe(**kw, generator=seed()).images, before) and pipe.scheduler.config.sampler == "pushforward"
+
+
+def test_call_arguments_are_checked_in_one_line():
+    pipe = tiny_pipe()  # 3 classes; label 3 is the null class
+    assert pipe(class_labels=np.array([0, 3]), output_type="pt").images.shape[0] == 2
+    assert pipe(num_images=3, output_type="pt").images.shape[0] == 3
+    bad = [(dict(class_labels=[4]), ValueError, "must lie in"), (dict(class_labels=[-1]), ValueError, "must lie in"),
+           (dict(class_labels=[1.7]), TypeError, "integers"), (dict(class_labels=["circle"]), TypeError, "names"),
+           (dict(class_labels=[[0, 1]]), ValueError, "1-D"),
+           (dict(class_labels=[0], num_images=3), ValueError, "num_images 3 does not match"),
+           (dict(num_images=-1), ValueError, "num_images"), (dict(guidance_scale=float("nan")), ValueError, "finite"),
+           (dict(output_type="latents"), ValueError, "output_type"), (dict(num_inference_steps=0), ValueError, "at least 1")]
+    for kw, error, match in bad:
+        with pytest.raises(error, match=match):
+            pipe(**kw)
+
+
+def test_latent_output_type_returns_the_undecoded_tokens():
+    pipe = tiny_pipe()
+    tokens = pipe(class_labels=[0, 2], output_type="latent", generator=seed()).images
+    assert tokens.shape == (2, *pipe.transformer.token_shape)
+    pixels = pipe(class_labels=[0, 2], output_type="pt", return_dict=False, generator=seed())[0]
+    assert torch.equal(decode_tokens(pipe.transformer, tokens), pixels)

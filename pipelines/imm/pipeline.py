@@ -2,6 +2,8 @@
 folder is a pipeline folder: `IMMPipeline.from_pretrained(run_dir)` loads it offline."""
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
@@ -10,6 +12,9 @@ from pipelines.imm.model import DiT  # noqa: F401
 from pipelines.imm.sampling import decode_tokens, sample_tokens
 from pipelines.imm.scheduler import IMMScheduler  # noqa: F401
 from pipelines.maetok.model import MAETok  # noqa: F401
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class IMMPipeline(DiffusionPipeline):
@@ -36,25 +41,53 @@ class IMMPipeline(DiffusionPipeline):
             return one_step
         return self.config.guidance_scale if self.config.guidance_scale is not None else 1.0
 
+    def class_label_tensor(self, class_labels, num_images: int | None) -> torch.Tensor:
+        """[B] long labels from class indices (ints, 0-D/1-D tensors or arrays) in [0, num_classes], where
+        num_classes is the null class; None: num_images (default 1) unconditional samples."""
+        null = self.transformer.null_class
+        if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0):
+            raise ValueError(f"num_images must be a non-negative int, not {num_images!r}")
+        if class_labels is None:
+            return torch.full((1 if num_images is None else num_images,), null, dtype=torch.long)
+        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and any(isinstance(v, str) for v in class_labels)):
+            raise TypeError("class_labels are class indices (ints), not names: transformer.config.class_names lists them")
+        labels = torch.as_tensor(class_labels)
+        if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+            raise TypeError(f"class_labels must be integers, not {labels.dtype}")
+        if labels.dim() > 1:
+            raise ValueError(f"class_labels must be one label or a 1-D sequence of them, not shape {tuple(labels.shape)}")
+        labels = labels.reshape(-1).long().cpu()
+        if ((labels < 0) | (labels > null)).any():
+            raise ValueError(f"class_labels must lie in [0, {null}] ({null}: unconditional), not {labels.tolist()}")
+        if num_images is not None and num_images != len(labels):
+            raise ValueError(f"num_images {num_images} does not match the {len(labels)} class_labels given (one per image)")
+        return labels
+
     @torch.no_grad()
-    def __call__(self, class_labels: list[int] | torch.Tensor | None = None, num_images: int = 1,
+    def __call__(self, class_labels: list[int] | torch.Tensor | None = None, num_images: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
-        """Generate; class_labels None = unconditional (the null class). num_inference_steps and guidance_scale
-        default to the run's (`default_guidance`). output_type: "pil" (a list of PIL images; for clips a list of
-        frame lists), "np" ([B, H, W, C] or [B, T, H, W, C] in [0, 1]) or "pt" ([B, C, T, H, W] in [-1, 1])."""
+                 generator: torch.Generator | None = None, sampler: str | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Generate; class_labels None = num_images (default 1) unconditional samples (the null class); given,
+        one image per label (num_images, if given, must match). num_inference_steps and guidance_scale default to
+        the run's (`default_guidance`). generator None: seed 0. sampler: this call's (default: the scheduler
+        config's). output_type: "pil" (a list of PIL images; for clips a list of frame lists), "np" ([B, H, W, C]
+        or [B, T, H, W, C] in [0, 1]), "pt" ([B, C, T, H, W] in [-1, 1]) or "latent" (the sampled tokens
+        [B, N, c], not decoded)."""
         model = self.transformer
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
+        labels = self.class_label_tensor(class_labels, num_images)
         if num_inference_steps is None:
             num_inference_steps = self.config.default_steps or 1
         if guidance_scale is None:
             guidance_scale = self.default_guidance(num_inference_steps)
-        if class_labels is None:
-            labels = torch.full((num_images,), model.null_class, dtype=torch.long)
-        else:
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1: no guidance), not {guidance_scale}")
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         tokens = sample_tokens(model, self.scheduler, labels, num_inference_steps, generator, guidance_scale, sampler)
+        if output_type == "latent":
+            return ImagePipelineOutput(images=tokens) if return_dict else (tokens,)
         x = decode_tokens(model, tokens, self.tokenizer).cpu().float()  # [B, C, T, H, W] in [-1, 1]
         if output_type == "pt":
             images = x
