@@ -51,7 +51,6 @@ def test_hand_written_loop_reproduces_the_pipeline():
                                                      generator=seed(3)).images)
 
 
-
 def test_step_refuses_timesteps_off_the_schedule_and_before_set_timesteps():
     sched = IMMScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
@@ -73,6 +72,23 @@ def test_sampler_argument_is_for_that_call_only():
     before = pipe(**kw, generator=seed()).images
     pipe(**kw, sampler="restart", generator=seed())
     assert torch.equal(pipe(**kw, generator=seed()).images, before) and pipe.scheduler.config.sampler == "pushforward"
+
+
+def test_generators_none_uses_torch_rng_and_a_list_gives_each_image_its_own():
+    pipe = tiny_pipe("restart")  # noise at the start and in the step
+    kw = dict(class_labels=[0, 1], output_type="latent")
+    torch.manual_seed(1)
+    a, b = pipe(**kw).images, pipe(**kw).images
+    torch.manual_seed(1)
+    assert not torch.equal(a, b) and torch.equal(pipe(**kw).images, a)  # diffusers: no generator = torch's RNG
+    both = pipe(**kw, generator=[seed(5), seed(6)]).images
+    for i, s in enumerate((5, 6)):
+        one = pipe(class_labels=[i], output_type="latent", generator=seed(s)).images
+        torch.testing.assert_close(both[i:i + 1], one, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one per sample"):
+        pipe(**kw, generator=[seed(5)])
+    with pytest.raises(TypeError, match="generator must be"):
+        pipe(**kw, generator=0)
 
 
 def test_call_arguments_are_checked_in_one_line():

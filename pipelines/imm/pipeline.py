@@ -66,14 +66,14 @@ class IMMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: list[int] | torch.Tensor | None = None, num_images: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, sampler: str | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, sampler: str | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """Generate; class_labels None = num_images (default 1) unconditional samples (the null class); given,
         one image per label (num_images, if given, must match). num_inference_steps and guidance_scale default to
-        the run's (`default_guidance`). generator None: seed 0. sampler: this call's (default: the scheduler
-        config's). output_type: "pil" (a list of PIL images; for clips a list of frame lists), "np" ([B, H, W, C]
-        or [B, T, H, W, C] in [0, 1]), "pt" ([B, C, T, H, W] in [-1, 1]) or "latent" (the sampled tokens
-        [B, N, c], not decoded)."""
+        the run's (`default_guidance`). generator: one, a list (one per image), or None (torch's global RNG, as in
+        diffusers). sampler: this call's (default: the scheduler config's). output_type: "pil" (a list of PIL
+        images; for clips a list of frame lists), "np" ([B, H, W, C] or [B, T, H, W, C] in [0, 1]), "pt"
+        ([B, C, T, H, W] in [-1, 1]) or "latent" (the sampled tokens [B, N, c], not decoded)."""
         model = self.transformer
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
@@ -84,7 +84,6 @@ class IMMPipeline(DiffusionPipeline):
             guidance_scale = self.default_guidance(num_inference_steps)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (1: no guidance), not {guidance_scale}")
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
         tokens = sample_tokens(model, self.scheduler, labels, num_inference_steps, generator, guidance_scale, sampler)
         if output_type == "latent":
             return ImagePipelineOutput(images=tokens) if return_dict else (tokens,)

@@ -1,11 +1,11 @@
 """The few-step sampling loop (one for every sampler; the maths of a step is in IMMScheduler) and decoding.
-Deterministic per generator: all noise is drawn on the CPU, then moved, so a seed gives the same pictures on
-any device."""
+Deterministic per generator: all noise is drawn on the generator's device, then moved, so a CPU generator's seed
+gives the same pictures on any device."""
 from __future__ import annotations
 
 import torch
 
-from pipelines.imm.scheduler import IMMScheduler
+from pipelines.imm.scheduler import IMMScheduler, randn
 
 
 def guided_output(model, x_in: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
@@ -31,7 +31,7 @@ def sample_tokens(model, scheduler: IMMScheduler, labels: torch.Tensor, steps: i
     B = labels.shape[0]
     labels = labels.to(param.device)
     scheduler.set_timesteps(steps, param.device, sampler)
-    x = (scheduler.init_noise_sigma * torch.randn(B, *model.token_shape, generator=generator)).to(param.device, param.dtype)
+    x = (scheduler.init_noise_sigma * randn((B, *model.token_shape), generator)).to(param.device, param.dtype)
     for t in scheduler.timesteps:
         t_b = t.expand(B).float()
         s_b = torch.full((B,), scheduler.network_s(t), device=param.device)

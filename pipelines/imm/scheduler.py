@@ -16,6 +16,18 @@ SAMPLERS = ("pushforward", "restart", "euler")
 TIME_TOLERANCE = 5e-3  # how far a timestep given to step() may be from the schedule's (fp16/bf16 rounding of t)
 
 
+def randn(shape: tuple, generator=None) -> torch.Tensor:
+    """fp32 N(0, 1) drawn on the generator's device (the CPU for the CPU generators sampling uses, so a seed gives
+    the same numbers on any device); None: torch's global generator; a list: sample i from generator i."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"a list of generators needs one per sample: {len(generator)} for {shape[0]} samples")
+        return torch.stack([randn(tuple(shape[1:]), g) for g in generator])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, not {type(generator).__name__}")
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu")
+
+
 class IMMScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
     order = 1
@@ -90,7 +102,8 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None,
              return_dict: bool = True):
-        """x_{t_{i+1}} from x_{t_i} and G(c_in x, t_i, network_s(t_i)). Restart noise comes from the (CPU) generator."""
+        """x_{t_{i+1}} from x_{t_i} and G(c_in x, t_i, network_s(t_i)). Restart noise comes from the generator
+        (`randn`: a list gives sample i's from generator i; None: torch's global one)."""
         i = self._index(timestep)
         t, s_next = self.times[i].item(), self.times[i + 1].item()
         B = sample.shape[0]
@@ -101,6 +114,6 @@ class IMMScheduler(SchedulerMixin, ConfigMixin):
             s_net = self.network_s(timestep)
             prev = self.schedule.combine(sample, model_output, full(s_net), full(t))
             if self.sampler == "restart" and i + 1 < len(self.times) - 1:  # re-noise the clean estimate to t_{i+1}
-                noise = self.schedule.sigma_d * torch.randn(sample.shape, generator=generator, dtype=torch.float32)
+                noise = self.schedule.sigma_d * randn(sample.shape, generator)
                 prev = self.schedule.add_noise(prev, noise.to(prev), full(s_next))
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
