@@ -96,7 +96,7 @@ def test_call_arguments_are_checked_in_one_line():
     assert pipe(class_labels=np.array([0, 3]), output_type="pt").images.shape[0] == 2
     assert pipe(num_images=3, output_type="pt").images.shape[0] == 3
     bad = [(dict(class_labels=[4]), ValueError, "must lie in"), (dict(class_labels=[-1]), ValueError, "must lie in"),
-           (dict(class_labels=[1.7]), TypeError, "integers"), (dict(class_labels=["circle"]), TypeError, "names"),
+           (dict(class_labels=[1.7]), TypeError, "integers"), (dict(class_labels=["circle"]), ValueError, "unknown class label 'circle'"),
            (dict(class_labels=[[0, 1]]), ValueError, "1-D"),
            (dict(class_labels=[0], num_images=3), ValueError, "num_images 3 does not match"),
            (dict(num_images=-1), ValueError, "num_images"), (dict(guidance_scale=float("nan")), ValueError, "finite"),
@@ -112,3 +112,12 @@ def test_latent_output_type_returns_the_undecoded_tokens():
     assert tokens.shape == (2, *pipe.transformer.token_shape)
     pixels = pipe(class_labels=[0, 2], output_type="pt", return_dict=False, generator=seed())[0]
     assert torch.equal(decode_tokens(pipe.transformer, tokens), pixels)
+
+
+def test_class_labels_by_name_as_sigma_sample_takes_them():
+    torch.manual_seed(0)
+    pipe = IMMPipeline(tiny_dit(class_names=["circle", "square", "star"]).eval(), IMMScheduler(), None)
+    draw = lambda labels: pipe(class_labels=labels, output_type="latent", generator=seed()).images  # noqa: E731
+    assert torch.equal(draw(["star", "circle"]), draw([2, 0])) and torch.equal(draw("square"), draw([1]))
+    with pytest.raises(ValueError, match="unknown class label 'ring'; this model knows: circle, square, star"):
+        pipe(class_labels=["ring"])

@@ -43,14 +43,21 @@ class IMMPipeline(DiffusionPipeline):
 
     def class_label_tensor(self, class_labels, num_images: int | None) -> torch.Tensor:
         """[B] long labels from class indices (ints, 0-D/1-D tensors or arrays) in [0, num_classes], where
-        num_classes is the null class; None: num_images (default 1) unconditional samples."""
+        num_classes is the null class, or class names (transformer.config.class_names); None: num_images (default
+        1) unconditional samples."""
         null = self.transformer.null_class
         if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0):
             raise ValueError(f"num_images must be a non-negative int, not {num_images!r}")
         if class_labels is None:
             return torch.full((1 if num_images is None else num_images,), null, dtype=torch.long)
-        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and any(isinstance(v, str) for v in class_labels)):
-            raise TypeError("class_labels are class indices (ints), not names: transformer.config.class_names lists them")
+        if isinstance(class_labels, str):
+            class_labels = [class_labels]
+        if isinstance(class_labels, (list, tuple)) and any(isinstance(v, str) for v in class_labels):
+            names = list(self.transformer.config.class_names or [])  # names -> indices, as `sigma sample` takes them
+            unknown = [v for v in class_labels if isinstance(v, str) and v not in names]
+            if unknown:
+                raise ValueError(f"unknown class label {unknown[0]!r}; this model knows: {', '.join(names) or 'no names'}")
+            class_labels = [names.index(v) if isinstance(v, str) else v for v in class_labels]
         labels = torch.as_tensor(class_labels)
         if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
             raise TypeError(f"class_labels must be integers, not {labels.dtype}")
