@@ -203,6 +203,29 @@ def test_image_folder_float_pictures_and_colour_key_transparency(tmp_path):
     assert torch.allclose(_pixel(ds, "rgb_key.png"), torch.ones(3)) and torch.allclose(_pixel(ds, "gray_key.png"), torch.ones(3))
 
 
+def test_image_folder_16bit_colour_key_and_non_finite_floats(tmp_path):
+    """A 16-bit gray PNG's colour key is transparency too (white), and NaN / inf in a float picture neither set
+    its range (a NaN made the whole [0, 1] picture read as 8-bit, so black) nor print numpy's cast warning."""
+    import warnings
+
+    root = tmp_path / "modes"
+    root.mkdir()
+    gray = np.zeros((16, 16), np.uint16)
+    gray[:, 8:] = 128 * 257  # left half keyed (0 is the key), right half mid gray
+    Image.fromarray(gray).save(root / "key16.png", transparency=0)
+    for name, bad in (("nan.tif", np.nan), ("inf.tif", np.inf)):
+        a = np.full((16, 16), 0.5, np.float32)
+        a[0, 0] = bad
+        Image.fromarray(a, "F").save(root / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = make_dataset(str(root), image_size=16)
+    key = ds.get_batch(torch.tensor([ds.paths.index("key16.png")]))[0][0, :, 0]  # [3, H, W]
+    assert (key[:, :, :8] == 1).all() and torch.allclose(key[:, :, 8:], torch.zeros(()), atol=0.01)
+    for name in ("nan.tif", "inf.tif"):  # the finite values, 0.5, are mid gray
+        assert torch.allclose(_pixel(ds, name), torch.zeros(3), atol=0.02), name
+
+
 def test_image_folder_links_inside_the_folder_are_aliases(tmp_path):
     """A class is its own folder: a link to a folder or file inside the data folder is skipped (no class renamed
     or merged, no picture in both splits); a link to a folder outside it is followed, once."""
@@ -297,6 +320,33 @@ def test_video_folder(tmp_path, capsys):
     assert levels.tolist() == [10, 20, 30]
     gif = x[1, :, :, 0, 0].T  # [T, 3]
     assert torch.allclose(gif, torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]]), atol=0.02)
+
+
+def test_video_folder_animated_webp_and_png_are_clips(tmp_path):
+    """An animated WebP or PNG is a clip of its own, as a GIF is; they used to be read as stills, so a folder of
+    them made one clip of their first frames (class of the folder above) and each lost its motion."""
+    root = tmp_path / "actions"
+    (root / "run").mkdir(parents=True)
+    frames = [Image.new("RGB", (16, 16), (200, 60 * t, 0)) for t in range(4)]
+    for ext, kw in ((".webp", dict(lossless=True)), (".png", {})):
+        frames[0].save(root / "run" / f"a{ext}", save_all=True, append_images=frames[1:], duration=50, loop=0, **kw)
+    for t in range(4):  # a frame folder of stills, still one clip
+        _solid(root / "walk" / "c1" / f"f{t}.png", "RGB", (0, 0, 60 * t))
+    ds = make_dataset(str(root), frames=4, image_size=8)
+    assert ds.class_names == ["run", "walk"]
+    assert dict(zip(ds.paths, ds.labels.tolist())) == {"run/a.png": 0, "run/a.webp": 0, "walk/c1": 1}
+    x, _ = ds.get_batch(torch.tensor([ds.paths.index("run/a.webp"), ds.paths.index("run/a.png")]))
+    green = ((x[:, 1, :, 0, 0] + 1) * 127.5).round()  # [2 clips, T]
+    assert green.tolist() == [[0, 60, 120, 180]] * 2
+
+
+def test_folders_sort_names_with_digit_like_characters(tmp_path):
+    """'1²' splits into '1' and '²', which str.isdigit() calls a digit and int() refuses: a traceback used to end
+    any command on a folder holding such a file, picture or not."""
+    _solid(tmp_path / "pics" / "a.png", "RGB", (0, 0, 0))
+    (tmp_path / "pics" / "notes 1²").write_text("not a picture")
+    _solid(tmp_path / "pics" / "x1².png", "RGB", (0, 0, 0))
+    assert make_dataset(str(tmp_path / "pics"), image_size=8).paths == ["a.png", "x1².png"]
 
 
 def test_video_folder_classes(tmp_path):

@@ -3,7 +3,7 @@
 Specs:
   shapes                 procedural coloured shapes, 6 classes (SHAPE_CLASSES), endless
   moving-shapes          the same shapes moving and spinning, T-frame clips
-  PATH                   a folder: pictures when frames == 1, clips (frame folders / GIFs) when frames > 1
+  PATH                   a folder: pictures when frames == 1, clips (frame folders / GIFs, animated WebP/PNG) when frames > 1
   cifar10:PATH, cifar100:PATH, mnist:PATH, fashion-mnist:PATH
                          a torchvision data set already on disk under PATH (never downloaded)
 Splits: "train" and "heldout" (disjoint from train; see folders.py for how folders are split).

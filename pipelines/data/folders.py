@@ -53,15 +53,22 @@ class CachedDataset(Dataset):
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparency (alpha, a palette's, an 8-bit colour key) is composited on white;
+    """Any PIL mode -> 8-bit RGB. Transparency (alpha, a palette's, a colour key) is composited on white;
     16-bit gray is scaled, not clipped ("I"/"F" modes are read as 16-bit when any value exceeds 255, "F" in
-    [0, 1] as floats of that range, else as 8-bit)."""
+    [0, 1] as floats of that range, else as 8-bit; the range from the finite values: NaN and -inf are 0, +inf
+    the largest value)."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+        key = img.info.get("transparency")  # a 16-bit gray PNG's colour key (tRNS), in the picture's own values
+        clear = a == key if isinstance(key, int) else None
+        top = a[np.isfinite(a)].max(initial=0)
+        a = np.nan_to_num(a, nan=0.0, posinf=top, neginf=0.0)
+        if img.mode.startswith("I;16") or top > 255:
             a = a / 257.0
-        elif img.mode == "F" and a.max(initial=0) <= 1.0:  # float pictures in [0, 1] (e.g. 32-bit TIFFs)
+        elif img.mode == "F" and top <= 1.0:  # float pictures in [0, 1] (e.g. 32-bit TIFFs)
             a = a * 255.0
+        if clear is not None:
+            a[clear] = 255.0
         return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:  # (P, and L/RGB colour keys)
         rgba = img.convert("RGBA")
@@ -104,7 +111,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 def load_gif_frames(path: Path, size: int, frames: int) -> np.ndarray | None:
-    """The first `frames` frames of an animated GIF -> uint8 [frames, size, size, 3]; None if it has fewer."""
+    """The first `frames` frames of an animated GIF, WebP or PNG -> uint8 [frames, size, size, 3]; None if it has fewer."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with _open(path) as img:
@@ -122,7 +129,7 @@ def load_gif_frames(path: Path, size: int, frames: int) -> np.ndarray | None:
 
 def _natural_key(name: str) -> list:
     """Sort "f2.png" before "f10.png" (numbers compare as numbers)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    return [int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", name)]
 
 
 def _is_image(name: str) -> bool:
@@ -167,6 +174,20 @@ def _walk(root: Path, files_once: bool = True):
                 seen_files.add(real_file)
             names.append(f)
         yield Path(dirpath), names
+
+
+def _animated(path: Path) -> bool:
+    """An animated WebP or PNG (APNG): in a video folder a clip of its own, as a GIF is, not a frame of its folder's
+    clip. (Opens the file's header; an unreadable one is not animated.)"""
+    if os.path.splitext(path)[1].lower() not in (".webp", ".png"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (the loader refuses it later, counted)
+            with _open(path) as img:
+                return bool(getattr(img, "is_animated", False))
+    except Exception:
+        return False
 
 
 def _check_folder(root: Path) -> Path:
@@ -246,7 +267,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
     """A folder of clips, searched recursively. A clip is either
     - a folder that directly holds still pictures (not GIFs): its frames, in natural name order
       ("f2" before "f10"); the root itself counts if it holds pictures; or
-    - a GIF file anywhere: its frames.
+    - a GIF file, or an animated WebP or PNG (APNG), anywhere: its frames.
     The first `frames` frames are kept; shorter or unreadable clips are skipped (one warning line).
     Class = the first-level sub-folder holding the clip (e.g. "walk/clip1/", "walk/a.gif" -> "walk");
     clips at the first level ("clip1/", "a.gif") are class "all".
@@ -254,15 +275,17 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
     Also sets `.paths` (relative paths of the loaded clips, in index order).
     """
     root = _check_folder(Path(path).expanduser())
-    clips = []  # (relative path, list of frame files or None for a GIF)
+    clips = []  # (relative path, list of frame files or None for an animation file)
     for d, names in _walk(root, files_once=False):
-        stills = [d / f for f in names if _is_image(f) and not f.lower().endswith(".gif")]
+        pictures = [f for f in names if _is_image(f)]
+        moving = {f for f in pictures if f.lower().endswith(".gif") or _animated(d / f)}
+        stills = [d / f for f in pictures if f not in moving]
         if stills:
             clips.append((d.relative_to(root), stills))
-        clips += [((d / f).relative_to(root), None) for f in names if _is_image(f) and f.lower().endswith(".gif")]
+        clips += [((d / f).relative_to(root), None) for f in pictures if f in moving]
     clips.sort(key=lambda c: c[0].as_posix())
     if not clips:
-        raise DataError(f"no clips in '{root}' (a clip is a sub-folder of frame pictures, or a GIF)")
+        raise DataError(f"no clips in '{root}' (a clip is a sub-folder of frame pictures, or a GIF or animated WebP/PNG)")
     class_names = sorted({_class_of(rel) for rel, _ in clips})
 
     arrays, labels, paths, skipped = [], [], [], 0
