@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt, check_precision, command,
-                             emit, fresh_run_folder, resume_device, resumed_train_config, run_to_resume, steps_done)
+from sigmacli.common import (RESUME_CLASSES_HINT, CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, PrecisionOpt, SeedOpt,
+                             check_classes, check_precision, command, emit, fresh_run_folder, resume_device,
+                             resumed_train_config, run_to_resume, steps_done)
 
 # the default schedule: >= 99.9 % held-out accuracy on 32x32 shapes in well under two minutes of CPU
 DEFAULTS = dict(steps=1000, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, ema=0.0)
@@ -65,6 +66,8 @@ def train_classifier(
     if train_set.num_classes < 2:  # cross-entropy over one class is 0: nothing would train, and 100 % be reported
         raise SigmaError(f"a classifier needs at least 2 classes; '{data}' has 1 ({train_set.class_names[0]}; "
                          "the class of a picture is its first-level sub-folder)")
+    if model is not None:  # a resume: its labels must still mean the same classes
+        check_classes(model.config, train_set, f"the run in '{out}'", RESUME_CLASSES_HINT)
     heldout = make_dataset(data, image_size=image_size, split="heldout", seed=cfg.seed)
     if model is None:
         model = ShapesClassifier(image_size=image_size, num_classes=train_set.num_classes,

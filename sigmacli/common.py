@@ -266,6 +266,21 @@ def check_sizes(image_size: int | None, frames: int | None):
         raise SigmaError(f"--frames must be at least 1 (1: images), not {frames}")
 
 
+RESUME_CLASSES_HINT = " (the run's labels are these classes: the folder must keep its class sub-folders to resume)"
+
+
+def check_classes(model_config, data, what: str, hint: str = ""):
+    """The data's classes must be the ones the model's labels mean (class i of the model = class i of the data):
+    a folder that gained, lost or renamed a class since the run began would shift every label after it (or send
+    one to IMM's null class) without a word. Configs saved without names are compared by count."""
+    from pipelines.errors import SigmaError
+
+    names, data_names = model_config.class_names, list(data.class_names)
+    if (list(names) if names else model_config.num_classes) != (data_names if names else len(data_names)):
+        known = ", ".join(names) if names else f"{model_config.num_classes} classes"
+        raise SigmaError(f"{what} knows classes [{known}]; the data '{data.name}' has [{', '.join(data_names)}]{hint}")
+
+
 def check_precision(precision: str | None):
     """Reject a bad --precision before a command makes its run folder (train() checks it again for API users)."""
     from pipelines.train import check_precision as check

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, check_sizes, command, emit, fresh_run_folder, is_main_rank, output_folder, output_picture,
+from sigmacli.common import (RESUME_CLASSES_HINT, CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt,
+                             SeedOpt, check_classes, check_precision, check_sizes, command, emit, fresh_run_folder, is_main_rank, output_folder, output_picture,
                              parse_grid, resume_device, resumed_train_config, run_part, run_to_resume, steps_done,
                              trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
@@ -220,6 +220,8 @@ def train_imm(
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
     dev = resolve_device(cfg.device)
+    if resume:
+        check_classes(model.config, train_set, f"the run in '{out}'", RESUME_CLASSES_HINT)
     if resume and cache_latents is not None:  # the one data-path choice a resumed run may change (e.g. memory)
         stage.cache_latents = cache_latents
     # decided once and saved with the run, so a resume with more --steps does not switch paths mid-run
@@ -228,9 +230,7 @@ def train_imm(
         if align_dim and init_model.config.align_dim != align_dim:
             raise SigmaError(f"--align-teacher needs a head of {align_dim} features; '{init}' has "
                              f"{init_model.config.align_dim or 'none'}: start it without --init")
-        if init_model.config.num_classes != train_set.num_classes:
-            raise SigmaError(f"--init '{init}' knows {init_model.config.num_classes} classes, the data "
-                             f"{train_set.num_classes}")
+        check_classes(init_model.config, train_set, f"--init '{init}'")
         model = init_model.float()
     elif not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}
@@ -387,11 +387,11 @@ def parse_labels(values: list[str], class_names: list[str], num: int) -> "torch.
         return torch.arange(num) % len(class_names)
     labels = []
     for v in values:
-        for item in v.split(","):
-            item = item.strip()
+        # a class named "tench, Tinca tinca" (a folder's name) is one label, not two
+        for item in [v] if v in class_names else [part.strip() for part in v.split(",")]:
             if item in class_names:
                 labels.append(class_names.index(item))
-            elif item.isdigit() and int(item) < len(class_names):
+            elif item.isdecimal() and int(item) < len(class_names):  # (not isdigit: int("²") fails)
                 labels.append(int(item))
             else:
                 raise SigmaError(f"unknown class label {item!r}; this model knows: {', '.join(class_names)}")

@@ -181,6 +181,23 @@ def test_bad_input_is_one_error_line(cli, tmp_path, args, message):
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
+def test_resume_refuses_a_folder_whose_classes_changed(cli, tmp_path):
+    """Labels are indices into the sorted class folders: a class added since the run began moved every label after
+    it (here to one past the head: a traceback); one line instead."""
+    from PIL import Image
+
+    for c, name in enumerate(["ant", "cow"]):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (100 * c, 20 * i, 0)).save(tmp_path / "pics" / name / f"{i}.png")
+    last_json(cli("train-classifier", *TINY, "--steps", "1", "--data", tmp_path / "pics", "--out", tmp_path / "run", "--json"))
+    (tmp_path / "pics" / "bee").mkdir()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "pics" / "bee" / "0.png")
+    r = cli("train-classifier", "--out", tmp_path / "run", "--resume", "--steps", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "knows classes [ant, cow]" in lines[0] and "[ant, bee, cow]" in lines[0], r.stderr
+
+
 def test_a_folder_of_one_class_is_refused(cli, tmp_path):
     """Cross-entropy over one class is 0: such a run trained nothing and reported 100 % held-out accuracy."""
     from PIL import Image

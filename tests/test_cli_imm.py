@@ -200,6 +200,41 @@ def test_init_starts_a_new_run_from_another_runs_weights(runs, cli, tmp_path):
     assert r["objective"] == "flow-matching" and r["final_loss"] > 0
 
 
+def test_a_folders_classes_must_match_the_runs_for_init_and_resume(cli, tmp_path):
+    """The model's label i is the data's class i: --init from a run on other classes (same count) kept the old
+    names on other pictures, and a resume after a class folder was added sent a class to the null label; both are
+    one line now."""
+    def folder(name, classes):
+        for c, cls in enumerate(classes):
+            (tmp_path / name / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (100 * c, 50 * i, 0)).save(tmp_path / name / cls / f"{i}.png")
+        return tmp_path / name
+    zoo, other = folder("zoo", ["ant", "cow"]), folder("other", ["ant", "cat"])
+    run = tmp_path / "run"
+    last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", "--data", zoo, *TINY_DIT, "--steps", "1",
+                  "--out", run, "--json"))
+    r = cli("train-imm", "--init", run, "--data", other, *TINY_DIT[6:], "--steps", "1", "--out", tmp_path / "i")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "knows classes [ant, cow]" in lines[0] and "[ant, cat]" in lines[0], r.stderr
+    (zoo / "bee").mkdir()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(zoo / "bee" / "0.png")
+    r = cli("train-imm", "--out", run, "--resume", "--steps", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "[ant, bee, cow]" in lines[0], r.stderr
+
+
+def test_class_labels_with_commas_and_digit_like_characters():
+    from pipelines.errors import SigmaError
+    from sigmacli.imm import parse_labels
+
+    names = ["tench, Tinca tinca", "goldfish", " padded "]
+    assert parse_labels(["tench, Tinca tinca"], names, 2).tolist() == [0, 0]  # a folder's name, comma and all
+    assert parse_labels(["goldfish,0", " padded "], names, 3).tolist() == [1, 0, 2]
+    with pytest.raises(SigmaError, match="unknown class label '²'"):  # (was int('²'): a ValueError's traceback)
+        parse_labels(["²"], names, 1)
+
+
 def test_pixel_space_and_flow_matching_and_clips(cli, tmp_path):
     r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", *TINY_DIT, "--steps", "2",
                       "--objective", "flow-matching", "--out", tmp_path / "fm", "--json"))
