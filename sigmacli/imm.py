@@ -87,7 +87,7 @@ def train_imm(
 
     from checkpoints.io import RUN_META, load_model, read_json
     from pipelines.data import make_dataset
-    from pipelines.errors import SigmaError
+    from pipelines.errors import SigmaError, say
     from pipelines.imm.model import PRESETS, DiT
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
@@ -230,7 +230,15 @@ def train_imm(
         if align_dim and init_model.config.align_dim != align_dim:
             raise SigmaError(f"--align-teacher needs a head of {align_dim} features; '{init}' has "
                              f"{init_model.config.align_dim or 'none'}: start it without --init")
-        check_classes(init_model.config, train_set, f"--init '{init}'")
+        ic, data_names = init_model.config, list(train_set.class_names)
+        if ic.num_classes != len(data_names):
+            raise SigmaError(f"--init '{init}' knows {ic.num_classes} classes [{', '.join(ic.class_names or [])}]; the "
+                             f"data '{train_set.name}' has {len(data_names)} [{', '.join(data_names)}]")
+        if ic.class_names and list(ic.class_names) != data_names:  # fine-tuning onto other classes: the labels keep
+            # their indices, the names become the data's (sigma sample --class-label then takes the new ones)
+            say(f"note: --init '{init}' knows classes [{', '.join(ic.class_names)}]; this run's label i is the data's "
+                f"class i: [{', '.join(data_names)}]")
+            init_model.register_to_config(class_names=data_names)
         model = init_model.float()
     elif not resume:
         arch = {**PRESETS[preset], **{k: v for k, v in (("width", width), ("depth", depth), ("heads", heads)) if v is not None}}

@@ -201,9 +201,9 @@ def test_init_starts_a_new_run_from_another_runs_weights(runs, cli, tmp_path):
 
 
 def test_a_folders_classes_must_match_the_runs_for_init_and_resume(cli, tmp_path):
-    """The model's label i is the data's class i: --init from a run on other classes (same count) kept the old
-    names on other pictures, and a resume after a class folder was added sent a class to the null label; both are
-    one line now."""
+    """The model's label i is the data's class i: --init from a run on other classes of the same count takes the
+    data's names (it kept the old names on other pictures) and of another count is one line; a resume after a class
+    folder was added (it sent a class to the null label) is one line."""
     def folder(name, classes):
         for c, cls in enumerate(classes):
             (tmp_path / name / cls).mkdir(parents=True)
@@ -214,9 +214,16 @@ def test_a_folders_classes_must_match_the_runs_for_init_and_resume(cli, tmp_path
     run = tmp_path / "run"
     last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", "--data", zoo, *TINY_DIT, "--steps", "1",
                   "--out", run, "--json"))
+    # --init onto other classes of the same count is fine-tuning: label i keeps its index, the names become the data's
     r = cli("train-imm", "--init", run, "--data", other, *TINY_DIT[6:], "--steps", "1", "--out", tmp_path / "i")
+    assert r.exit_code == 0 and "note: --init" in r.stderr and "[ant, cat]" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "i" / "transformer" / "config.json").read_text())["class_names"] == ["ant", "cat"]
+    assert last_json(cli("sample", "--model", tmp_path / "i", "--num", "2", "--class-label", "cat", "--out",
+                         tmp_path / "cat.png", "--json"))["labels"] == [1, 1]
+    r = cli("train-imm", "--init", run, "--data", folder("three", ["a", "b", "c"]), *TINY_DIT[6:], "--steps", "1",
+            "--out", tmp_path / "j")
     lines = r.stderr.strip().splitlines()
-    assert r.exit_code == 1 and len(lines) == 1 and "knows classes [ant, cow]" in lines[0] and "[ant, cat]" in lines[0], r.stderr
+    assert r.exit_code == 1 and len(lines) == 1 and "knows 2 classes [ant, cow]" in lines[0] and "3 [a, b, c]" in lines[0], r.stderr
     (zoo / "bee").mkdir()
     Image.new("RGB", (16, 16), (0, 0, 255)).save(zoo / "bee" / "0.png")
     r = cli("train-imm", "--out", run, "--resume", "--steps", "2")
