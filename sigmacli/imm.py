@@ -86,7 +86,7 @@ def train_imm(
     import torch
 
     from checkpoints.io import RUN_META, load_model, read_json
-    from pipelines.data import make_dataset
+    from pipelines.data import absolute_spec, make_dataset
     from pipelines.errors import SigmaError, say
     from pipelines.imm.model import PRESETS, DiT
     from pipelines.imm.pipeline import IMMPipeline
@@ -212,6 +212,10 @@ def train_imm(
             image_size, frames = tc.image_size, tc.frames
         image_size, frames = image_size or 32, frames or 1
         data = data or ("moving-shapes" if frames > 1 else "shapes")
+        if tok is not None and init is None:  # easy to miss: --data defaults to shapes, whatever the tokenizer saw
+            tok_data = read_json(tok_dir / RUN_META).get("data_spec") if (tok_dir / RUN_META).is_file() else None
+            if tok_data and absolute_spec(tok_data) != absolute_spec(data):
+                say(f"note: the tokenizer '{tok_dir}' was trained on '{tok_data}'; this run trains on '{data}' (--data)")
     check_train_config(cfg)
     group = stage.group_size if stage.objective == "imm" else 1
     if cfg.batch_size % (world * group):

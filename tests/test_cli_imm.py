@@ -231,6 +231,19 @@ def test_a_folders_classes_must_match_the_runs_for_init_and_resume(cli, tmp_path
     assert r.exit_code == 1 and len(lines) == 1 and "[ant, bee, cow]" in lines[0], r.stderr
 
 
+def test_a_note_when_the_data_is_not_what_the_tokenizer_was_trained_on(runs, cli, tmp_path):
+    root, _ = runs  # the fixture's tokenizer was trained on shapes
+    for c in ("ant", "cow"):
+        (tmp_path / "pics" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (90 * i, 0, 200)).save(tmp_path / "pics" / c / f"{i}.png")
+    args = ("train-imm", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "1")
+    r = cli(*args, "--data", tmp_path / "pics", "--out", tmp_path / "a")
+    assert r.exit_code == 0 and f"note: the tokenizer '{root / 'tok'}' was trained on 'shapes'" in r.stderr, r.stderr
+    r = cli(*args, "--out", tmp_path / "b")
+    assert r.exit_code == 0 and "was trained on" not in r.stderr, r.stderr
+
+
 def test_class_labels_with_commas_and_digit_like_characters():
     from pipelines.errors import SigmaError
     from sigmacli.imm import parse_labels
