@@ -338,7 +338,7 @@ def load_pipeline(folder: Path, device):
     from checkpoints.meta import PIPELINE_INDEX
     from pipelines.errors import CheckpointError
     from pipelines.imm.scheduler import IMMScheduler
-    from pipelines.imm.trainer import PIPELINE_DEFAULTS
+    from pipelines.imm.trainer import stage_from_pipeline
 
     model = load_model(folder, "imm", device)
     if model.config.space == "latent" and not (folder / "tokenizer").is_dir():
@@ -356,7 +356,7 @@ def load_pipeline(folder: Path, device):
         meta = read_json(folder / RUN_META)
     else:  # a folder IMMPipeline.save_pretrained wrote: the run's sampling defaults are in its model_index.json
         index = read_json(folder / PIPELINE_INDEX, "pipeline index") if (folder / PIPELINE_INDEX).exists() else {}
-        meta = {"stage": {field: index[key] for field, key in PIPELINE_DEFAULTS.items() if index.get(key) is not None}}
+        meta = {"stage": stage_from_pipeline(index)}
     return model, scheduler, tok, meta
 
 

@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from pipelines.imm.model import DiT  # noqa: F401
 from pipelines.imm.sampling import decode_tokens, sample_tokens
 from pipelines.imm.scheduler import IMMScheduler  # noqa: F401
+from pipelines.imm.trainer import default_guidance, stage_from_pipeline
 from pipelines.maetok.model import MAETok  # noqa: F401
 
 
@@ -35,11 +36,9 @@ class IMMPipeline(DiffusionPipeline):
                                 guidance_scale_one_step=guidance_scale_one_step)
 
     def default_guidance(self, steps: int) -> float:
-        """The run's guidance at `steps` sampling steps: its 1-step value for single jumps where it has one."""
-        one_step = self.config.guidance_scale_one_step if steps == 1 else None
-        if one_step is not None:
-            return one_step
-        return self.config.guidance_scale if self.config.guidance_scale is not None else 1.0
+        """The run's guidance at `steps` sampling steps, by the rule `sigma sample` follows (its 1-step value for
+        single jumps where it has one; 1, no guidance, where the config has none)."""
+        return default_guidance(stage_from_pipeline(self.config), steps)
 
     def class_label_tensor(self, class_labels, num_images: int | None) -> torch.Tensor:
         """[B] long labels from class indices (ints, 0-D/1-D tensors or arrays) in [0, num_classes], where

@@ -196,6 +196,11 @@ def pipeline_defaults(stage: IMMStage) -> dict:
     return {key: getattr(stage, field) for field, key in PIPELINE_DEFAULTS.items()}
 
 
+def stage_from_pipeline(config) -> dict:
+    """The other way: the sampling defaults a pipeline config (model_index.json) holds, as a run's stage fields."""
+    return {field: config[key] for field, key in PIPELINE_DEFAULTS.items() if config.get(key) is not None}
+
+
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
     """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
     features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
