@@ -13,6 +13,15 @@ from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryO
                              run_to_resume, steps_done)
 
 
+def recorded_file_needed(spec, what: str, hint: str = ""):
+    """A run's recorded text file (sigma.json's data_spec) that is gone: one line naming it, not '--data ...'."""
+    from pipelines.errors import SigmaError
+    from pipelines.lm.data import DEFAULT
+
+    if spec not in (None, "", DEFAULT) and not Path(spec).is_file():
+        raise SigmaError(f"{what}, which is not a file any more: move it back{hint}")
+
+
 @app.command("train-lm")
 @command
 def train_lm(
@@ -70,6 +79,7 @@ def train_lm(
         stage = run_part(LMStage, meta, "stage")
         model = load_model(out, "lm")
         data = meta["data_spec"]
+        recorded_file_needed(data, f"--resume continues on the run's text file '{data}'")
     else:
         fresh_run_folder(out)
         if preset not in LM_PRESETS:
@@ -128,6 +138,10 @@ def train_lm(
         raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
     torch.manual_seed(cfg.seed)
     corpus = ByteCorpus(data, model.config.context)
+    if resume and meta.get("data_sha256") not in (None, corpus.digest):
+        from pipelines.errors import say
+
+        say(f"note: the run's text file '{data}' has changed since the run last saved; training goes on on the new text")
     task = LMTask(model, corpus, stage, cfg.batch_size, data, cfg)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
@@ -175,7 +189,8 @@ def generate(
         raise SigmaError("--prompt must not be empty")
     dev = resolve_device(device)
     lm = load_model(model, "lm", dev)
-    ids = encode(prompt)[None].to(dev)
+    ids = encode(prompt)[None].to(dev)  # a prompt's bytes as given, UTF-8 or not
+    prompt = decode(ids[0].tolist())  # shown (and in --json) as text: bytes that are not UTF-8 as U+FFFD
     out = lm.generate(ids, max_new_tokens, temperature, top_k or None, torch.Generator(device=dev).manual_seed(seed),
                       use_cache=not no_cache)
     text = decode(out[0, ids.shape[1]:].tolist())
@@ -199,6 +214,7 @@ def eval_lm(
     lm = load_model(model, "lm", resolve_device(device))
     if data is None and (model / RUN_META).exists():
         data = read_json(model / RUN_META).get("data_spec")
+        recorded_file_needed(data, f"the run '{model}' was trained on '{data}'", " (or give --data FILE)")
     corpus = ByteCorpus(data, lm.config.context)
     r = {"model": str(model), "data": corpus.name, **evaluate(lm, corpus)}
     emit(r, as_json, [f"{corpus.name}: validation loss {r['val_loss']:.4f} nats/byte, {r['bits_per_byte']:.4f} bits/byte "

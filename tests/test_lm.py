@@ -361,3 +361,31 @@ def test_compiled_model_does_not_recompile_as_the_routing_changes():
         compiled(idx).float().square().mean().backward()
     assert counters["aot_autograd"]["total"] == graphs  # (the old traced dispatch: 14 graphs, then 18, 22, 26)
     torch._dynamo.reset()
+
+
+def test_cli_own_text_files(cli, tmp_path, monkeypatch):
+    """Text a researcher brings: UTF-16 is refused naming its encoding; a file too short says how long it must be;
+    a non-UTF-8 file trains with a note; a prompt of non-UTF-8 bytes (a shell argument) is its bytes, shown as
+    text; eval-lm and --resume name the run's text file once it is gone, and --resume notes a changed one."""
+    monkeypatch.chdir(tmp_path)
+    arch = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4", "--batch-size", "2",
+            "--sample-every", "0"]
+    Path("u16.txt").write_bytes(("some text\n" * 20).encode("utf-16"))
+    Path("short.txt").write_text("a" * 33)
+    Path("latin1.txt").write_bytes("caf\xe9 na\xefve gr\xfc\xdfe\n".encode("latin-1") * 10)
+    for name, message in (("u16.txt", "UTF-16 or UTF-32 text"), ("short.txt", "it needs at least 34 bytes")):
+        r = cli("train-lm", "--data", name, *arch, "--steps", "1", "--out", "x")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("train-lm", "--data", "latin1.txt", *arch, "--steps", "1", "--save-every", "1", "--out", "run", "--json")
+    assert r.exit_code == 0 and "is not UTF-8 (byte 3 is 0xe9)" in r.stderr, r.stderr
+    r = cli("generate", "--model", "run", "--prompt", "caf\udce9", "--max-new-tokens", "3", "--json")  # bytes 'caf', 0xe9
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["prompt"] == "caf\ufffd"
+    Path("latin1.txt").rename("moved.txt")
+    for args in (("eval-lm", "--model", "run"), ("train-lm", "--out", "run", "--resume", "--steps", "2")):
+        r = cli(*args)
+        assert r.exit_code == 1 and "latin1.txt', which is not a file any more" in r.stderr, r.stderr
+        assert "--data '" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    Path("latin1.txt").write_text("other text altogether. " * 5)
+    r = cli("train-lm", "--out", "run", "--resume", "--steps", "2", "--json")
+    assert r.exit_code == 0 and "has changed since the run last saved" in r.stderr, r.stderr

@@ -2,17 +2,20 @@
 or any text file. Validation is a held-out contiguous tail; training windows never reach into it."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from pipelines.errors import SigmaError
+from pipelines.errors import SigmaError, say
 
 DEFAULT = "pydoc"
 
 
 def encode(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    # surrogateescape: bytes of a command-line argument that are not UTF-8 (Python keeps them as lone surrogates)
+    # come back as those very bytes
+    return torch.frombuffer(bytearray(text.encode("utf-8", errors="surrogateescape")), dtype=torch.uint8).long()
 
 
 def decode(ids) -> str:
@@ -31,17 +34,27 @@ def load_text(spec: str | None) -> tuple[str, torch.Tensor]:
     raw = path.read_bytes()
     if not raw.strip():
         raise SigmaError(f"--data '{spec}' is empty")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SigmaError(f"--data '{spec}' is UTF-16 or UTF-32 text (it starts with a byte-order mark); the model "
+                         "reads bytes as UTF-8: save it as UTF-8 first")
     if b"\x00" in raw[:65536]:
         raise SigmaError(f"--data '{spec}' looks binary (NUL bytes), not text")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        say(f"note: --data '{spec}' is not UTF-8 (byte {e.start} is 0x{raw[e.start]:02x}); the model learns its bytes "
+            "as they are, but sigma generate shows bytes that are not UTF-8 as \ufffd", once=True)
     return path.name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
 
 
 class ByteCorpus:
     def __init__(self, spec: str | None, context: int, val_fraction: float = 0.1):
         self.name, ids = load_text(spec)
+        self.digest = hashlib.sha256(ids.to(torch.uint8).numpy().tobytes()).hexdigest()
         n_val = max(context + 1, int(len(ids) * val_fraction))
-        if len(ids) - n_val < context + 1:
-            raise SigmaError(f"the text has {len(ids)} bytes: too short for a context of {context} plus a validation tail")
+        if len(ids) - n_val < context + 1:  # the least that works: context + 1 bytes for training and as many held out
+            raise SigmaError(f"the text has {len(ids)} bytes: too short for a context of {context} plus a validation "
+                             f"tail (it needs at least {2 * (context + 1)} bytes)")
         self.train, self.val, self.context = ids[:-n_val], ids[-n_val:], context
 
     def batch(self, indices_generator: torch.Generator, batch_size: int):

@@ -142,4 +142,5 @@ class LMTask:
         return path
 
     def metadata(self) -> dict:
-        return {"data": self.corpus.name, "data_spec": absolute_spec(self.data_spec), "stage": asdict(self.stage)}
+        return {"data": self.corpus.name, "data_spec": absolute_spec(self.data_spec), "data_sha256": self.corpus.digest,
+                "stage": asdict(self.stage)}
