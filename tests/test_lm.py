@@ -389,3 +389,12 @@ def test_cli_own_text_files(cli, tmp_path, monkeypatch):
     Path("latin1.txt").write_text("other text altogether. " * 5)
     r = cli("train-lm", "--out", "run", "--resume", "--steps", "2", "--json")
     assert r.exit_code == 0 and "has changed since the run last saved" in r.stderr, r.stderr
+
+
+def test_text_file_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    from pipelines.lm.data import load_text
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.txt").write_text("hello text\n")
+    name, ids = load_text("~/t.txt")
+    assert name == "t.txt" and bytes(ids.tolist()) == b"hello text\n"

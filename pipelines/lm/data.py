@@ -28,7 +28,7 @@ def load_text(spec: str | None) -> tuple[str, torch.Tensor]:
         from pydoc_data.topics import topics
 
         return DEFAULT, encode("\n\n".join(topics[k] for k in sorted(topics)))
-    path = Path(spec)
+    path = Path(spec).expanduser()  # "~/x" quoted past the shell (the run records it expanded, as absolute_spec does)
     if not path.is_file():
         raise SigmaError(f"--data '{spec}' is not a text file")
     raw = path.read_bytes()
