@@ -196,6 +196,12 @@ def test_resume_refuses_a_folder_whose_classes_changed(cli, tmp_path):
     r = cli("train-classifier", "--out", tmp_path / "run", "--resume", "--steps", "2")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "knows classes [ant, cow]" in lines[0] and "[ant, bee, cow]" in lines[0], r.stderr
+    (tmp_path / "pics" / "bee" / "0.png").unlink()  # as many classes as before, one renamed: still other classes
+    (tmp_path / "pics" / "bee").rmdir()
+    (tmp_path / "pics" / "cow").rename(tmp_path / "pics" / "cat")
+    r = cli("train-classifier", "--out", tmp_path / "run", "--resume", "--steps", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "knows classes [ant, cow]" in lines[0] and "[ant, cat]" in lines[0], r.stderr
 
 
 def test_a_folder_of_one_class_is_refused(cli, tmp_path):

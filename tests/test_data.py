@@ -224,6 +224,9 @@ def test_image_folder_16bit_colour_key_and_non_finite_floats(tmp_path):
     assert (key[:, :, :8] == 1).all() and torch.allclose(key[:, :, 8:], torch.zeros(()), atol=0.01)
     for name in ("nan.tif", "inf.tif"):  # the finite values, 0.5, are mid gray
         assert torch.allclose(_pixel(ds, name), torch.zeros(3), atol=0.02), name
+    corner = lambda name: ds.get_batch(torch.tensor([ds.paths.index(name)]))[0][0, :, 0, 0, 0]  # noqa: E731
+    assert torch.allclose(corner("inf.tif"), torch.zeros(3), atol=0.02)  # +inf: the largest value (0.5), not black
+    assert torch.allclose(corner("nan.tif"), -torch.ones(3), atol=0.02)  # NaN: 0
 
 
 def test_image_folder_links_inside_the_folder_are_aliases(tmp_path):

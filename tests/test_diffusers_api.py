@@ -34,6 +34,19 @@ def test_half_precision_latent_pipeline_samples(tmp_path):
         assert out.dtype == torch.float32 and (out - ref).abs().mean() < 0.05
 
 
+def test_half_precision_pca_latents_decode():
+    """A half-precision model with latent_pca (its basis a weight, halved by .to) maps tokens back to fp32 latents."""
+    torch.manual_seed(0)
+    model = tiny_dit("latent", num_tokens=2, token_dim=2, latent_mean=[0.1] * 8, latent_std=[2.0] * 4, latent_pca=4,
+                     latent_shape=(4, 2))
+    model.set_latent_basis(torch.linalg.qr(torch.randn(8, 4))[0].T)
+    tokens = torch.randn(3, 2, 2)
+    ref = model.latents_from_tokens(tokens)
+    half = model.to(torch.float16).latents_from_tokens(tokens.half())
+    assert half.shape == (3, 4, 2) and half.dtype == torch.float32
+    torch.testing.assert_close(half, ref, atol=0.02, rtol=0.01)
+
+
 def test_hand_written_loop_reproduces_the_pipeline():
     """set_timesteps / timesteps / init_noise_sigma / scale_model_input / step(...).prev_sample, with the network's
     second time from network_s, give the pipeline's tokens for the same noise."""
@@ -96,10 +109,10 @@ def test_call_arguments_are_checked_in_one_line():
     assert pipe(class_labels=np.array([0, 3]), output_type="pt").images.shape[0] == 2
     assert pipe(num_images=3, output_type="pt").images.shape[0] == 3
     bad = [(dict(class_labels=[4]), ValueError, "must lie in"), (dict(class_labels=[-1]), ValueError, "must lie in"),
-           (dict(class_labels=[1.7]), TypeError, "integers"), (dict(class_labels=["circle"]), ValueError, "unknown class label 'circle'"),
+           (dict(class_labels=[1.7]), TypeError, "integers"), (dict(class_labels=[True, False]), TypeError, "integers"), (dict(class_labels=["circle"]), ValueError, "unknown class label 'circle'"),
            (dict(class_labels=[[0, 1]]), ValueError, "1-D"),
            (dict(class_labels=[0], num_images=3), ValueError, "num_images 3 does not match"),
-           (dict(num_images=-1), ValueError, "num_images"), (dict(guidance_scale=float("nan")), ValueError, "finite"),
+           (dict(num_images=-1), ValueError, "num_images"), (dict(num_images=True), ValueError, "num_images"), (dict(guidance_scale=float("nan")), ValueError, "finite"),
            (dict(output_type="latents"), ValueError, "output_type"), (dict(num_inference_steps=0), ValueError, "at least 1")]
     for kw, error, match in bad:
         with pytest.raises(error, match=match):

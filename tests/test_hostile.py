@@ -300,7 +300,8 @@ def test_unwritable_output_places_fail_before_the_work(cli, tmp_path, monkeypatc
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(sigmacli.common.os, "access", lambda p, mode: str(p) != str(locked) and real_access(p, mode))
+    monkeypatch.setattr(sigmacli.common.os, "access", lambda p, mode: (str(p) != str(locked) or not mode & os.W_OK)
+                        and real_access(p, mode))  # locked: readable and searchable, not writable
     for args in (("sample", "--num", "2", "--out", locked / "x.png"),
                  ("sample", "--num", "2", "--out", tmp_path / "x.png", "--save-individual", locked / "new" / "each"),
                  ("train-classifier", "--steps", "1", "--out", locked / "run"),

@@ -391,6 +391,15 @@ def test_cli_own_text_files(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "has changed since the run last saved" in r.stderr, r.stderr
 
 
+def test_big_endian_utf16_text_is_refused_naming_its_encoding(tmp_path):
+    from pipelines.errors import SigmaError
+    from pipelines.lm.data import load_text
+
+    (tmp_path / "be.txt").write_bytes(b"\xfe\xff" + ("some text\n" * 20).encode("utf-16-be"))
+    with pytest.raises(SigmaError, match="UTF-16 or UTF-32 text"):
+        load_text(str(tmp_path / "be.txt"))
+
+
 def test_text_file_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
     from pipelines.lm.data import load_text
 
