@@ -178,7 +178,7 @@ def generate(
 
     from checkpoints.io import load_model
     from pipelines.errors import SigmaError
-    from pipelines.lm.data import decode, encode
+    from pipelines.lm.data import decode, encode, visible
     from pipelines.train import resolve_device
 
     if max_new_tokens < 1:
@@ -194,7 +194,8 @@ def generate(
     out = lm.generate(ids, max_new_tokens, temperature, top_k or None, torch.Generator(device=dev).manual_seed(seed),
                       use_cache=not no_cache)
     text = decode(out[0, ids.shape[1]:].tolist())
-    emit({"prompt": prompt, "text": text, "tokens": max_new_tokens}, as_json, [prompt + text])
+    # the plain output shows control characters as symbols (a terminal would act on them); --json keeps them exact
+    emit({"prompt": prompt, "text": text, "tokens": max_new_tokens}, as_json, [visible(prompt + text)])
 
 
 @app.command("eval-lm")

@@ -227,10 +227,21 @@ def test_cli_train_resume_generate_eval(cli, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["resumed_from"] == 2
     r = cli("generate", "--model", tmp_path / "lm", "--prompt", "\u00e9\u00e8 \x01", "--max-new-tokens", "5", "--json")
     assert r.exit_code == 0, r.stderr  # any bytes are fine in a prompt
+    assert json.loads(r.stdout)["prompt"] == "\u00e9\u00e8 \x01"  # --json keeps control characters exact
+    r = cli("generate", "--model", tmp_path / "lm", "--prompt", "\x1b[2J\x07go", "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.stderr  # the plain output shows them as symbols: the terminal must not act on them
+    assert r.stdout.startswith("\u241b[2J\u2407go") and not any(c < " " and c not in "\n\t" for c in r.stdout)
     r = cli("eval-lm", "--model", tmp_path / "lm", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["bits_per_byte"] > 0
     r = cli("train-lm", "--dense", "--optimizer", "muon", *common[:-1], tmp_path / "dense", "--steps", "1", "--json")
     assert r.exit_code == 0, r.stderr
+
+
+def test_visible_shows_control_characters_as_symbols():
+    from pipelines.lm.data import visible
+
+    assert visible("a\x1b[31mb\r\nc\td\x07\x7f\x85\u00e9\u4e2d\x00") == "a\u241b[31mb\u240d\nc\td\u2407\u2421\\x85\u00e9\u4e2d\u2400"
+    assert visible("plain text, \u00fcnicode \u2603") == "plain text, \u00fcnicode \u2603"
 
 
 def test_lm_bad_inputs_fail_with_one_line(cli, tmp_path, runs_tok=None):
