@@ -203,6 +203,20 @@ def _class_of(rel: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else "all"
 
 
+def _class_names(rels: list[Path], root: Path, what: str) -> list[str]:
+    """Sorted class names of items at these relative paths. Items directly in the root are class "all": a sub-folder
+    of that name too would merge with them silently (an error), and beside sub-folder classes they get a note."""
+    loose = sum(len(rel.parts) <= 1 for rel in rels)
+    names = sorted({_class_of(rel) for rel in rels})
+    if loose and any(len(rel.parts) > 1 and rel.parts[0] == "all" for rel in rels):
+        raise DataError(f"'{root}' holds {what} directly, which form class 'all', and a sub-folder 'all' whose {what} "
+                        "would merge with them: rename that sub-folder, or move the loose ones into a sub-folder")
+    if loose and len(names) > 1:
+        items = what.rstrip("s") if loose == 1 else what
+        say(f"note: {loose} {items} directly in {root} form a class 'all' beside its sub-folders' classes", once=True)
+    return names
+
+
 def _split(items: list, split: str) -> list:
     """Every 10th item is held out when there are at least 10; otherwise both splits use all of them (`_note_small`)."""
     if len(items) < 10:
@@ -242,7 +256,7 @@ def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedData
     files.sort(key=lambda p: p.as_posix())
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in '{root}'")
-    class_names = sorted({_class_of(f) for f in files})  # from all files, so both splits agree
+    class_names = _class_names(files, root, "images")  # from all files, so both splits agree
 
     arrays, labels, paths, skipped = [], [], [], 0
     for rel in _split(files, split):
@@ -286,7 +300,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
     clips.sort(key=lambda c: c[0].as_posix())
     if not clips:
         raise DataError(f"no clips in '{root}' (a clip is a sub-folder of frame pictures, or a GIF or animated WebP/PNG)")
-    class_names = sorted({_class_of(rel) for rel, _ in clips})
+    class_names = _class_names([rel for rel, _ in clips], root, "clips")
 
     arrays, labels, paths, skipped = [], [], [], 0
     for rel, stills in _split(clips, split):
