@@ -24,7 +24,7 @@ from torch import nn
 
 from checkpoints.io import (RUN_META, atomic_write_text, checkpoint_dir, keep_snapshot, load_training_state, save_model,
                             save_training_state)
-from pipelines.errors import SigmaError, release_notes
+from pipelines.errors import SigmaError, release_notes, say
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -39,6 +39,43 @@ def check_precision(precision: str | None):
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether a run of this --precision trains under bf16 autocast on this device (auto: on CUDA only)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+_bf16_slowdown: float | None = None
+
+
+def cpu_bf16_slowdown(n: int = 256) -> float:
+    """How many times longer this CPU takes for an [n, n] x [n, n] matmul in bf16 than in fp32 (one thread, best of
+    5, measured once per process; one thread, because a busy machine stalls multi-threaded fp32 matmuls far more than
+    the slow bf16 path, which is single-threaded anyway). CPUs with native bf16 (AVX512-BF16, AMX) are faster in
+    bf16; AVX2-only x86 CPUs take a generic path, 20-170x slower than fp32 (BENCHMARKS.md)."""
+    global _bf16_slowdown
+    if _bf16_slowdown is None:
+        def best(a, b):
+            a @ b
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            _bf16_slowdown = best(a.bfloat16(), b.bfloat16()) / max(best(a, b), 1e-9)
+        finally:
+            torch.set_num_threads(threads)
+    return _bf16_slowdown
+
+
+def warn_slow_bf16(use_bf16: bool, device: torch.device) -> None:
+    """A one-line warning when bf16 autocast is asked for on a CPU that computes bf16 far slower than fp32 (a run
+    that would be ~10x faster in fp32, the CPU default)."""
+    if use_bf16 and device.type == "cpu" and (slowdown := cpu_bf16_slowdown()) > 3:
+        say(f"warning: this CPU multiplies bf16 matrices {slowdown:.0f}x slower than fp32 (no native bf16 arithmetic), "
+            "so --precision bf16 trains far slower here than fp32, the CPU default", once=True)
 
 
 @dataclass
@@ -296,6 +333,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         device = torch.device("cuda", torch.cuda.current_device())
     check_precision(cfg.precision)
     use_bf16 = uses_bf16(cfg.precision, device)
+    warn_slow_bf16(use_bf16, device)
 
     model = task.model.to(device)
     task.trainable(model)

@@ -30,7 +30,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", callback=_seed, help="Random see
 FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
 KeepEveryOpt = Annotated[Optional[int], typer.Option("--keep-every", help="Also keep the sampling weights every N steps as a loadable folder, OUT/snapshots/step-NNNNNNN, the step in 7 digits (a checkpoint is written at those steps too; --save-every keeps only the latest). Default 0 (off), or the run's own on --resume, where it may be changed.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast; also fast on CPUs with AVX512-BF16 or AMX). Default: auto, or the run's own on --resume.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast; on the CPU fast only with native bf16, AVX512-BF16 or AMX: elsewhere a warning says how much slower). Default: auto, or the run's own on --resume.")]
 
 
 def trained_or_shipped(kind: str) -> Path:
