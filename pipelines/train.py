@@ -41,16 +41,15 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-_bf16_slowdown: float | None = None
+_slowdown: dict[torch.dtype, float] = {}
 
 
-def cpu_bf16_slowdown(n: int = 256) -> float:
-    """How many times longer this CPU takes for an [n, n] x [n, n] matmul in bf16 than in fp32 (one thread, best of
-    5, measured once per process; one thread, because a busy machine stalls multi-threaded fp32 matmuls far more than
-    the slow bf16 path, which is single-threaded anyway). CPUs with native bf16 (AVX512-BF16, AMX) are faster in
-    bf16; AVX2-only x86 CPUs take a generic path, 20-170x slower than fp32 (BENCHMARKS.md)."""
-    global _bf16_slowdown
-    if _bf16_slowdown is None:
+def cpu_matmul_slowdown(dtype: torch.dtype = torch.bfloat16, n: int = 256) -> float:
+    """How many times longer this CPU takes for an [n, n] x [n, n] matmul in `dtype` than in fp32 (one thread, best
+    of 5, measured once per process and dtype; one thread, because a busy machine stalls multi-threaded fp32 matmuls
+    far more than the slow half-precision path, which is single-threaded anyway). CPUs with native bf16 (AVX512-BF16,
+    AMX) are faster in bf16; AVX2-only x86 CPUs take a generic path, 20-170x slower than fp32 (BENCHMARKS.md)."""
+    if dtype not in _slowdown:
         def best(a, b):
             a @ b
             times = []
@@ -64,18 +63,25 @@ def cpu_bf16_slowdown(n: int = 256) -> float:
         torch.set_num_threads(1)
         try:
             a, b = torch.randn(n, n), torch.randn(n, n)
-            _bf16_slowdown = best(a.bfloat16(), b.bfloat16()) / max(best(a, b), 1e-9)
+            _slowdown[dtype] = best(a.to(dtype), b.to(dtype)) / max(best(a, b), 1e-9)
         finally:
             torch.set_num_threads(threads)
-    return _bf16_slowdown
+    return _slowdown[dtype]
+
+
+def warn_slow_half(dtype: torch.dtype | None, device: torch.device | str, option: str = "--precision bf16") -> None:
+    """One warning line when a half precision is asked for on a CPU that computes it far slower than fp32 (a run
+    that would be ~10x faster in fp32, the CPU default). dtype None or fp32: nothing to check."""
+    if dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
+        if (slowdown := cpu_matmul_slowdown(dtype)) > 3:
+            name = "bf16" if dtype == torch.bfloat16 else "fp16"
+            say(f"warning: this CPU multiplies {name} matrices {slowdown:.0f}x slower than fp32 (no native {name} "
+                f"arithmetic), so {option} runs far slower here than fp32", once=True)
 
 
 def warn_slow_bf16(use_bf16: bool, device: torch.device) -> None:
-    """A one-line warning when bf16 autocast is asked for on a CPU that computes bf16 far slower than fp32 (a run
-    that would be ~10x faster in fp32, the CPU default)."""
-    if use_bf16 and device.type == "cpu" and (slowdown := cpu_bf16_slowdown()) > 3:
-        say(f"warning: this CPU multiplies bf16 matrices {slowdown:.0f}x slower than fp32 (no native bf16 arithmetic), "
-            "so --precision bf16 trains far slower here than fp32, the CPU default", once=True)
+    """warn_slow_half for a trainer's --precision (bf16 autocast or not)."""
+    warn_slow_half(torch.bfloat16 if use_bf16 else None, device)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def bench_attn(
 
     from kernels.bench_attn import DTYPES, BenchConfig, available_nsa_backends, run
     from pipelines.errors import SigmaError
-    from pipelines.train import resolve_device
+    from pipelines.train import resolve_device, warn_slow_half
     from pipelines.visual import save_plot
 
     grids = [parse_grid(g.strip(), "--grid") for g in grid.split(",") if g.strip()]
@@ -71,6 +71,7 @@ def bench_attn(
         raise SigmaError("the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16")
     kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")
     out = output_picture(out, clips=False)  # a folder or x.jpg fails here, not after the timings
+    warn_slow_half(DTYPES[dtype], dev, f"--dtype {dtype}")
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
                       compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
                       mta=mta, mta_kernel=kernel, mta_backends=mta_chosen, reference_max_tokens=reference_max_tokens)

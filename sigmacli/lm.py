@@ -238,9 +238,11 @@ def bench_moe(
     """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same
     active size: tokens/s, forward and forward + backward."""
     from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
+    import torch
+
     from kernels.moe.bench import run_bench
     from pipelines.errors import SigmaError
-    from pipelines.train import resolve_device
+    from pipelines.train import resolve_device, warn_slow_half
 
     if min(tokens, dim, experts, hidden, top_k, repeats) < 1 or top_k > experts:
         raise SigmaError("sizes must be positive and --top-k at most --experts")
@@ -250,7 +252,9 @@ def bench_moe(
     if HAS_GROUPED_MM and not grouped_mm_fits(dim, hidden, size):  # the grouped path is what it measures
         raise SigmaError(f"--dim and --hidden must be multiples of {16 // size} in {dtype} (torch._grouped_mm takes "
                          f"rows of whole 16-byte units), not {dim} / {hidden}")
-    r = run_bench(tokens, dim, experts, hidden, top_k, dtype, resolve_device(device).type, repeats)
+    dev = resolve_device(device)
+    warn_slow_half({"fp32": None, "bf16": torch.bfloat16}[dtype], dev, "--dtype bf16")
+    r = run_bench(tokens, dim, experts, hidden, top_k, dtype, dev.type, repeats)
     lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
              f"(max |grouped - reference| = {r['check_max_abs']:.1e})"]
     for name, e in r["methods"].items():

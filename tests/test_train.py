@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import pipelines.train
 from checkpoints import io
 from pipelines.errors import CheckpointError
 from pipelines.maetok.model import MAETok
@@ -489,3 +490,25 @@ def test_a_closed_pipe_stops_quietly():
             "try:\n    report(BrokenPipeError(errno.EPIPE, 'Broken pipe'))\nexcept typer.Exit as e:\n    raise SystemExit(e.exit_code)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_cpu_matmul_slowdown_is_measured_on_one_thread_and_restores_the_threads(monkeypatch):
+    monkeypatch.setattr(pipelines.train, "_slowdown", {})
+    threads = torch.get_num_threads()
+    ratio = pipelines.train.cpu_matmul_slowdown(torch.bfloat16, n=64)
+    assert 0 < ratio < float("inf") and torch.get_num_threads() == threads
+    assert pipelines.train.cpu_matmul_slowdown(torch.bfloat16) == ratio  # measured once per process and dtype
+    assert set(pipelines.train._slowdown) == {torch.bfloat16}
+
+
+def test_benches_warn_about_a_slow_half_precision_on_the_cpu(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(pipelines.train._slowdown, torch.bfloat16, 40.0)
+    monkeypatch.setitem(pipelines.train._slowdown, torch.float16, 0.5)
+    r = cli("bench-moe", "--tokens", "64", "--dim", "16", "--experts", "4", "--hidden", "16", "--top-k", "2",
+            "--repeats", "1", "--dtype", "bf16", "--json")
+    assert r.exit_code == 0 and r.stderr.strip().splitlines() == [
+        "warning: this CPU multiplies bf16 matrices 40x slower than fp32 (no native bf16 arithmetic), so --dtype bf16 "
+        "runs far slower here than fp32"], r.stderr
+    r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x2x2", "--top-n", "1", "--heads", "1", "--head-dim", "8",
+            "--repeats", "1", "--dtype", "fp16", "--out", tmp_path / "b.png", "--json")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr  # fp16 is fast on this (pretended) CPU
