@@ -237,9 +237,9 @@ def bench_moe(
 ):
     """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same
     active size: tokens/s, forward and forward + backward."""
-    from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
     import torch
 
+    from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
     from kernels.moe.bench import run_bench
     from pipelines.errors import SigmaError
     from pipelines.train import resolve_device, warn_slow_half
