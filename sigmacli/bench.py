@@ -37,7 +37,7 @@ def bench_attn(
     import math
 
     from kernels.bench_attn import DTYPES, BenchConfig, available_nsa_backends, run
-    from pipelines.errors import SigmaError
+    from pipelines.errors import SigmaError, release_notes
     from pipelines.train import resolve_device, warn_slow_half
     from pipelines.visual import save_plot
 
@@ -75,6 +75,7 @@ def bench_attn(
     cfg = BenchConfig(grids=grids, heads=heads, head_dim=head_dim, cube=cube_t, top_n=top_n, radius=radius_t,
                       compress=compress, dtype=dtype, device=dev, backward=backward, repeats=repeats, backends=chosen,
                       mta=mta, mta_kernel=kernel, mta_backends=mta_chosen, reference_max_tokens=reference_max_tokens)
+    release_notes()  # the timings begin: a slow-dtype warning held until the end would come after the wait it explains
     from rich.console import Console
     from rich.progress import Progress
 

@@ -241,7 +241,7 @@ def bench_moe(
 
     from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
     from kernels.moe.bench import run_bench
-    from pipelines.errors import SigmaError
+    from pipelines.errors import SigmaError, release_notes
     from pipelines.train import resolve_device, warn_slow_half
 
     if min(tokens, dim, experts, hidden, top_k, repeats) < 1 or top_k > experts:
@@ -254,6 +254,7 @@ def bench_moe(
                          f"rows of whole 16-byte units), not {dim} / {hidden}")
     dev = resolve_device(device)
     warn_slow_half({"fp32": None, "bf16": torch.bfloat16}[dtype], dev, "--dtype bf16")
+    release_notes()  # the timings begin: a slow-dtype warning held until the end would come after the wait it explains
     r = run_bench(tokens, dim, experts, hidden, top_k, dtype, dev.type, repeats)
     lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
              f"(max |grouped - reference| = {r['check_max_abs']:.1e})"]

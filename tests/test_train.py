@@ -502,13 +502,28 @@ def test_cpu_matmul_slowdown_is_measured_on_one_thread_and_restores_the_threads(
 
 
 def test_benches_warn_about_a_slow_half_precision_on_the_cpu(cli, tmp_path, monkeypatch):
+    import kernels.bench_attn
+    import kernels.moe.bench
+    from pipelines import errors
+
     monkeypatch.setitem(pipelines.train._slowdown, torch.bfloat16, 40.0)
     monkeypatch.setitem(pipelines.train._slowdown, torch.float16, 0.5)
+    held = []  # whether the notes were still held back when the timings began
+
+    def spy(run):
+        def timed(*args, **kwargs):
+            held.append(errors.holding_notes())
+            return run(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(kernels.moe.bench, "run_bench", spy(kernels.moe.bench.run_bench))
+    monkeypatch.setattr(kernels.bench_attn, "run", spy(kernels.bench_attn.run))
     r = cli("bench-moe", "--tokens", "64", "--dim", "16", "--experts", "4", "--hidden", "16", "--top-k", "2",
-            "--repeats", "1", "--dtype", "bf16", "--json")
+            "--repeats", "1", "--dtype", "bf16", "--device", "cpu", "--json")
     assert r.exit_code == 0 and r.stderr.strip().splitlines() == [
         "warning: this CPU multiplies bf16 matrices 40x slower than fp32 (no native bf16 arithmetic), so --dtype bf16 "
         "runs far slower here than fp32"], r.stderr
     r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x2x2", "--top-n", "1", "--heads", "1", "--head-dim", "8",
-            "--repeats", "1", "--dtype", "fp16", "--out", tmp_path / "b.png", "--json")
+            "--repeats", "1", "--dtype", "fp16", "--device", "cpu", "--out", tmp_path / "b.png", "--json")
     assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr  # fp16 is fast on this (pretended) CPU
+    assert held == [False, False]  # shown before the (slow) timings, not after them, or never on a Ctrl-C
