@@ -95,8 +95,7 @@ def train_imm(
                                        encode_dataset, latent_statistics, pipeline_defaults, run_scheduler,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
-    from pipelines.train import (TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16,
-                                 warn_slow_bf16)
+    from pipelines.train import TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -313,7 +312,6 @@ def train_imm(
         IMMPipeline(model, run_scheduler(sched, stage), tok, **pipeline_defaults(stage)).save_pretrained(out)
     cfg.fsdp, cfg.compile = fsdp, compile_
     cfg.precision = precision or cfg.precision
-    warn_slow_bf16(uses_bf16(cfg.precision, dev), dev)  # before the latents are encoded in it (train() says it once)
     latents = None
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
         enc_dev = rank_device(dev)
