@@ -169,7 +169,7 @@ def test_image_folder_classes_and_formats(tmp_path, capsys):
     ds = make_dataset(str(root), image_size=16)
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        f"note: 1 image directly in {root.resolve()} form a class 'all' beside its sub-folders' classes",
+        f"note: 1 image directly in {root.resolve()} forms a class 'all' beside its sub-folders' classes",
         f"note: only 9 images in {root.resolve()}: fewer than 10, so the held-out split is the training data",
         f"warning: skipped 1 unreadable files (corrupt, or over Pillow's decompression-bomb size limit) in {root.resolve()}"]
     make_dataset(str(root), image_size=16, split="heldout")  # the same files: nothing said twice
@@ -353,15 +353,18 @@ def test_folders_sort_names_with_digit_like_characters(tmp_path):
     assert make_dataset(str(tmp_path / "pics"), image_size=8).paths == ["a.png", "x1².png"]
 
 
-def test_loose_items_and_a_sub_folder_named_all_do_not_merge(tmp_path):
+def test_loose_items_and_a_sub_folder_named_all_do_not_merge(tmp_path, capsys):
     root = tmp_path / "pics"
     _solid(root / "loose.png", "RGB", (0, 0, 0))
+    _solid(root / "loose2.png", "RGB", (0, 0, 0))
     _solid(root / "cats" / "c.png", "RGB", (0, 0, 0))
     assert make_dataset(str(root), image_size=8).class_names == ["all", "cats"]
+    assert f"note: 2 images directly in {root.resolve()} form a class 'all'" in capsys.readouterr().err
     _solid(root / "all" / "a.png", "RGB", (0, 0, 0))
     with pytest.raises(DataError, match="holds images directly, which form class 'all', and a sub-folder 'all'"):
         make_dataset(str(root), image_size=8)
     (root / "loose.png").unlink()  # only the sub-folder: an ordinary class
+    (root / "loose2.png").unlink()
     assert make_dataset(str(root), image_size=8).class_names == ["all", "cats"]
     clips = tmp_path / "clips"
     _gif(clips / "a.gif", [(10, 10, 10), (60, 60, 60)])

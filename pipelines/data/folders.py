@@ -212,8 +212,8 @@ def _class_names(rels: list[Path], root: Path, what: str) -> list[str]:
         raise DataError(f"'{root}' holds {what} directly, which form class 'all', and a sub-folder 'all' whose {what} "
                         "would merge with them: rename that sub-folder, or move the loose ones into a sub-folder")
     if loose and len(names) > 1:
-        items = what.rstrip("s") if loose == 1 else what
-        say(f"note: {loose} {items} directly in {root} form a class 'all' beside its sub-folders' classes", once=True)
+        items = f"{what.rstrip('s')} directly in {root} forms" if loose == 1 else f"{what} directly in {root} form"
+        say(f"note: {loose} {items} a class 'all' beside its sub-folders' classes", once=True)
     return names
 
 
