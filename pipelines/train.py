@@ -48,7 +48,8 @@ def cpu_matmul_slowdown(dtype: torch.dtype = torch.bfloat16, n: int = 256) -> fl
     """How many times longer this CPU takes for an [n, n] x [n, n] matmul in `dtype` than in fp32 (one thread, best
     of 5, measured once per process and dtype; one thread, because a busy machine stalls multi-threaded fp32 matmuls
     far more than the slow half-precision path, which is single-threaded anyway). CPUs with native bf16 (AVX512-BF16,
-    AMX) are faster in bf16; AVX2-only x86 CPUs take a generic path, 20-170x slower than fp32 (BENCHMARKS.md)."""
+    AMX) are faster in bf16; AVX2-only x86 CPUs take a generic path, 60-130x slower than fp32 on a Zen 3
+    (BENCHMARKS.md)."""
     if dtype not in _slowdown:
         def best(a, b):
             a @ b
