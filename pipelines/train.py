@@ -80,11 +80,6 @@ def warn_slow_half(dtype: torch.dtype | None, device: torch.device | str, option
                 f"arithmetic), so {option} runs far slower here than fp32", once=True)
 
 
-def warn_slow_bf16(use_bf16: bool, device: torch.device) -> None:
-    """warn_slow_half for a trainer's --precision (bf16 autocast or not)."""
-    warn_slow_half(torch.bfloat16 if use_bf16 else None, device)
-
-
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -340,7 +335,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
         device = torch.device("cuda", torch.cuda.current_device())
     check_precision(cfg.precision)
     use_bf16 = uses_bf16(cfg.precision, device)
-    warn_slow_bf16(use_bf16, device)
+    warn_slow_half(torch.bfloat16 if use_bf16 else None, device)
 
     model = task.model.to(device)
     task.trainable(model)

@@ -253,7 +253,7 @@ def bench_moe(
         raise SigmaError(f"--dim and --hidden must be multiples of {16 // size} in {dtype} (torch._grouped_mm takes "
                          f"rows of whole 16-byte units), not {dim} / {hidden}")
     dev = resolve_device(device)
-    warn_slow_half({"fp32": None, "bf16": torch.bfloat16}[dtype], dev, "--dtype bf16")
+    warn_slow_half(torch.bfloat16 if dtype == "bf16" else None, dev, "--dtype bf16")
     release_notes()  # the timings begin: a slow-dtype warning held until the end would come after the wait it explains
     r = run_bench(tokens, dim, experts, hidden, top_k, dtype, dev.type, repeats)
     lines = [f"{tokens} tokens, d {dim}, {experts} experts of {hidden}, top-{top_k}, {dtype} on {r['device']} "
