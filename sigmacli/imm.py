@@ -87,7 +87,7 @@ def train_imm(
 
     from checkpoints.io import RUN_META, load_model, read_json
     from pipelines.data import absolute_spec, make_dataset
-    from pipelines.errors import SigmaError, say
+    from pipelines.errors import SigmaError, release_notes, say
     from pipelines.imm.model import PRESETS, DiT
     from pipelines.imm.pipeline import IMMPipeline
     from pipelines.imm.schedule import IMMSchedule
@@ -95,7 +95,8 @@ def train_imm(
                                        encode_dataset, latent_statistics, pipeline_defaults, run_scheduler,
                                        should_cache_latents)
     from pipelines.nn.layers import ATTN_KINDS, auto_cube
-    from pipelines.train import TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16
+    from pipelines.train import (TrainConfig, check_train_config, rank_device, resolve_device, train, uses_bf16,
+                                 warn_slow_half)
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
@@ -315,6 +316,8 @@ def train_imm(
     latents = None
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
         enc_dev = rank_device(dev)
+        warn_slow_half(torch.bfloat16 if uses_bf16(cfg.precision, dev) else None, enc_dev)
+        release_notes()  # the encoding takes a while: a slow-bf16 warning held until training starts would come after it
         latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=uses_bf16(cfg.precision, dev),
                                  show_progress=not as_json and is_main_rank())
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents,

@@ -436,6 +436,24 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     assert not (tmp_path / "endless").exists()
 
 
+def test_a_slow_bf16_warning_comes_before_the_latents_are_encoded(runs, cli, tmp_path, monkeypatch):
+    """The CLI holds notes until training starts; encoding a cached set in bf16 on a CPU without native bf16 is the
+    slow part, so its warning must be out before it."""
+    import pipelines.imm.trainer as imm_trainer
+    from pipelines import errors
+
+    root, _ = runs
+    for i in range(12):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save((tmp_path / f"{i}.png"))
+    monkeypatch.setitem(pipelines.train._slowdown, torch.bfloat16, 50.0)
+    held, encode = [], imm_trainer.encode_dataset
+    monkeypatch.setattr(imm_trainer, "encode_dataset", lambda *a, **k: held.append(errors.holding_notes()) or encode(*a, **k))
+    r = cli("train-imm", "--tokenizer", root / "tok", "--data", tmp_path, *TINY_DIT, "--steps", "1", "--cache-latents",
+            "--precision", "bf16", "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0 and held == [False], (held, r.stderr)
+    assert r.stderr.count("warning: this CPU multiplies bf16 matrices 50x slower") == 1, r.stderr
+
+
 def test_principal_component_latent_space_trains_resumes_and_samples(runs, cli, tmp_path):
     root, _ = runs
     out = tmp_path / "pca"
