@@ -373,6 +373,31 @@ def test_loose_items_and_a_sub_folder_named_all_do_not_merge(tmp_path, capsys):
         make_dataset(str(clips), frames=2, image_size=8)
 
 
+def test_run_folders_inside_a_data_folder_are_not_data(tmp_path, capsys):
+    """`cd photos && sigma train-imm --data . --out runs/x`: the run's sample grids used to become pictures of a
+    class 'runs' the next time the folder was read, so the run's own --resume failed with 'classes changed' and a
+    second command on the folder trained one class too many."""
+    root = tmp_path / "pics"
+    for cls in ("cats", "dogs"):
+        _solid(root / cls / "a.png", "RGB", (0, 0, 0))
+    for run in ("runs/imm", "runs/imm/snapshots/step-0000002"):  # a run, and a snapshot inside it
+        _solid(root / run / "samples.png", "RGB", (255, 255, 255))
+        (root / run / "model_index.json").write_text("{}")
+    _solid(root / "runs" / "tok" / "recon.png", "RGB", (255, 255, 255))
+    (root / "runs" / "tok" / "sigma.json").write_text("{}")
+    ds = make_dataset(str(root), image_size=8)
+    assert ds.class_names == ["cats", "dogs"] and ds.paths == ["cats/a.png", "dogs/a.png"]
+    err = capsys.readouterr().err
+    assert f"note: skipped 2 sigma run folders inside {root.resolve()} (runs/imm, runs/tok)" in err
+    _solid(root / "runs" / "mine.png", "RGB", (0, 0, 0))  # a picture beside the run folders is still data
+    assert make_dataset(str(root), image_size=8).class_names == ["cats", "dogs", "runs"]
+    clips = tmp_path / "clips"
+    _gif(clips / "walk" / "a.gif", [(10, 10, 10), (60, 60, 60)])
+    _gif(clips / "runs" / "vid" / "samples.gif", [(10, 10, 10), (60, 60, 60)])
+    (clips / "runs" / "vid" / "sigma.json").write_text("{}")
+    assert make_dataset(str(clips), frames=2, image_size=8).class_names == ["walk"]
+
+
 def test_video_folder_classes(tmp_path):
     root = tmp_path / "actions"
     for t in range(3):

@@ -4,7 +4,9 @@ All three decode everything once at construction into an in-memory uint8 cache [
 (C = 3, or 1 for grayscale torchvision sets, expanded to RGB per batch), so `get_batch` is a gather.
 
 Folder layout and splits:
-- Hidden files and folders (names starting with ".", e.g. macOS "._x.png") are ignored.
+- Hidden files and folders (names starting with ".", e.g. macOS "._x.png") are ignored, and so are sigma's own run
+  and model folders below the root (a `sigma.json` or `model_index.json` in them): `--data . --out runs/x` run from
+  inside the data folder must not read its sample grids back as pictures of a class "runs".
 - Class of an item = the first-level sub-folder it lies under; items directly in the root are class "all".
   So a folder with no sub-folders has the one class ["all"]; class names are sorted.
 - Held-out split: the items, sorted by relative path; with N >= 10 items every 10th (i % 10 == 9) is
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from checkpoints.meta import PIPELINE_INDEX, RUN_META
 from pipelines.data.base import Dataset, as_index_tensor
 from pipelines.errors import DataError, say
 
@@ -136,11 +139,16 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _is_run_folder(path: str) -> bool:
+    """A folder sigma wrote (a training run, a snapshot, a saved pipeline): its pictures are outputs, not data."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in (RUN_META, PIPELINE_INDEX))
+
+
 def _listed(root: Path) -> set[str]:
     """Real paths of what a walk that follows no link lists under its own name: non-hidden folders and pictures."""
     listed = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _is_run_folder(os.path.join(dirpath, d))]
         listed.add(os.path.realpath(dirpath))
         listed.update(os.path.realpath(p) for f in filenames if _is_image(f)
                       for p in [os.path.join(dirpath, f)] if not os.path.islink(p))
@@ -152,18 +160,22 @@ def _walk(root: Path, files_once: bool = True):
     walk lists under its own name anyway is an alias and is skipped: a class keeps its own folder's name and no
     picture lands in two classes or both splits. Links elsewhere (outside the data folder, into hidden folders
     such as git-annex's, to files without a picture's extension such as a download cache's blobs) are followed,
-    and every folder is walked once (link loops end). `files_once`: also list every real file once (image
-    folders; a video's frame folder may repeat a frame through a link, and keeps it)."""
+    and every folder is walked once (link loops end). sigma's run folders below the root are not walked (one note).
+    `files_once`: also list every real file once (image folders; a video's frame folder may repeat a frame through
+    a link, and keeps it)."""
     listed = _listed(root)
     alias = lambda p: os.path.islink(p) and os.path.exists(p) and os.path.realpath(p) in listed  # noqa: E731
-    seen_dirs, seen_files = set(), set()
+    seen_dirs, seen_files, runs = set(), set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not alias(os.path.join(dirpath, d)))
+        runs += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
+                 if not d.startswith(".") and _is_run_folder(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not alias(os.path.join(dirpath, d))
+                             and not _is_run_folder(os.path.join(dirpath, d)))
         names = []
         for f in sorted(filenames, key=_natural_key):
             path = os.path.join(dirpath, f)
@@ -174,6 +186,11 @@ def _walk(root: Path, files_once: bool = True):
                 seen_files.add(real_file)
             names.append(f)
         yield Path(dirpath), names
+    if runs:  # (once: the training and held-out splits walk the folder separately)
+        runs.sort()
+        shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        say(f"note: skipped {len(runs)} sigma run folder{'s' if len(runs) > 1 else ''} inside {root} ({shown}): "
+            "their pictures are outputs, not data", once=True)
 
 
 def _animated(path: Path) -> bool:
