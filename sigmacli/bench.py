@@ -1,6 +1,7 @@
 """`sigma bench-attn`: dense SDPA against sparse attention (every available backend), with a PNG plot."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +68,10 @@ def bench_attn(
     for b in mta_chosen or []:
         if b not in ("triton", "cpu", "reference"):
             raise SigmaError(f"MTA backend {b!r} is unknown (have: triton, cpu, reference)")
+    if "triton" in (mta_chosen or []) and dev != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # (compiled Triton needs a GPU: on the CPU it died in Triton's driver lookup with a traceback)
+        raise SigmaError(f"MTA backend 'triton' needs a CUDA GPU (have on {dev}: cpu, reference; TRITON_INTERPRET=1 "
+                         "runs the kernel interpreted, slowly)")
     if "triton" in (mta_chosen or []) and not _mta_triton_shapes_ok(heads, head_dim):
         raise SigmaError("the Triton MTA kernel needs a power-of-two number of heads and head dim >= 16")
     kernel = parse_grid(mta_kernel, "--mta-kernel", form="QxK", example="6x11")

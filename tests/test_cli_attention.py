@@ -42,6 +42,17 @@ def test_bench_attn_bad_inputs_fail_with_one_line(cli, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_attn_mta_triton_without_a_gpu_is_one_line(cli, tmp_path, monkeypatch):
+    """Compiled Triton needs CUDA: `--mta --mta-backends triton` on a CPU-only machine (no interpreter) died in
+    Triton's driver lookup with a traceback, where `--backends triton` (NSA) was already one line."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user's shell has it (conftest sets it for the suite)
+    r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--repeats", "1",
+            "--mta", "--mta-backends", "triton,cpu", "--device", "cpu", "--out", tmp_path / "b.png")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "MTA backend 'triton' needs a CUDA GPU" in r.stderr and "TRITON_INTERPRET=1" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before any timing
+
+
 def test_train_imm_pixels_with_nsa_trains_and_samples(cli, tmp_path):
     r = last_json(cli("train-imm", "--space", "pixels", "--image-size", "16", "--patch-size", "2", *TINY_DIT,
                       "--attn", "nsa", "--top-n", "1", "--steps", "2", "--out", tmp_path / "nsa", "--json"))
