@@ -398,6 +398,28 @@ def test_run_folders_inside_a_data_folder_are_not_data(tmp_path, capsys):
     assert make_dataset(str(clips), frames=2, image_size=8).class_names == ["walk"]
 
 
+def test_a_class_with_nothing_to_train_on_is_a_warning(tmp_path, capsys):
+    """A class whose files are all unreadable, or whose one picture is the held-out one, kept its label silently: a
+    classifier or IMM model then trained a class it never saw."""
+    root = tmp_path / "pics"
+    for i in range(9):
+        _solid(root / "a" / f"{i}.png", "RGB", (0, 0, 0))
+    _solid(root / "b" / "0.png", "RGB", (0, 0, 0))  # the 10th file, sorted: held out
+    (root / "c").mkdir()
+    (root / "c" / "0.png").write_bytes(b"not a picture")
+    train = make_dataset(str(root), image_size=8)
+    assert train.class_names == ["a", "b", "c"] and set(train.labels.tolist()) == {0}
+    err = capsys.readouterr().err
+    assert f"warning: classes 'b', 'c' of {root.resolve()} have no readable images in the training split" in err
+    make_dataset(str(root), image_size=8, split="heldout")  # the held-out split may lack classes: no line
+    assert "no readable images in the training split" not in capsys.readouterr().err
+    clips = tmp_path / "clips"
+    _gif(clips / "walk" / "a.gif", [(10, 10, 10), (60, 60, 60)])
+    _gif(clips / "run" / "b.gif", [(10, 10, 10)])  # too short for 2 frames
+    make_dataset(str(clips), frames=2, image_size=8)
+    assert f"warning: class 'run' of {clips.resolve()} has no readable clips" in capsys.readouterr().err
+
+
 def test_video_folder_classes(tmp_path):
     root = tmp_path / "actions"
     for t in range(3):

@@ -255,6 +255,19 @@ def _warn_skipped(skipped: int, what: str, root: Path, split: str, count: int) -
         say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""), once=True)
 
 
+def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, root: Path, split: str) -> None:
+    """A class (a sub-folder with pictures) of which the training split holds nothing readable: its files are all
+    unreadable, or its only ones are held out. The class keeps its label (both splits must agree), but a model
+    learns nothing for it, which is worth a line rather than silence."""
+    empty = [name for i, name in enumerate(class_names) if i not in set(labels)]
+    if split == "train" and empty:
+        names = ", ".join(f"'{n}'" for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        many = len(empty) > 1
+        say(f"warning: class{'es' if many else ''} {names} of {root} {'have' if many else 'has'} no readable {what} in "
+            "the training split (unreadable, or all held out: every 10th, sorted); a class-conditional model or "
+            f"classifier learns nothing for {'them' if many else 'it'}", once=True)
+
+
 def _build(name, root, arrays, labels, class_names, split) -> CachedDataset:
     """arrays: list of uint8 [T, H, W, 3] -> the cache [N, 3, T, H, W]."""
     data = torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()
@@ -289,6 +302,7 @@ def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedData
                         " every 10th file, sorted, is held out)")
     _note_small(len(files), "images", root)
     _warn_skipped(skipped, "unreadable files (corrupt, or over Pillow's decompression-bomb size limit)", root, split, len(files))
+    _warn_empty_classes(labels, class_names, "images", root, split)
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
@@ -338,6 +352,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
         raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
     _note_small(len(clips), "clips", root)
     _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root, split, len(clips))
+    _warn_empty_classes(labels, class_names, "clips", root, split)
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
