@@ -259,7 +259,8 @@ def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, ro
     """A class (a sub-folder with pictures) of which the training split holds nothing readable: its files are all
     unreadable, or its only ones are held out. The class keeps its label (both splits must agree), but a model
     learns nothing for it, which is worth a line rather than silence."""
-    empty = [name for i, name in enumerate(class_names) if i not in set(labels)]
+    present = set(labels)
+    empty = [name for i, name in enumerate(class_names) if i not in present]
     if split == "train" and empty:
         names = ", ".join(f"'{n}'" for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         many = len(empty) > 1
