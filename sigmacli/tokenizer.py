@@ -113,7 +113,7 @@ def train_tokenizer(
             from pipelines.maetok.teacher import FeatureTeacher
 
             teacher = FeatureTeacher(feature_teacher)  # fails here, with one line, if it is not a classifier
-            if teacher.net.config.image_size != image_size and init is None:
+            if teacher.net.config.image_size != image_size:  # (with --init, image_size is the init's)
                 raise SigmaError(f"--feature-teacher was trained at {teacher.net.config.image_size} px, the tokenizer "
                                  f"at {image_size}: frames would be resized (pass a teacher of the same size)")
             stage.feature_teacher, teacher_dim = str(feature_teacher.resolve()), teacher.dim

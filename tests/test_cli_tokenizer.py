@@ -146,6 +146,12 @@ def test_warm_start_with_a_feature_teacher(trained, cli, tmp_path):
     r = cli("train-tokenizer", "--feature-teacher", out, *TINY, "--steps", "1", "--out", tmp_path / "bad")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "holds a tokenizer model, but this needs a classifier model" in r.stderr, r.stderr
+    # a teacher of another size than the --init tokenizer: refused as for a fresh run (it used to train, resizing)
+    big = tmp_path / "teacher32"
+    last_json(cli("train-classifier", "--image-size", "32", "--steps", "1", "--batch-size", "2", "--out", big, "--json"))
+    r = cli("train-tokenizer", "--init", out, "--feature-teacher", big, "--steps", "1", "--out", tmp_path / "bad32")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--feature-teacher was trained at 32 px, the tokenizer at 16" in r.stderr and not (tmp_path / "bad32").exists()
 
 
 def test_video_and_image_folder_runs(cli, tmp_path):
