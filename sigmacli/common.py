@@ -291,7 +291,10 @@ def check_precision(precision: str | None):
 def steps_done(result: dict) -> str:
     """'trained 30 steps', or after --resume 'trained steps 12-30 (resumed from step 11)': the work of this call."""
     n, start = result["steps"], result.get("resumed_from") or 0
-    return f"trained {n} step{'' if n == 1 else 's'}" if not start else f"trained steps {start + 1}-{n} (resumed from step {start})"
+    if not start:
+        return f"trained {n} step{'' if n == 1 else 's'}"
+    done = f"step {n}" if n == start + 1 else f"steps {start + 1}-{n}"
+    return f"trained {done} (resumed from step {start})"
 
 
 def emit(result: dict, as_json: bool, lines: list[str]):

@@ -153,7 +153,7 @@ def train_tokenizer(
 @app.command()
 @command
 def reconstruct(
-    model: Annotated[Path, typer.Option(help="A tokenizer folder (from sigma train-tokenizer).")] = Path("runs/tokenizer"),
+    model: Annotated[Optional[Path], typer.Option(help="A tokenizer folder (from sigma train-tokenizer; default: runs/tokenizer if present, else the shipped one).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help=DATA_HELP + " (default: the data the tokenizer was trained on).")] = None,
     num: Annotated[int, typer.Option(help="Held-out samples to evaluate (the first `--grid` are drawn).")] = 256,
     grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
@@ -176,6 +176,7 @@ def reconstruct(
     if num < 1 or grid < 0:
         raise SigmaError("--num must be at least 1 and --grid at least 0")
     dev = resolve_device(device)
+    model = model or trained_or_shipped("tokenizer")
     tokenizer = load_model(model, "tokenizer", dev)
     if data is None:
         data = read_json(model / RUN_META).get("data_spec", "shapes") if (model / RUN_META).exists() else "shapes"

@@ -62,11 +62,12 @@ def test_reconstruct_reports_psnr_and_picture(trained, cli, tmp_path):
     assert r.exit_code != 0 and len(lines) == 1 and "32 px" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_reconstruct_spectrum_on_the_shipped_tokenizer(cli):
+def test_reconstruct_spectrum_on_the_shipped_tokenizer(cli, tmp_path, monkeypatch):
     from checkpoints import SHIPPED
 
-    result = last_json(cli("reconstruct", "--model", SHIPPED["imm"] / "tokenizer", "--num", "16", "--grid", "0",
-                           "--spectrum", "--json"))
+    monkeypatch.chdir(tmp_path)  # no runs/tokenizer here: the default --model is the shipped tokenizer
+    result = last_json(cli("reconstruct", "--num", "16", "--grid", "0", "--spectrum", "--json"))
+    assert result["model"] == str(SHIPPED["tokenizer"])
     assert 0.5 <= result["spectrum_all"] <= 1 and result["spectrum_num_train"] == 4000
     assert {"spectrum_32", "spectrum_256"} <= result.keys() and "spectrum_512" not in result
 

@@ -340,6 +340,7 @@ def test_steps_done_names_the_steps_of_this_call():
     assert steps_done({"steps": 30, "resumed_from": 0}) == "trained 30 steps"
     assert steps_done({"steps": 1}) == "trained 1 step"
     assert steps_done({"steps": 30, "resumed_from": 11}) == "trained steps 12-30 (resumed from step 11)"
+    assert steps_done({"steps": 12, "resumed_from": 11}) == "trained step 12 (resumed from step 11)"  # not "steps 12-12"
 
 
 def test_file_in_the_way_as_named_and_as_mkdir_reaches_it(tmp_path):
