@@ -519,7 +519,9 @@ def eval_(
     clf_dir = classifier or trained_or_shipped("classifier")
     clf = load_model(clf_dir, "classifier", dev)
     if list(clf.config.class_names or []) != list(c.class_names or []):
-        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}")
+        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}: "
+                         f"train one on the model's data (sigma train-classifier --data {meta.get('data_spec', 'shapes')} "
+                         f"--image-size {c.image_size} --out DIR) and pass --classifier DIR")
     real_a, _ = heldout.get_batch(torch.arange(n_ref))
     real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))
     labels = torch.arange(num) % c.num_classes
@@ -535,7 +537,8 @@ def eval_(
     # which classes the model draws well and what it draws instead: rows = asked for, columns = classified as
     confusion = confusion_matrix(pred, asked, c.num_classes)
     names = c.class_names or [str(i) for i in range(c.num_classes)]
-    per_class = {n: round(float(row[i] / max(int(row.sum()), 1)), 4) for i, (n, row) in enumerate(zip(names, confusion))}
+    # (None for a class --num left unsampled, not a 0 % it never had the chance to earn)
+    per_class = {n: round(float(row[i] / row.sum()), 4) if row.sum() else None for i, (n, row) in enumerate(zip(names, confusion))}
     result = {"model": str(folder), "num": num, "steps": steps, "cfg": cfg, "sampler": sampler or scheduler.sampler,
               "times": [round(float(t), 4) for t in scheduler.times],
               "fd": fd, "fd_real_floor": floor, "class_accuracy": accuracy, "per_class_accuracy": per_class,
@@ -543,6 +546,6 @@ def eval_(
               "sampling_seconds": round(seconds, 2), "classifier": str(clf_dir)}
     emit(result, as_json, [
         f"FD {fd:.3f} (real vs real floor {floor:.3f}, {n_ref} held-out each), class accuracy {100 * accuracy:.1f} %",
-        "per class: " + ", ".join(f"{n} {100 * a:.0f} %" for n, a in per_class.items()),
+        "per class: " + ", ".join(f"{n} {100 * a:.0f} %" if a is not None else f"{n} not sampled" for n, a in per_class.items()),
         f"{num} samples, {steps} step(s), cfg {cfg}, sampled in {seconds:.1f} s",
     ])

@@ -630,6 +630,17 @@ def test_eval_scores_clips_frame_by_frame_against_the_asked_class(cli, tmp_path,
     confusion[0, :2] = torch.tensor([3, 3])  # ... but one circle clip came out a square
     assert out["confusion"] == confusion.tolist()
     assert out["per_class_accuracy"] == {name: (0.5 if name == "circle" else 1.0) for name in SHAPE_CLASSES}
+    # --num below the number of classes: the classes never asked for have no accuracy, not 0 %
+    out = json.loads(cli("eval", "--model", tmp_path, "--classifier", tmp_path, "--num", "4", "--device", "cpu",
+                         "--json").stdout.strip().splitlines()[-1])
+    assert [name for name, a in out["per_class_accuracy"].items() if a is None] == ["cross", "star"]
+    assert "cross not sampled, star not sampled" in cli("eval", "--model", tmp_path, "--classifier", tmp_path,
+                                                        "--num", "4", "--device", "cpu").stdout
+    # a classifier of other classes: one line that says how to get a fitting one
+    Reader.config = SimpleNamespace(class_names=["ant", "bee"])
+    r = cli("eval", "--model", tmp_path, "--classifier", tmp_path, "--num", "4", "--device", "cpu")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sigma train-classifier --data moving-shapes --image-size 8" in r.stderr
 
 
 def test_features_are_the_global_average_pool_of_the_last_map():
