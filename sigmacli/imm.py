@@ -491,6 +491,7 @@ def eval_(
     as_json: JsonOpt = False,
 ):
     """Fréchet distance (shapes-classifier features) to held-out data, and class accuracy of conditional samples."""
+    import shlex
     import time
 
     import torch
@@ -519,8 +520,12 @@ def eval_(
     clf_dir = classifier or trained_or_shipped("classifier")
     clf = load_model(clf_dir, "classifier", dev)
     if list(clf.config.class_names or []) != list(c.class_names or []):
-        raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}: "
-                         f"train one on the model's data (sigma train-classifier --data {meta.get('data_spec', 'shapes')} "
+        mismatch = f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}"
+        if c.num_classes < 2:  # train-classifier refuses one class: pointing there would lead to a second error
+            raise SigmaError(f"{mismatch}: sigma eval needs a classifier of the model's classes, and a classifier needs "
+                             "at least 2 (a data folder without class sub-folders has one, 'all')")
+        spec = shlex.quote(meta.get("data_spec", "shapes"))  # (a folder with a space must survive a copy and paste)
+        raise SigmaError(f"{mismatch}: train one on the model's data (sigma train-classifier --data {spec} "
                          f"--image-size {c.image_size} --out DIR) and pass --classifier DIR")
     real_a, _ = heldout.get_batch(torch.arange(n_ref))
     real_b, _ = heldout.get_batch(torch.arange(n_ref, 2 * n_ref))

@@ -641,6 +641,19 @@ def test_eval_scores_clips_frame_by_frame_against_the_asked_class(cli, tmp_path,
     r = cli("eval", "--model", tmp_path, "--classifier", tmp_path, "--num", "4", "--device", "cpu")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "sigma train-classifier --data moving-shapes --image-size 8" in r.stderr
+    # a folder with a space in its name: the command in the hint can be pasted as it is
+    folder = tmp_path / "my clips"
+    monkeypatch.setattr(sigmacli.imm, "load_pipeline", lambda f, dev: (net, scheduler, None, {"data_spec": str(folder)}))
+    import pipelines.data
+
+    monkeypatch.setattr(pipelines.data, "make_dataset", lambda *a, **k: list(range(40)))  # (the check comes first)
+    r = cli("eval", "--model", tmp_path, "--classifier", tmp_path, "--num", "4", "--device", "cpu")
+    assert r.exit_code == 1 and f"sigma train-classifier --data '{folder}' --image-size 8" in r.stderr, r.stderr
+    # a one-class model (a folder without class sub-folders): train-classifier refuses one class, so no such hint
+    net.config.num_classes, net.config.class_names = 1, ["all"]
+    r = cli("eval", "--model", tmp_path, "--classifier", tmp_path, "--num", "4", "--device", "cpu")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "a classifier needs at least 2" in r.stderr and "train-classifier" not in r.stderr, r.stderr
 
 
 def test_features_are_the_global_average_pool_of_the_last_map():
