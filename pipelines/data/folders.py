@@ -255,7 +255,8 @@ def _warn_skipped(skipped: int, what: str, root: Path, split: str, count: int) -
         say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""), once=True)
 
 
-def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, root: Path, split: str) -> None:
+def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, root: Path, split: str,
+                        lost: str = "unreadable") -> None:
     """A class (a sub-folder with pictures) of which the training split holds nothing readable: its files are all
     unreadable, or its only ones are held out. The class keeps its label (both splits must agree), but a model
     learns nothing for it, which is worth a line rather than silence."""
@@ -265,7 +266,7 @@ def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, ro
         names = ", ".join(f"'{n}'" for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         many = len(empty) > 1
         say(f"warning: class{'es' if many else ''} {names} of {root} {'have' if many else 'has'} no readable {what} in "
-            "the training split (unreadable, or all held out: every 10th, sorted); a class-conditional model or "
+            f"the training split ({lost}, or all held out: every 10th, sorted); a class-conditional model or "
             f"classifier learns nothing for {'them' if many else 'it'}", once=True)
 
 
@@ -353,7 +354,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
         raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
     _note_small(len(clips), "clips", root)
     _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root, split, len(clips))
-    _warn_empty_classes(labels, class_names, "clips", root, split)
+    _warn_empty_classes(labels, class_names, "clips", root, split, f"unreadable or too short: fewer than {frames} frames")
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
     return ds
