@@ -12,6 +12,7 @@ CONFIG = "config.json"
 RUN_META = "sigma.json"
 CHECKPOINT = "checkpoint"
 PIPELINE_INDEX = "model_index.json"  # an IMM run/pipeline folder: the model lives in its transformer/ subfolder
+RUN_LOG = "metrics.jsonl"  # a training run's log: opened at its first step, before any picture or checkpoint
 
 # kind -> model class; `_class_name` in config.json tells the kind of a folder
 MODEL_CLASSES = {

@@ -24,6 +24,7 @@ from torch import nn
 
 from checkpoints.io import (RUN_META, atomic_write_text, checkpoint_dir, keep_snapshot, load_training_state, save_model,
                             save_training_state)
+from checkpoints.meta import RUN_LOG
 from pipelines.errors import SigmaError, release_notes, say
 
 
@@ -398,12 +399,12 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
 
     signal.signal(signal.SIGINT, on_sigint)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ddp.rank == 0 and resume and (run_dir / "metrics.jsonl").exists():
+    if ddp.rank == 0 and resume and (run_dir / RUN_LOG).exists():
         # drop lines logged after the checkpoint we resume from: the log reads as one uninterrupted run
-        kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in (run_dir / RUN_LOG).read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= start]
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in kept))
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if ddp.rank == 0 else None
+        atomic_write_text(run_dir / RUN_LOG, "".join(line + "\n" for line in kept))
+    metrics_file = open(run_dir / RUN_LOG, "a") if ddp.rank == 0 else None
     release_notes()  # every check has passed: the notes held back so far (small data folder, ignored options) show now
     progress = None
     if ddp.rank == 0 and not quiet:

@@ -389,6 +389,11 @@ def test_run_folders_inside_a_data_folder_are_not_data(tmp_path, capsys):
     assert ds.class_names == ["cats", "dogs"] and ds.paths == ["cats/a.png", "dogs/a.png"]
     err = capsys.readouterr().err
     assert f"note: skipped 2 sigma run folders inside {root.resolve()} (runs/imm, runs/tok)" in err
+    # a run still going, or stopped before its first checkpoint (--sample-every below --save-every): samples and log
+    _solid(root / "runs" / "early" / "samples" / "samples_000100.png", "RGB", (255, 255, 255))
+    (root / "runs" / "early" / "metrics.jsonl").write_text('{"step": 100}\n')
+    assert make_dataset(str(root), image_size=8).class_names == ["cats", "dogs"]
+    assert "note: skipped 3 sigma run folders" in capsys.readouterr().err
     _solid(root / "runs" / "mine.png", "RGB", (0, 0, 0))  # a picture beside the run folders is still data
     assert make_dataset(str(root), image_size=8).class_names == ["cats", "dogs", "runs"]
     clips = tmp_path / "clips"

@@ -5,7 +5,7 @@ All three decode everything once at construction into an in-memory uint8 cache [
 
 Folder layout and splits:
 - Hidden files and folders (names starting with ".", e.g. macOS "._x.png") are ignored, and so are sigma's own run
-  and model folders below the root (a `sigma.json` or `model_index.json` in them): `--data . --out runs/x` run from
+  and model folders below the root (a `sigma.json`, `model_index.json` or `metrics.jsonl` in them): `--data . --out runs/x` run from
   inside the data folder must not read its sample grids back as pictures of a class "runs".
 - Class of an item = the first-level sub-folder it lies under; items directly in the root are class "all".
   So a folder with no sub-folders has the one class ["all"]; class names are sorted.
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from checkpoints.meta import PIPELINE_INDEX, RUN_META
+from checkpoints.meta import PIPELINE_INDEX, RUN_LOG, RUN_META
 from pipelines.data.base import Dataset, as_index_tensor
 from pipelines.errors import DataError, say
 
@@ -140,8 +140,10 @@ def _is_image(name: str) -> bool:
 
 
 def _is_run_folder(path: str) -> bool:
-    """A folder sigma wrote (a training run, a snapshot, a saved pipeline): its pictures are outputs, not data."""
-    return any(os.path.isfile(os.path.join(path, name)) for name in (RUN_META, PIPELINE_INDEX))
+    """A folder sigma wrote (a training run, a snapshot, a saved pipeline): its pictures are outputs, not data. The
+    log counts too: sigma.json comes with the first checkpoint, and a run that draws samples before it (--sample-every
+    below --save-every) and stops, or is still running, holds pictures and the log only."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in (RUN_META, PIPELINE_INDEX, RUN_LOG))
 
 
 def _listed(root: Path) -> set[str]:
