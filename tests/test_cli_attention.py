@@ -1,6 +1,7 @@
 """`sigma bench-attn` and `sigma train-imm --attn nsa|mta` end to end at tiny sizes."""
 import json
 
+import pytest
 from PIL import Image
 
 from tests.test_cli_imm import TINY_DIT, last_json
@@ -42,10 +43,15 @@ def test_bench_attn_bad_inputs_fail_with_one_line(cli, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bench_attn_mta_triton_without_a_gpu_is_one_line(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("interpret", [None, "false", "0"])
+def test_bench_attn_mta_triton_without_a_gpu_is_one_line(cli, tmp_path, monkeypatch, interpret):
     """Compiled Triton needs CUDA: `--mta --mta-backends triton` on a CPU-only machine (no interpreter) died in
-    Triton's driver lookup with a traceback, where `--backends triton` (NSA) was already one line."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user's shell has it (conftest sets it for the suite)
+    Triton's driver lookup with a traceback, where `--backends triton` (NSA) was already one line. TRITON_INTERPRET
+    is read as Triton reads it: "false" is off there, and was taken for on here."""
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a user's shell has it (conftest sets it)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
     r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--repeats", "1",
             "--mta", "--mta-backends", "triton,cpu", "--device", "cpu", "--out", tmp_path / "b.png")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
