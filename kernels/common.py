@@ -1,6 +1,8 @@
 """Small helpers shared by the attention ops and the models that call them."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +18,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
         with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the fp32 inputs back down
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET as Triton reads it ("1", "true", "on", "yes" in any case; "0", "false", "off" or unset: off)."""
+    try:
+        from triton import knobs  # (Triton >= 3.4)
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")

@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record(a.quick)))
         return 0
     if a.compile:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from kernels.common import triton_interpreted
+
+        if triton_interpreted():
             raise SystemExit("error: --compile needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
         with open(a.compile) as f:
             launches = json.load(f)

@@ -1,7 +1,6 @@
 """`sigma bench-attn`: dense SDPA against sparse attention (every available backend), with a PNG plot."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -68,7 +67,9 @@ def bench_attn(
     for b in mta_chosen or []:
         if b not in ("triton", "cpu", "reference"):
             raise SigmaError(f"MTA backend {b!r} is unknown (have: triton, cpu, reference)")
-    if "triton" in (mta_chosen or []) and dev != "cuda" and not _triton_interpreted():
+    from kernels.common import triton_interpreted
+
+    if "triton" in (mta_chosen or []) and dev != "cuda" and not triton_interpreted():
         # (compiled Triton needs a GPU: on the CPU it died in Triton's driver lookup with a traceback)
         raise SigmaError(f"MTA backend 'triton' needs a CUDA GPU (have on {dev}: cpu, reference; TRITON_INTERPRET=1 "
                          "runs the kernel interpreted, slowly)")
@@ -118,16 +119,6 @@ def bench_attn(
         lines.append(f"break-even vs SDPA, {n}: " + ", ".join(f"{k.replace('_speedup', '')} {v}" for k, v in be.items()))
     lines.append(f"plot: {result['plot']}")
     emit(result, as_json, lines)
-
-
-def _triton_interpreted() -> bool:
-    """TRITON_INTERPRET as Triton reads it ("1", "true", "on", "yes" in any case; "false" or "off" is off)."""
-    try:
-        from triton import knobs  # (Triton >= 3.4)
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):
-        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _mta_triton_shapes_ok(heads: int, head_dim: int) -> bool:
