@@ -176,7 +176,7 @@ def reconstruct(
     if num < 1 or grid < 0:
         raise SigmaError("--num must be at least 1 and --grid at least 0")
     dev = resolve_device(device)
-    model = model or trained_or_shipped("tokenizer")
+    defaulted, model = model is None, model or trained_or_shipped("tokenizer")
     tokenizer = load_model(model, "tokenizer", dev)
     if data is None:
         data = read_json(model / RUN_META).get("data_spec", "shapes") if (model / RUN_META).exists() else "shapes"
@@ -191,7 +191,8 @@ def reconstruct(
         written = save_media(side_by_side(x[:n], recon[:n]), out, nrow=8)
     result = {"model": str(model), "data": heldout.name, **metrics, "picture": str(written) if written else None}
     lines = [f"{metrics['num']} held-out samples of {heldout.name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
-             *([f"picture: {written} (originals left, reconstructions right)"] if written else [])]
+             *([f"picture: {written} (originals left, reconstructions right)"] if written else []),
+             *([f"tokenizer: {model} (the default; --model chooses another)"] if defaulted else [])]
     if probe:
         train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
         if train_set.num_classes < 2:

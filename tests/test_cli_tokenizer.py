@@ -68,6 +68,7 @@ def test_reconstruct_spectrum_on_the_shipped_tokenizer(cli, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)  # no runs/tokenizer here: the default --model is the shipped tokenizer
     result = last_json(cli("reconstruct", "--num", "16", "--grid", "0", "--spectrum", "--json"))
     assert result["model"] == str(SHIPPED["tokenizer"])
+    assert f"tokenizer: {SHIPPED['tokenizer']} (the default" in cli("reconstruct", "--num", "2", "--grid", "0").stdout
     assert 0.5 <= result["spectrum_all"] <= 1 and result["spectrum_num_train"] == 4000
     assert {"spectrum_32", "spectrum_256"} <= result.keys() and "spectrum_512" not in result
 
