@@ -174,10 +174,10 @@ def _walk(root: Path, files_once: bool = True):
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        runs += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
-                 if not d.startswith(".") and _is_run_folder(os.path.join(dirpath, d))]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not alias(os.path.join(dirpath, d))
-                             and not _is_run_folder(os.path.join(dirpath, d)))
+        run_dirs = {d for d in dirnames if not d.startswith(".") and _is_run_folder(os.path.join(dirpath, d))}
+        runs += [os.path.relpath(os.path.join(dirpath, d), root) for d in run_dirs]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in run_dirs
+                             and not alias(os.path.join(dirpath, d)))
         names = []
         for f in sorted(filenames, key=_natural_key):
             path = os.path.join(dirpath, f)
@@ -262,9 +262,11 @@ def _warn_empty_classes(labels: list[int], class_names: list[str], what: str, ro
     """A class (a sub-folder with pictures) of which the training split holds nothing readable: its files are all
     unreadable, or its only ones are held out. The class keeps its label (both splits must agree), but a model
     learns nothing for it, which is worth a line rather than silence."""
+    if split != "train":
+        return
     present = set(labels)
     empty = [name for i, name in enumerate(class_names) if i not in present]
-    if split == "train" and empty:
+    if empty:
         names = ", ".join(f"'{n}'" for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         many = len(empty) > 1
         say(f"warning: class{'es' if many else ''} {names} of {root} {'have' if many else 'has'} no readable {what} in "
