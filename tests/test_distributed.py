@@ -20,11 +20,11 @@ def free_port() -> int:
 
 def make_task(kind: str):
     """A tiny model + task of each trainer, identical in every process (fixed seeds); "imm-muon" and "lm-muon" train
-    with Muon."""
+    with Muon; "tokenizer-tail" switches to decoder fine-tuning at its second step (the encoder's gradients stop)."""
     from pipelines.train import TrainConfig
 
-    kind, _, optimizer = kind.partition("-")
-    optimizer = optimizer or "adamw"
+    kind, _, variant = kind.partition("-")
+    optimizer = "muon" if variant == "muon" else "adamw"
 
     torch.manual_seed(0)
     cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, ema=0.9, save_every=0, sample_every=0, device="cpu",
@@ -37,7 +37,8 @@ def make_task(kind: str):
         model = MAETok(image_size=16, width=32, enc_depth=1, dec_depth=1, heads=2, num_latents=4, latent_dim=4)
         data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
         held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
-        task = TokenizerTask(model, data, held, TokenizerStage(), cfg.batch_size, cfg.seed, "shapes")
+        stage = TokenizerStage(finetune_tail=0.5 if variant == "tail" else 0.0)
+        task = TokenizerTask(model, data, held, stage, cfg.batch_size, cfg.seed, "shapes", steps=cfg.steps)
     elif kind == "imm":
         from pipelines.data import make_dataset
         from pipelines.imm.model import DiT
@@ -102,7 +103,7 @@ def assert_same_weights(a, b, atol=2e-5):
         assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), (k, (sa[k] - sb[k]).abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["tokenizer", "imm", "lm", "imm-muon", "lm-muon"])
+@pytest.mark.parametrize("kind", ["tokenizer", "tokenizer-tail", "imm", "lm", "imm-muon", "lm-muon"])
 def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
     one = run(kind, tmp_path / "one")
     ddp = run(kind, tmp_path / "ddp", world=2)

@@ -56,7 +56,6 @@ class TokenizerStage:
 
 class TokenizerTask:
     kind = "tokenizer"
-    ddp_find_unused_parameters = True  # the encoder and HOG decoder get no gradient in the fine-tuning phase
 
     def __init__(self, model: MAETok, data, heldout, stage: TokenizerStage, batch_size: int, seed: int,
                  data_spec: str, num_pictures: int = 16, steps: int | None = None):
@@ -69,6 +68,9 @@ class TokenizerTask:
             self.finetune_from = round(steps * (1 - stage.finetune_tail))
         else:
             self.finetune_from = math.inf
+        # a built-in fine-tuning tail leaves the encoder and auxiliary decoders without gradients mid-run, which DDP
+        # must be told of; otherwise `trainable` freezes whatever gets none, and the search costs a graph walk a step
+        self.ddp_find_unused_parameters = not stage.finetune_decoder and self.finetune_from < math.inf
         self.samples_per_step = batch_size
         self.picture_batch = heldout.get_batch(torch.arange(min(num_pictures, len(heldout))))[0]
         self.teacher = None
