@@ -85,4 +85,8 @@ def main():
             where = getattr(getattr(e, "ctx", None), "command_path", None) or "sigma"
             typer.echo(f"error: {message} (see {where} --help)", err=True)
         sys.exit(e.exit_code)
-    sys.exit(rv if type(rv) is int else 0)
+    code = rv if type(rv) is int else 0
+    training = sys.modules.get("pipelines.train")  # loaded by the training commands only (`sigma --help` stays fast)
+    if training is not None:
+        training.exit_process(code)  # a torchrun rank ends without the interpreter's teardown
+    sys.exit(code)

@@ -64,10 +64,8 @@ def worker(rank: int, world: int, port: int, kind: str, out: str, fsdp: bool, st
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    # A rare SIGABRT of a worker ("terminate called without an active exception", twice in about nine full runs,
-    # never alone) is not yet explained: print the Python stacks of every thread if it comes again.
-    faulthandler.enable(all_threads=True)
-    from pipelines.train import train
+    faulthandler.enable(all_threads=True)  # a crash prints every thread's Python stack
+    from pipelines.train import exit_process, train
 
     task, cfg = make_task(kind)
     cfg.fsdp, cfg.steps = fsdp, steps
@@ -75,6 +73,7 @@ def worker(rank: int, world: int, port: int, kind: str, out: str, fsdp: bool, st
     if rank == 0:  # what actually ran: FSDP2 turns the model's class into FSDP<Name>
         with open(os.path.join(out, "ran_as.txt"), "w") as f:
             f.write(type(task.model).__name__)
+    exit_process(0)  # as `sigma` ends a torchrun rank: without the interpreter's teardown (see exit_process)
 
 
 def run(kind, out, world=1, fsdp=False, steps=2, resume=False):

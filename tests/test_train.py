@@ -527,3 +527,17 @@ def test_benches_warn_about_a_slow_half_precision_on_the_cpu(cli, tmp_path, monk
             "--repeats", "1", "--dtype", "fp16", "--device", "cpu", "--out", tmp_path / "b.png", "--json")
     assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr  # fp16 is fast on this (pretended) CPU
     assert held == [False, False]  # shown before the (slow) timings, not after them, or never on a Ctrl-C
+
+
+def test_exit_process_flushes_then_skips_the_teardown_only_after_a_process_group():
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as e:  # no process group in this process: an ordinary exit
+        pipelines.train.exit_process(3)
+    assert e.value.code == 3
+    # after one: os._exit, and what the command printed still reaches the reader (through a pipe: block-buffered)
+    code = ("import atexit, pipelines.train as t; atexit.register(print, 'teardown'); t._GROUP_TORN_DOWN = True; "
+            "print('result', end=''); t.exit_process(4)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4 and r.stdout == "result", (r.returncode, r.stdout, r.stderr[-500:])
