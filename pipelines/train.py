@@ -304,6 +304,20 @@ def shard_optimizer_state(optimizer):
                     st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
+def evaluable(model: nn.Module, run_dir: Path | str, kind: str) -> nn.Module:
+    """The trained model for rank 0 to evaluate after train() has returned: the model itself, or after an FSDP2
+    run the weights train() has just saved, loaded whole on the same device (a sharded model's forward all-gathers
+    from the other ranks, which have left: it would fail, or hang)."""
+    from torch.distributed.tensor import DTensor
+
+    from checkpoints.io import load_model
+
+    first = next(model.parameters())
+    if not isinstance(first, DTensor):
+        return model
+    return load_model(run_dir, kind, first.to_local().device)
+
+
 def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra: dict | None = None):
     meta = {"kind": task.kind, "step": step, "train": asdict(cfg), **task.metadata(), **(extra or {})}
     atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))

@@ -44,7 +44,7 @@ def train_classifier(
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
     from pipelines.evaluation.classifier import ClassifierTask, ShapesClassifier, evaluate_classifier
-    from pipelines.train import TrainConfig, check_train_config, resolve_device, train
+    from pipelines.train import TrainConfig, check_train_config, evaluable, resolve_device, train
 
     if resume:  # everything but --steps comes from the run itself
         meta = run_to_resume(out, "classifier", ctx)
@@ -78,7 +78,7 @@ def train_classifier(
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     if result["rank"] == 0:
-        result.update(evaluate_classifier(model.eval(), heldout, EVAL_SAMPLES, resolve_device(cfg.device)))
+        result.update(evaluate_classifier(evaluable(model, out, "classifier").eval(), heldout, EVAL_SAMPLES, resolve_device(cfg.device)))
     emit(result, as_json, [
         f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4f}",

@@ -68,7 +68,7 @@ def train_lm(
     from pipelines.lm.data import ByteCorpus
     from pipelines.lm.model import LM_ATTN_KINDS, MoELM
     from pipelines.lm.trainer import LM_PRESETS, LM_TRAIN, LMStage, LMTask, evaluate
-    from pipelines.train import TrainConfig, check_train_config, train
+    from pipelines.train import TrainConfig, check_train_config, evaluable, train
 
     ffn = "dense" if dense else ffn
     out = out or Path("runs/lm-dense" if ffn == "dense" else "runs/lm")
@@ -147,7 +147,7 @@ def train_lm(
     cfg.precision = precision or cfg.precision
     result = train(task, cfg, out, resume=resume, quiet=as_json)
     if result["rank"] == 0:
-        result.update(evaluate(model.eval(), corpus))
+        result.update(evaluate(evaluable(model, out, "lm").eval(), corpus))
     result["parameters"] = sum(p.numel() for p in model.parameters())
     cfgm = model.config
     active = result["parameters"] - (0 if cfgm.ffn == "dense" else cfgm.depth * (cfgm.experts - cfgm.top_k) * 3 * cfgm.width * cfgm.expert_hidden)
@@ -155,7 +155,7 @@ def train_lm(
     emit(result, as_json, [
         f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} tokens/s), "
         f"validation {result.get('bits_per_byte', float('nan')):.3f} bits/byte",
-        f"weights: {out}/    sample: {out}/samples.txt",
+        f"weights: {out}/" + (f"    sample: {result['pictures']}" if result["pictures"] else ""),  # (none under FSDP)
         f"generate: sigma generate --model {out} --prompt 'The '",
     ])
 

@@ -135,3 +135,31 @@ def test_compile_trains_and_samples(cli, tmp_path, monkeypatch):
     r = cli("train-lm", "--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4",
             "--batch-size", "4", "--steps", "2", "--sample-every", "0", "--compile", "--out", tmp_path / "lm", "--json")
     assert r.exit_code == 0, r.stderr
+
+
+def cli_worker(rank: int, world: int, port: int, args: list[str]):
+    """`sigma ARGS` in one of `world` gloo processes, as torchrun would start it; a failure raises in mp.spawn."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)
+    from sigmacli.app import app
+
+    code = app(args=args, standalone_mode=False)
+    assert code in (None, 0), f"rank {rank}: exit code {code}"
+    from pipelines.train import exit_process
+
+    exit_process(0)  # as `sigma` ends a torchrun rank (see exit_process)
+
+
+@pytest.mark.parametrize("command", [
+    ["train-lm", "--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4", "--sample-every", "0"],
+    ["train-classifier", "--image-size", "16"],
+])
+def test_cli_fsdp_evaluates_after_training(command, tmp_path):
+    # train-lm and train-classifier evaluate on rank 0 once training ends; under FSDP2 the model's forward
+    # all-gathers from ranks that have left, so rank 0 evaluates the weights it saved instead
+    out = tmp_path / "run"
+    args = [*command, "--steps", "2", "--batch-size", "4", "--device", "cpu", "--fsdp", "--json", "--out", str(out)]
+    mp.spawn(cli_worker, args=(2, free_port(), args), nprocs=2, join=True)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["counters"] == {"step": 2, "world": 2}
