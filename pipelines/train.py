@@ -114,6 +114,7 @@ class Task(Protocol):
     samples_per_step: int  # global images (or tokens) per step, for throughput
 
     def trainable(self, model: nn.Module) -> None: ...  # set requires_grad for this stage
+    # loss: this rank's loss and logs ({name: number}, the same names on every rank: train() averages them over ranks)
     def loss(self, net: nn.Module, model: nn.Module, step: int, generator: torch.Generator, rank: int, world: int) -> tuple[torch.Tensor, dict]: ...
     def pictures(self, model: nn.Module, step: int, run_dir: Path) -> Path | None: ...
     def metadata(self) -> dict: ...
@@ -466,8 +467,12 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
-            # one all-reduce carries the loss (for logs and the finite check) and any rank's stop request
-            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"])], dtype=torch.float64, device=device))
+            # one all-reduce carries the loss (for logs and the finite check), any rank's stop request and the
+            # task's numeric logs (each rank's are of its share of the batch: the run's are their mean)
+            numeric = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(float(logs[k]) for k in numeric)],
+                                           dtype=torch.float64, device=device))
+            logs = {**logs, **{k: shared[2 + i].item() for i, k in enumerate(numeric)}}
             if not math.isfinite(shared[0].item()):
                 kept = (f"last good checkpoint kept in '{run_dir}'" if checkpoint_dir(run_dir) is not None
                         else "no checkpoint was written yet (try a lower --lr)")

@@ -111,6 +111,16 @@ def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
     assert not (tmp_path / "ddp" / "ran_as.txt").read_text().startswith("FSDP")
     assert_same_weights(ddp, one)
     assert_same_weights(fsdp, one)
+    # and the same logs: each rank's figures (ce, mse, mmd, ...) are of its half of the batch, their mean is the run's
+    assert_same_logs(tmp_path / "ddp", tmp_path / "one")
+    assert_same_logs(tmp_path / "fsdp", tmp_path / "one")
+
+
+def assert_same_logs(a, b):
+    la, lb = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (a, b))
+    assert la.keys() == lb.keys()
+    for k in la.keys() - {"samples_per_s"}:
+        assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
 
 
 def test_fsdp2_checkpoint_resumes_sharded_and_matches(tmp_path):
