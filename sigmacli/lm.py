@@ -133,6 +133,9 @@ def train_lm(
             if unexpected or set(missing) - indexer:
                 raise SigmaError(f"--init '{init}' does not fit this model (missing {sorted(set(missing) - indexer)[:3]}, "
                                  f"unexpected {sorted(unexpected)[:3]})")
+    if fsdp and world > 1 and LMTask.dsa_warmup(model):  # (checked before any work: FSDP2 would train nothing)
+        raise SigmaError("--fsdp cannot train DSA's warm-up: the frozen model's output carries no gradient, so FSDP2 "
+                         "never reduces the indexers' gradients to their shards and they would not learn; run it without --fsdp (DDP)")
     check_train_config(cfg)
     if cfg.batch_size % world:
         raise SigmaError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")

@@ -173,3 +173,17 @@ def test_cli_fsdp_evaluates_after_training(command, tmp_path):
     args = [*command, "--steps", "2", "--batch-size", "4", "--device", "cpu", "--fsdp", "--json", "--out", str(out)]
     mp.spawn(cli_worker, args=(2, free_port(), args), nprocs=2, join=True)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["counters"] == {"step": 2, "world": 2}
+
+
+def test_fsdp_refuses_dsa_warmup(cli, tmp_path, monkeypatch):
+    # DSA's warm-up freezes the model: its output carries no gradient, FSDP2's backward hooks never fire and the
+    # indexers' gradients never reach their shards (grad norm 0, nothing learns), where DDP trains them
+    arch = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4"]
+    r = cli("train-lm", *arch, "--batch-size", "4", "--steps", "1", "--sample-every", "0", "--out", tmp_path / "base")
+    assert r.exit_code == 0, r.stderr
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli("train-lm", "--attn", "dsa", "--dsa-stage", "warmup", "--init", tmp_path / "base", "--batch-size", "4",
+            "--steps", "1", "--fsdp", "--device", "cpu", "--out", tmp_path / "warm")
+    assert r.exit_code == 1 and r.stderr.startswith("error: --fsdp cannot train DSA's warm-up"), r.stderr
+    assert not (tmp_path / "warm").exists()
