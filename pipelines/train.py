@@ -114,7 +114,8 @@ class Task(Protocol):
     samples_per_step: int  # global images (or tokens) per step, for throughput
 
     def trainable(self, model: nn.Module) -> None: ...  # set requires_grad for this stage
-    # loss: this rank's loss and logs ({name: number}, the same names on every rank: train() averages them over ranks)
+    # loss: this rank's loss and logs ({name: number}, the same names on every rank, NaN where this rank's share has
+    # none of a figure: train() averages them over the ranks that have one)
     def loss(self, net: nn.Module, model: nn.Module, step: int, generator: torch.Generator, rank: int, world: int) -> tuple[torch.Tensor, dict]: ...
     def pictures(self, model: nn.Module, step: int, run_dir: Path) -> Path | None: ...
     def metadata(self) -> dict: ...
@@ -468,11 +469,15 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
             # one all-reduce carries the loss (for logs and the finite check), any rank's stop request and the
-            # task's numeric logs (each rank's are of its share of the batch: the run's are their mean)
+            # task's numeric logs: each rank's are of its share of the batch, the run's their mean over the ranks
+            # that have one (NaN: none in this share, e.g. no velocity groups; a figure no rank has is left out)
             numeric = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(float(logs[k]) for k in numeric)],
-                                           dtype=torch.float64, device=device))
-            logs = {**logs, **{k: shared[2 + i].item() for i, k in enumerate(numeric)}}
+            values = [float(logs[k]) for k in numeric]
+            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(0.0 if math.isnan(v) else v for v in values),
+                                            *(float(not math.isnan(v)) for v in values)], dtype=torch.float64, device=device))
+            have = {k: shared[2 + len(numeric) + i].item() for i, k in enumerate(numeric)}
+            mean = {k: shared[2 + i].item() / have[k] for i, k in enumerate(numeric) if have[k] > 0}
+            logs = {k: mean[k] if k in have else v for k, v in logs.items() if k in mean or k not in have}
             if not math.isfinite(shared[0].item()):
                 kept = (f"last good checkpoint kept in '{run_dir}'" if checkpoint_dir(run_dir) is not None
                         else "no checkpoint was written yet (try a lower --lr)")

@@ -20,14 +20,15 @@ def free_port() -> int:
 
 def make_task(kind: str):
     """A tiny model + task of each trainer, identical in every process (fixed seeds); "imm-muon" and "lm-muon" train
-    with Muon; "tokenizer-tail" switches to decoder fine-tuning at its second step (the encoder's gradients stop)."""
+    with Muon, "imm-fm" with velocity groups; "tokenizer-tail" switches to decoder fine-tuning at its second step
+    (the encoder's gradients stop)."""
     from pipelines.train import TrainConfig
 
     kind, _, variant = kind.partition("-")
     optimizer = "muon" if variant == "muon" else "adamw"
 
     torch.manual_seed(0)
-    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, ema=0.9, save_every=0, sample_every=0, device="cpu",
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, ema=0.9, save_every=0, sample_every=0, log_every=1, device="cpu",
                       grad_clip=1.0)
     if kind == "tokenizer":
         from pipelines.data import make_dataset
@@ -49,7 +50,9 @@ def make_task(kind: str):
                     width=32, depth=2, heads=2)
         data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
         held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
-        task = IMMTask(model, IMMSchedule(), IMMStage(group_size=4, optimizer=optimizer), data, held, None, cfg.batch_size, cfg.seed, "shapes")
+        # "imm-fm": velocity groups, so that some steps give one rank a velocity group and the other none
+        stage = IMMStage(group_size=4, optimizer=optimizer, fm_fraction=0.5 if variant == "fm" else 0.0)
+        task = IMMTask(model, IMMSchedule(), stage, data, held, None, cfg.batch_size, cfg.seed, "shapes")
     else:
         from pipelines.lm.data import ByteCorpus
         from pipelines.lm.model import MoELM
@@ -102,7 +105,7 @@ def assert_same_weights(a, b, atol=2e-5):
         assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), (k, (sa[k] - sb[k]).abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["tokenizer", "tokenizer-tail", "imm", "lm", "imm-muon", "lm-muon"])
+@pytest.mark.parametrize("kind", ["tokenizer", "tokenizer-tail", "imm", "imm-fm", "lm", "imm-muon", "lm-muon"])
 def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
     one = run(kind, tmp_path / "one")
     ddp = run(kind, tmp_path / "ddp", world=2)
@@ -117,10 +120,12 @@ def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
 
 
 def assert_same_logs(a, b):
-    la, lb = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (a, b))
-    assert la.keys() == lb.keys()
-    for k in la.keys() - {"samples_per_s"}:
-        assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
+    logs_a, logs_b = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b))
+    assert len(logs_a) == len(logs_b)
+    for la, lb in zip(logs_a, logs_b):
+        assert la.keys() - {"samples_per_s"} == lb.keys() - {"samples_per_s"}, (la, lb)
+        for k in la.keys() - {"samples_per_s"}:
+            assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
 
 
 def test_fsdp2_checkpoint_resumes_sharded_and_matches(tmp_path):

@@ -7,6 +7,8 @@ an MMD with a Laplace kernel; the induction (r -> t) makes one network jump alon
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pipelines.imm.schedule import IMMSchedule
@@ -176,7 +178,7 @@ def imm_loss(net, model, sched: IMMSchedule, x: torch.Tensor, labels: torch.Tens
         loss = (weight * per_group).sum() / g  # a mean over all groups: the velocity groups add zero MMD
     else:
         per_group, loss = y_t.new_zeros(1), 0 * y_t.sum()
-    logs = {"mmd": per_group.mean().item()}
+    logs = {"mmd": per_group.mean().item() if g_imm else math.nan}  # (NaN: every group here is a velocity group)
     if fm_weight > 0 and not bool(keep_g.all()):
         fm_loss = velocity_loss(sched, G[fm], x[fm], noise[fm])
         loss = loss + fm_weight * fm_loss * (int(fm_g.sum()) / g)

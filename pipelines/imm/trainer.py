@@ -1,6 +1,7 @@
 """Training the IMM diffusion transformer (or its flow-matching baseline): the Task the shared loop runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -292,6 +293,8 @@ class IMMTask:
         model.alignment = None
         if self.stage.objective == "imm":
             loss, logs = imm_loss(net, model, self.schedule, tokens, labels, mine, M, self.stage.fm_weight)
+            if self.stage.fm_fraction > 0 and self.stage.fm_weight > 0:  # every rank logs the same names (train())
+                logs.setdefault("fm", math.nan)  # (this rank's share drew no velocity group)
         else:
             loss, logs = flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
         if self.teacher is not None:
