@@ -85,7 +85,9 @@ def bench_attn(
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True, disable=as_json, console=Console(stderr=True)) as bar:  # stdout: the results only
+    # on stderr (stdout: the results only), and on a terminal only: a transient bar leaves a blank line elsewhere
+    console = Console(stderr=True)
+    with Progress(transient=True, disable=as_json or not console.is_terminal, console=console) as bar:
         task = bar.add_task("bench-attn", total=len(grids))
         result = run(cfg, on_grid=lambda g: bar.advance(task))
     rows = result["rows"]

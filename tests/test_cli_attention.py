@@ -26,6 +26,7 @@ def test_bench_attn_keeps_stdout_for_its_results(cli, tmp_path):
     r = cli("bench-attn", "--grid", "1x4x4", "--cube", "1x4x4", "--heads", "2", "--head-dim", "16", "--repeats", "1",
             "--backends", "cpu", "--out", tmp_path / "b.png")
     assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("check against the reference"), r.stdout
+    assert "\n\n" not in "\n" + r.stderr, repr(r.stderr)  # off a terminal the transient bar is not drawn at all
 
 
 def test_bench_attn_bad_inputs_fail_with_one_line(cli, tmp_path):

@@ -424,6 +424,7 @@ def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     assert auto["latents_cached"] and not off["latents_cached"]
     plain = cli(*common[:-1], "--out", tmp_path / "plain")  # the encoding bar goes to stderr: stdout holds the results
     assert plain.exit_code == 0 and plain.stdout.splitlines()[0].startswith("trained 6 steps"), plain.stdout
+    assert "\n\n" not in "\n" + plain.stderr, repr(plain.stderr)  # nor a blank line where the bar was, off a terminal
     assert auto["final_loss"] == pytest.approx(off["final_loss"], rel=1e-5)
     short = ("train-imm", "--tokenizer", root / "tok", "--data", tmp_path / "pics", *TINY_DIT, "--json")
     assert not last_json(cli(*short, "--steps", "2", "--out", tmp_path / "r"))["latents_cached"]  # 16 samples < 2 passes

@@ -168,10 +168,9 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     n = len(data)
     out = torch.empty(n, tokenizer.config.num_latents, tokenizer.config.latent_dim)
     starts = range(0, n, batch_size)
-    if show_progress:
-        # on stderr, as the training bar: stdout holds the results only (a bar there leaves a blank line in a pipe)
-        starts = track(starts, description="encoding the data set once", transient=True,
-                       console=Console(stderr=True))
+    console = Console(stderr=True)  # as the training bar: stdout holds the results only
+    if show_progress and console.is_terminal:  # (off a terminal a transient bar leaves only a blank line)
+        starts = track(starts, description="encoding the data set once", transient=True, console=console)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for start in starts:
             x, _ = data.get_batch(torch.arange(start, min(n, start + batch_size)))
