@@ -114,8 +114,10 @@ class Task(Protocol):
     samples_per_step: int  # global images (or tokens) per step, for throughput
 
     def trainable(self, model: nn.Module) -> None: ...  # set requires_grad for this stage
-    # loss: this rank's loss and logs ({name: number}, the same names on every rank, NaN where this rank's share has
-    # none of a figure: train() averages them over the ranks that have one)
+    # loss: this rank's loss and logs ({name: number or (number, weight)}, the same names on every rank). train()
+    # logs the weighted mean over ranks: a plain number weighs 1; a figure that is a mean over a varying part of the
+    # share (e.g. IMM's velocity groups) gives that part's size as its weight, so the run's figure is the mean over
+    # the whole batch; NaN or weight 0: this rank's share has none of the figure
     def loss(self, net: nn.Module, model: nn.Module, step: int, generator: torch.Generator, rank: int, world: int) -> tuple[torch.Tensor, dict]: ...
     def pictures(self, model: nn.Module, step: int, run_dir: Path) -> Path | None: ...
     def metadata(self) -> dict: ...
@@ -363,6 +365,19 @@ def check_train_config(cfg: TrainConfig):
         raise SigmaError(f"log_every must be at least 1, not {cfg.log_every}")
 
 
+def _log_weight(value) -> tuple[float, float] | None:
+    """A numeric log (a number, or (number, weight)) as (value, weight), with (0, 0) for NaN or weight 0: a share
+    that has none of the figure; None for anything else (kept as rank 0 logged it)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if isinstance(value, tuple) and len(value) == 2 and number(value[0]) and number(value[1]):
+        v, w = float(value[0]), float(value[1])
+    elif number(value):
+        v, w = float(value), 1.0
+    else:
+        return None
+    return (0.0, 0.0) if math.isnan(v) or w <= 0 else (v, w)
+
+
 def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, quiet: bool = False) -> dict:
     """Train `task.model` for cfg.steps (global) steps into run_dir. Returns a summary dict.
 
@@ -469,15 +484,16 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(net, model, step, generator, ddp.rank, ddp.world)
             # one all-reduce carries the loss (for logs and the finite check), any rank's stop request and the
-            # task's numeric logs: each rank's are of its share of the batch, the run's their mean over the ranks
-            # that have one (NaN: none in this share, e.g. no velocity groups; a figure no rank has is left out)
-            numeric = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            values = [float(logs[k]) for k in numeric]
-            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(0.0 if math.isnan(v) else v for v in values),
-                                            *(float(not math.isnan(v)) for v in values)], dtype=torch.float64, device=device))
-            have = {k: shared[2 + len(numeric) + i].item() for i, k in enumerate(numeric)}
-            mean = {k: shared[2 + i].item() / have[k] for i, k in enumerate(numeric) if have[k] > 0}
-            logs = {k: mean[k] if k in have else v for k, v in logs.items() if k in mean or k not in have}
+            # task's numeric logs: each rank's are of its share of the batch, the run's their weighted mean over the
+            # ranks (Task.loss; NaN or weight 0: none in this share, e.g. no velocity groups; a figure no rank has
+            # is left out)
+            numeric = sorted(k for k, v in logs.items() if _log_weight(v) is not None)
+            weighted = [_log_weight(logs[k]) for k in numeric]
+            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(v * w for v, w in weighted),
+                                            *(w for _, w in weighted)], dtype=torch.float64, device=device))
+            weight = {k: shared[2 + len(numeric) + i].item() for i, k in enumerate(numeric)}
+            mean = {k: shared[2 + i].item() / weight[k] for i, k in enumerate(numeric) if weight[k] > 0}
+            logs = {k: mean[k] if k in weight else v for k, v in logs.items() if k in mean or k not in weight}
             if not math.isfinite(shared[0].item()):
                 kept = (f"last good checkpoint kept in '{run_dir}'" if checkpoint_dir(run_dir) is not None
                         else "no checkpoint was written yet (try a lower --lr)")

@@ -20,8 +20,8 @@ def free_port() -> int:
 
 def make_task(kind: str):
     """A tiny model + task of each trainer, identical in every process (fixed seeds); "imm-muon" and "lm-muon" train
-    with Muon, "imm-fm" with velocity groups; "tokenizer-tail" switches to decoder fine-tuning at its second step
-    (the encoder's gradients stop)."""
+    with Muon, "imm-fm" with velocity groups (4 groups: 2 a rank); "tokenizer-tail" switches to decoder fine-tuning at
+    its second step (the encoder's gradients stop)."""
     from pipelines.train import TrainConfig
 
     kind, _, variant = kind.partition("-")
@@ -50,8 +50,12 @@ def make_task(kind: str):
                     width=32, depth=2, heads=2)
         data = make_dataset("shapes", image_size=16, frames=1, split="train", seed=0)
         held = make_dataset("shapes", image_size=16, frames=1, split="heldout", seed=0)
-        # "imm-fm": velocity groups, so that some steps give one rank a velocity group and the other none
+        # "imm-fm": velocity groups, so that a step gives one rank velocity groups and the other none (the same log
+        # names all the same), and one gives the ranks different numbers of them (the logged means are of the batch's
+        # groups, not means of the ranks' means)
         stage = IMMStage(group_size=4, optimizer=optimizer, fm_fraction=0.5 if variant == "fm" else 0.0)
+        if variant == "fm":
+            cfg.batch_size = 16
         task = IMMTask(model, IMMSchedule(), stage, data, held, None, cfg.batch_size, cfg.seed, "shapes")
     else:
         from pipelines.lm.data import ByteCorpus

@@ -83,6 +83,20 @@ def test_the_last_step_is_logged_even_off_the_log_interval(tmp_path):
     assert [r["loss"] for r in rows] == pytest.approx([-0.1, -0.175], abs=1e-7)
 
 
+def test_weighted_logs_are_logged_as_their_value_and_empty_shares_left_out(tmp_path):
+    """A task's log may be (value, weight) (a mean over a varying part of the share): logged as the value in one
+    process; NaN or weight 0 (this share has none of the figure) leaves the figure out, in the task's order."""
+    from pipelines.train import train
+
+    task = _SlopeTask()
+    task.loss = lambda net, *rest: (net.w.sum(), {"a": (2.5, 3), "none": (float("nan"), 0), "zero": (1.0, 0),
+                                                  "nan": float("nan"), "b": 4, "note": "text"})
+    train(task, _slope_config(), tmp_path / "run", quiet=True)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert [k for k in row if k in ("a", "none", "zero", "nan", "b", "note")] == ["a", "b", "note"]
+    assert row["a"] == pytest.approx(2.5, rel=1e-12) and row["b"] == 4 and row["note"] == "text"
+
+
 def test_check_train_config_allows_lr_0_and_refuses_ema_1():
     from pipelines.train import TrainConfig, check_train_config
 

@@ -292,8 +292,13 @@ class IMMTask:
         model.alignment = None
         if self.stage.objective == "imm":
             loss, logs = imm_loss(net, model, self.schedule, tokens, labels, mine, M, self.stage.fm_weight)
+            # 'mmd' is a mean over this share's IMM groups, 'fm' over its velocity groups: weighted by their number,
+            # train()'s mean over ranks is the mean over the batch's groups, as in one process
+            velocity = int(mine["fm"].sum())
+            if "mmd" in logs:
+                logs["mmd"] = (logs["mmd"], g - velocity)
             if self.stage.fm_fraction > 0 and self.stage.fm_weight > 0:  # every rank logs the same names (train())
-                logs.setdefault("fm", math.nan)  # (this rank's share drew no velocity group)
+                logs["fm"] = (logs.get("fm", math.nan), velocity)  # (NaN, 0: this share drew no velocity group)
         else:
             loss, logs = flow_matching_loss(net, model, self.schedule, tokens, labels, mine)
         if self.teacher is not None:
