@@ -156,32 +156,42 @@ def test_compile_trains_and_samples(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
 
 
-def cli_worker(rank: int, world: int, port: int, args: list[str]):
-    """`sigma ARGS` in one of `world` gloo processes, as torchrun would start it; a failure raises in mp.spawn."""
+def cli_worker(rank: int, world: int, port: int, args: list[str], result: str):
+    """`sigma ARGS` in one of `world` gloo processes, as torchrun would start it, through the console entry (which
+    ends the process with the command's exit code: not 0 raises in mp.spawn); rank 0's stdout goes to `result`."""
+    import sys
+
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     faulthandler.enable(all_threads=True)
-    from sigmacli.app import app
+    from sigmacli.app import main
 
-    code = app(args=args, standalone_mode=False)
-    assert code in (None, 0), f"rank {rank}: exit code {code}"
-    from pipelines.train import exit_process
-
-    exit_process(0)  # as `sigma` ends a torchrun rank (see exit_process)
+    if rank == 0:
+        sys.stdout = open(result, "w")  # (left to main, which flushes it before os._exit)
+    sys.argv = ["sigma", *args]
+    main()
+    raise AssertionError("main() returned")  # it ends the process
 
 
 @pytest.mark.parametrize("command", [
     ["train-lm", "--width", "32", "--depth", "1", "--heads", "2", "--context", "16", "--experts", "4", "--sample-every", "0"],
     ["train-classifier", "--image-size", "16"],
 ])
-def test_cli_fsdp_evaluates_after_training(command, tmp_path):
+def test_cli_fsdp_evaluates_after_training(command, cli, tmp_path):
     # train-lm and train-classifier evaluate on rank 0 once training ends; under FSDP2 the model's forward
     # all-gathers from ranks that have left, so rank 0 evaluates the weights it saved instead
-    out = tmp_path / "run"
+    out, result = tmp_path / "run", tmp_path / "result.json"
     args = [*command, "--steps", "2", "--batch-size", "4", "--device", "cpu", "--fsdp", "--json", "--out", str(out)]
-    mp.spawn(cli_worker, args=(2, free_port(), args), nprocs=2, join=True)
+    mp.spawn(cli_worker, args=(2, free_port(), args, str(result)), nprocs=2, join=True)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["counters"] == {"step": 2, "world": 2}
+    r = json.loads(result.read_text())  # rank 0's --json line, evaluation included
+    if command[0] == "train-lm":  # of the saved weights: what eval-lm reports for them in one process
+        ev = cli("eval-lm", "--model", out, "--device", "cpu", "--json")
+        assert ev.exit_code == 0, ev.stderr
+        assert r["bits_per_byte"] == pytest.approx(json.loads(ev.stdout)["bits_per_byte"], rel=1e-5)
+    else:
+        assert 0 <= r["accuracy"] <= 1 and r["num"] > 0
 
 
 def test_fsdp_refuses_dsa_warmup(cli, tmp_path, monkeypatch):

@@ -541,3 +541,17 @@ def test_exit_process_flushes_then_skips_the_teardown_only_after_a_process_group
             "print('result', end=''); t.exit_process(4)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 4 and r.stdout == "result", (r.returncode, r.stdout, r.stderr[-500:])
+
+
+def test_sigma_ends_through_exit_process_with_the_commands_exit_code():
+    # the console entry hands a training command's exit code to exit_process: after a process group, os._exit
+    # (no teardown: the atexit line never prints), with the code of success and of a one-line error alike
+    import subprocess
+    import sys
+
+    for args, code, out in ((["--version"], 0, "sigma "), (["info", "no-such-folder"], 1, "")):
+        prog = ("import atexit, sys, pipelines.train as t; atexit.register(print, 'teardown'); t._GROUP_TORN_DOWN = True; "
+                f"sys.argv = ['sigma', *{args!r}]; from sigmacli.app import main; main()")
+        r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+        assert r.returncode == code and r.stdout.startswith(out) and "teardown" not in r.stdout, (args, r.returncode, r.stdout, r.stderr[-500:])
+        assert (r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1) if code else not r.stderr, r.stderr
