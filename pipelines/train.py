@@ -386,92 +386,96 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     ddp = _Distributed(device)
-    if cfg.batch_size % ddp.world:
-        raise SigmaError(f"batch size {cfg.batch_size} is not divisible by {ddp.world} processes")
-    check_train_config(cfg)
-    if device.type == "cuda" and ddp.enabled:
-        device = torch.device("cuda", torch.cuda.current_device())
-    check_precision(cfg.precision)
-    use_bf16 = uses_bf16(cfg.precision, device)
-    warn_slow_half(torch.bfloat16 if use_bf16 else None, device)
+    try:  # a setup error (every rank: a bad checkpoint, a --compile backend) still ends the process group
+        if cfg.batch_size % ddp.world:
+            raise SigmaError(f"batch size {cfg.batch_size} is not divisible by {ddp.world} processes")
+        check_train_config(cfg)
+        if device.type == "cuda" and ddp.enabled:
+            device = torch.device("cuda", torch.cuda.current_device())
+        check_precision(cfg.precision)
+        use_bf16 = uses_bf16(cfg.precision, device)
+        warn_slow_half(torch.bfloat16 if use_bf16 else None, device)
 
-    model = task.model.to(device)
-    task.trainable(model)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
-    sharded = cfg.fsdp and ddp.enabled  # one process holds everything anyway: --fsdp alone changes nothing
-    if resume and checkpoint_dir(run_dir) is None:
-        raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
-    if not resume:
-        check_new_run(run_dir)
-    if sharded:
-        if resume:  # whole weights into the whole model first; fully_shard then cuts them
-            from checkpoints.io import load_state_checked
-
-            ckpt = checkpoint_dir(run_dir)
-            load_state_checked(model, ckpt / "model.safetensors")
-            if ema is not None:
-                load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
-        apply_fsdp(model, device, ddp.world, use_bf16)
-        if ema is not None:  # sharded alike, so the EMA update runs on local shards
-            apply_fsdp(ema, device, ddp.world, False)
-    optimizer = task.make_optimizer(model, cfg) if hasattr(task, "make_optimizer") else make_optimizer(model, cfg)
-    start = 0
-    if resume:
+        model = task.model.to(device)
+        task.trainable(model)
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+        sharded = cfg.fsdp and ddp.enabled  # one process holds everything anyway: --fsdp alone changes nothing
+        if resume and checkpoint_dir(run_dir) is None:
+            raise SigmaError(f"--resume: no checkpoint in '{run_dir}'")
+        if not resume:
+            check_new_run(run_dir)
         if sharded:
-            start = load_training_state(run_dir, None, None, optimizer, weights=False)["step"]
-            shard_optimizer_state(optimizer)
-        else:
-            start = load_training_state(run_dir, model, ema, optimizer)["step"]
-        if start >= cfg.steps:
-            raise SigmaError(f"'{run_dir}' is already at step {start}; pass --steps above {start} to continue")
-    net = model
-    if ddp.enabled and not sharded:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
-    if cfg.compile:
-        net = torch.compile(net, backend=compile_backend())
+            if resume:  # whole weights into the whole model first; fully_shard then cuts them
+                from checkpoints.io import load_state_checked
 
-    def save(step: int):
-        # under FSDP2 gathering the whole tensors is collective: every rank takes part, rank 0 writes
-        model_state = full_state(model.state_dict()) if sharded else model.state_dict()
-        ema_state = (full_state(ema.state_dict()) if sharded else ema.state_dict()) if ema is not None else None
-        opt = _GatheredOptimizer(optimizer) if sharded else optimizer
-        if ddp.rank != 0:
-            return
-        save_training_state(run_dir, model_state=model_state, ema_state=ema_state, optimizer=opt,
-                            counters={"step": step, "world": ddp.world})
-        save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=ema_state or model_state)
-        write_run_meta(run_dir, task, cfg, step)
-        if cfg.keep_every and step % cfg.keep_every == 0:
-            keep_snapshot(run_dir, step)
+                ckpt = checkpoint_dir(run_dir)
+                load_state_checked(model, ckpt / "model.safetensors")
+                if ema is not None:
+                    load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
+            apply_fsdp(model, device, ddp.world, use_bf16)
+            if ema is not None:  # sharded alike, so the EMA update runs on local shards
+                apply_fsdp(ema, device, ddp.world, False)
+        optimizer = task.make_optimizer(model, cfg) if hasattr(task, "make_optimizer") else make_optimizer(model, cfg)
+        start = 0
+        if resume:
+            if sharded:
+                start = load_training_state(run_dir, None, None, optimizer, weights=False)["step"]
+                shard_optimizer_state(optimizer)
+            else:
+                start = load_training_state(run_dir, model, ema, optimizer)["step"]
+            if start >= cfg.steps:
+                raise SigmaError(f"'{run_dir}' is already at step {start}; pass --steps above {start} to continue")
+        net = model
+        if ddp.enabled and not sharded:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
+        if cfg.compile:
+            net = torch.compile(net, backend=compile_backend())
 
-    # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
-    stop = {"asked": False}
-    previous_handler = signal.getsignal(signal.SIGINT)
+        def save(step: int):
+            # under FSDP2 gathering the whole tensors is collective: every rank takes part, rank 0 writes
+            model_state = full_state(model.state_dict()) if sharded else model.state_dict()
+            ema_state = (full_state(ema.state_dict()) if sharded else ema.state_dict()) if ema is not None else None
+            opt = _GatheredOptimizer(optimizer) if sharded else optimizer
+            if ddp.rank != 0:
+                return
+            save_training_state(run_dir, model_state=model_state, ema_state=ema_state, optimizer=opt,
+                                counters={"step": step, "world": ddp.world})
+            save_model(model, run_dir / getattr(task, "model_subfolder", ""), state_dict=ema_state or model_state)
+            write_run_meta(run_dir, task, cfg, step)
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                keep_snapshot(run_dir, step)
 
-    def on_sigint(signum, frame):
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
+        # Ctrl-C: finish the current step, save, then stop (a second Ctrl-C stops at once).
+        stop = {"asked": False}
+        previous_handler = signal.getsignal(signal.SIGINT)
 
-    signal.signal(signal.SIGINT, on_sigint)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ddp.rank == 0 and resume and (run_dir / RUN_LOG).exists():
-        # drop lines logged after the checkpoint we resume from: the log reads as one uninterrupted run
-        kept = [line for line in (run_dir / RUN_LOG).read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start]
-        atomic_write_text(run_dir / RUN_LOG, "".join(line + "\n" for line in kept))
-    metrics_file = open(run_dir / RUN_LOG, "a") if ddp.rank == 0 else None
-    release_notes()  # every check has passed: the notes held back so far (small data folder, ignored options) show now
-    progress = None
-    if ddp.rank == 0 and not quiet:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        def on_sigint(signum, frame):
+            if stop["asked"]:
+                raise KeyboardInterrupt
+            stop["asked"] = True
 
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
-        bar = progress.add_task(task.kind, total=cfg.steps, completed=start, info="")
-        progress.start()
+        signal.signal(signal.SIGINT, on_sigint)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ddp.rank == 0 and resume and (run_dir / RUN_LOG).exists():
+            # drop lines logged after the checkpoint we resume from: the log reads as one uninterrupted run
+            kept = [line for line in (run_dir / RUN_LOG).read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            atomic_write_text(run_dir / RUN_LOG, "".join(line + "\n" for line in kept))
+        metrics_file = open(run_dir / RUN_LOG, "a") if ddp.rank == 0 else None
+        release_notes()  # every check has passed: the notes held back so far (small data folder, ignored options) show now
+        progress = None
+        if ddp.rank == 0 and not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
+            bar = progress.add_task(task.kind, total=cfg.steps, completed=start, info="")
+            progress.start()
+    except BaseException:  # (no rank is inside a collective of this run yet, or it fails there too)
+        ddp.close(clean=False)
+        raise
     step, last = start, {}
     finished = False
     t_start = time.time()

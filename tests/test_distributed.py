@@ -132,6 +132,27 @@ def assert_same_logs(a, b):
             assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-6), (k, la[k], lb[k])
 
 
+def setup_error_worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", SIGMA_COMPILE_BACKEND="no-such-backend")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from pipelines import train as training
+    from pipelines.errors import SigmaError
+
+    task, cfg = make_task("lm")
+    cfg.compile = True  # train() checks the backend after the process group is up (and DDP has wrapped the model)
+    with pytest.raises(SigmaError, match="SIGMA_COMPILE_BACKEND"):
+        training.train(task, cfg, out, quiet=True)
+    assert not dist.is_initialized() and training._GROUP_TORN_DOWN  # so `sigma` leaves through os._exit
+    training.exit_process(0)
+
+
+def test_a_setup_error_ends_the_process_group(tmp_path):
+    mp.spawn(setup_error_worker, args=(2, free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+
+
 def test_fsdp2_checkpoint_resumes_sharded_and_matches(tmp_path):
     # 2 steps under FSDP2, then 2 more resumed under FSDP2 == 4 steps in one process
     run("lm", tmp_path / "fsdp", world=2, fsdp=True, steps=2)
