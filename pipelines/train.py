@@ -516,7 +516,10 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 last["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if metrics_file and (done % cfg.log_every == 0 or done == cfg.steps):
                 last["samples_per_s"] = (done - start) * task.samples_per_step / (time.time() - t_start)
-                metrics_file.write(json.dumps(last) + "\n")
+                # null for a non-finite figure (an overflowing grad norm): NaN / Infinity are not JSON, and strict
+                # readers (jq, JSON.parse) would reject the line
+                metrics_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                               for k, v in last.items()}) + "\n")
                 metrics_file.flush()
             if progress:
                 progress.update(bar, completed=done, info=f"loss {last['loss']:.4f}")

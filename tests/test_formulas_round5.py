@@ -97,6 +97,19 @@ def test_weighted_logs_are_logged_as_their_value_and_empty_shares_left_out(tmp_p
     assert row["a"] == pytest.approx(2.5, rel=1e-12) and row["b"] == 4 and row["note"] == "text"
 
 
+def test_metrics_lines_are_strict_json_with_null_for_a_non_finite_figure(tmp_path):
+    from pipelines.train import train
+
+    task = _SlopeTask()
+    task.loss = lambda net, *rest: (net.w.sum(), {"big": float("inf")})
+    train(task, _slope_config(), tmp_path / "run", quiet=True)
+
+    def refuse(constant):
+        raise ValueError(constant)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert row["big"] is None
+
+
 def test_check_train_config_allows_lr_0_and_refuses_ema_1():
     from pipelines.train import TrainConfig, check_train_config
 
