@@ -250,7 +250,9 @@ def test_two_gloo_processes_through_torchrun(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sigmacli",
            "train-tokenizer", *TINY, "--steps", "2", "--out", str(out), "--device", "cpu", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temp folder, one a run
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["steps"] == 2  # only rank 0 reports
