@@ -491,10 +491,10 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
             # task's numeric logs: each rank's are of its share of the batch, the run's their weighted mean over the
             # ranks (Task.loss; NaN or weight 0: none in this share, e.g. no velocity groups; a figure no rank has
             # is left out)
-            numeric = sorted(k for k, v in logs.items() if _log_weight(v) is not None)
-            weighted = [_log_weight(logs[k]) for k in numeric]
-            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(v * w for v, w in weighted),
-                                            *(w for _, w in weighted)], dtype=torch.float64, device=device))
+            weighted = {k: vw for k in sorted(logs) if (vw := _log_weight(logs[k])) is not None}
+            numeric = list(weighted)
+            shared = ddp.mean(torch.tensor([loss.item(), float(stop["asked"]), *(v * w for v, w in weighted.values()),
+                                            *(w for _, w in weighted.values())], dtype=torch.float64, device=device))
             weight = {k: shared[2 + len(numeric) + i].item() for i, k in enumerate(numeric)}
             mean = {k: shared[2 + i].item() / weight[k] for i, k in enumerate(numeric) if weight[k] > 0}
             logs = {k: mean[k] if k in weight else v for k, v in logs.items() if k in mean or k not in weight}

@@ -67,11 +67,17 @@ def make_task(kind: str):
     return task, cfg
 
 
-def worker(rank: int, world: int, port: int, kind: str, out: str, fsdp: bool, steps: int, resume: bool):
+def join_group(rank: int, world: int, port: int, **env):
+    """What every spawned worker does first: the torchrun environment of its rank, one thread, and a crash printing
+    every thread's Python stack."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env)
     torch.set_num_threads(1)
-    faulthandler.enable(all_threads=True)  # a crash prints every thread's Python stack
+    faulthandler.enable(all_threads=True)
+
+
+def worker(rank: int, world: int, port: int, kind: str, out: str, fsdp: bool, steps: int, resume: bool):
+    join_group(rank, world, port)
     from pipelines.train import exit_process, train
 
     task, cfg = make_task(kind)
@@ -133,9 +139,7 @@ def assert_same_logs(a, b):
 
 
 def setup_error_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", SIGMA_COMPILE_BACKEND="no-such-backend")
-    torch.set_num_threads(1)
+    join_group(rank, world, port, SIGMA_COMPILE_BACKEND="no-such-backend")
     import torch.distributed as dist
 
     from pipelines import train as training
@@ -182,10 +186,7 @@ def cli_worker(rank: int, world: int, port: int, args: list[str], result: str):
     ends the process with the command's exit code: not 0 raises in mp.spawn); rank 0's stdout goes to `result`."""
     import sys
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    faulthandler.enable(all_threads=True)
+    join_group(rank, world, port)
     from sigmacli.app import main
 
     if rank == 0:
