@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sigmacli.app import app
-from sigmacli.common import DeviceOpt, JsonOpt, command, emit, output_picture, parse_grid
+from sigmacli.common import DeviceOpt, JsonOpt, command, emit, output_picture, parse_grid, picture_file
 
 
 @app.command("bench-attn")
@@ -28,7 +28,7 @@ def bench_attn(
     mta_backends: Annotated[str, typer.Option(help="MTA backends, comma-separated: triton (fused kernel; CUDA, or the interpreter), cpu, reference. Default: triton on CUDA, cpu, reference.")] = "",
     mta_kernel: Annotated[str, typer.Option(help="MTA key-query kernel QxK (query rows x key columns).")] = "6x11",
     reference_max_tokens: Annotated[int, typer.Option(help="Skip the materialising references above this many tokens.")] = 4096,
-    out: Annotated[Path, typer.Option(help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
+    out: Annotated[Path, typer.Option(parser=picture_file, metavar="<path>", help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):

@@ -27,6 +27,15 @@ def _seed(value: int) -> int:
 
 
 SeedOpt = Annotated[int, typer.Option("--seed", callback=_seed, help="Random seed (data order, masks, sampling).")]
+
+def picture_file(value) -> Path:
+    """A picture's --out (a Typer parser). Path() drops a trailing separator, so `--out runs/` would have written
+    runs.png; a name that ends in one says a folder, and is refused as an existing folder is (output_picture)."""
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"'{value}' names a folder; give the picture a file name, e.g. '{Path(value) / 'picture.png'}'")
+    return Path(value)
+
+
 FsdpOpt = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (per block, then the root) instead of DDP.")]
 KeepEveryOpt = Annotated[Optional[int], typer.Option("--keep-every", help="Also keep the sampling weights every N steps as a loadable folder, OUT/snapshots/step-NNNNNNN, the step in 7 digits (a checkpoint is written at those steps too; --save-every keeps only the latest). Default 0 (off), or the run's own on --resume, where it may be changed.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network ($SIGMA_COMPILE_BACKEND, default inductor).")]

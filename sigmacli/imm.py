@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (RESUME_CLASSES_HINT, CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt,
-                             SeedOpt, check_classes, check_precision, check_sizes, command, emit, fresh_run_folder, is_main_rank, output_folder, output_picture,
+                             SeedOpt, check_classes, check_precision, check_sizes, command, emit, fresh_run_folder, is_main_rank, output_folder, output_picture, picture_file,
                              parse_grid, resume_device, resumed_train_config, run_part, run_to_resume, steps_done,
                              trained_or_shipped)
 from sigmacli.tokenizer import DataOpt
@@ -424,7 +424,7 @@ def sample(
     sampler: Annotated[Optional[str], typer.Option(help="pushforward | restart (IMM) | euler (flow matching); default: the run's.")] = None,
     midpoint: Annotated[Optional[float], typer.Option(help="2 steps: the middle time (default: the run's, 0.6 for IMM runs; else uniform). A run's midpoint at or after --start-time gives way to uniform times.")] = None,
     start_time: Annotated[Optional[float], typer.Option(help="The time the first step starts from (default: the run's, else T = 0.994): the start noise is scaled to x's std at that time and read as x there. 0.9-0.97 rescued a long run whose jumps from T had come apart (README).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
+    out: Annotated[Optional[Path], typer.Option(parser=picture_file, metavar="<path>", help="Picture grid: PNG for images, animated GIF for clips (default samples.png / samples.gif).")] = None,
     save_individual: Annotated[Optional[Path], typer.Option(help="Also write every sample to this folder.")] = None,
     nrow: Annotated[int, typer.Option(help="Samples per row of the grid.")] = 8,
     compile_: CompileOpt = False,

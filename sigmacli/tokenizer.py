@@ -8,7 +8,7 @@ import typer
 
 from sigmacli.app import app
 from sigmacli.common import (CompileOpt, DeviceOpt, FsdpOpt, JsonOpt, KeepEveryOpt, PrecisionOpt, SeedOpt,
-                             check_precision, check_sizes, command, emit, fresh_run_folder, output_picture, resume_device,
+                             check_precision, check_sizes, command, emit, fresh_run_folder, output_picture, picture_file, resume_device,
                              resumed_train_config, run_part, run_to_resume, steps_done, trained_or_shipped)
 
 DATA_HELP = ("shapes | moving-shapes | an image folder (a video folder for clips) | cifar10:PATH, cifar100:PATH, "
@@ -157,7 +157,7 @@ def reconstruct(
     data: Annotated[Optional[str], typer.Option("--data", help=DATA_HELP + " (default: the data the tokenizer was trained on).")] = None,
     num: Annotated[int, typer.Option(help="Held-out samples to evaluate (the first `--grid` are drawn).")] = 256,
     grid: Annotated[int, typer.Option(help="Pairs (original, reconstruction) in the picture.")] = 16,
-    out: Annotated[Path, typer.Option(help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
+    out: Annotated[Path, typer.Option(parser=picture_file, metavar="<path>", help="Picture of originals beside reconstructions (PNG; GIF for clips).")] = Path("recon.png"),
     probe: Annotated[bool, typer.Option("--probe", help="Also fit a linear probe of the class on the latents of 4,000 training samples and report its held-out accuracy (labelled data).")] = False,
     spectrum: Annotated[bool, typer.Option("--spectrum", help="Also report a classifier's accuracy on held-out images decoded from only the top K principal components of their latents (K = 32 ... 256; labelled data): where the latent keeps the class, and the ceiling of `sigma train-imm --latent-norm pca --pca-dims K`.")] = False,
     classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder for --spectrum (default: runs/classifier if present, else the shipped one).")] = None,

@@ -205,6 +205,21 @@ def test_out_of_memory_is_one_line_and_other_errors_still_raise(cli, tmp_path, m
     assert not (tmp_path / "s.png").exists()
 
 
+def test_a_picture_named_as_a_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """`--out runs/`: Path() drops the '/', and the picture went to runs.png; now one line, exit 2, nothing written."""
+    import sys
+
+    from sigmacli.app import main
+
+    for command in (["sample", "--num", "1"], ["reconstruct", "--num", "2"], ["bench-attn"]):
+        monkeypatch.setattr(sys, "argv", ["sigma", *command, "--out", f"{tmp_path / 'runs'}/"])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and "'runs/' names a folder" in lines[0].replace(str(tmp_path) + "/", ""), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_seed_beyond_64_bits_is_a_usage_error(cli, tmp_path, monkeypatch, capsys):
     import sys
 
