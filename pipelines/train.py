@@ -309,17 +309,16 @@ def shard_optimizer_state(optimizer):
 
 
 def evaluable(model: nn.Module, run_dir: Path | str, kind: str) -> nn.Module:
-    """The trained model for rank 0 to evaluate after train() has returned: the model itself, or after an FSDP2
-    run the weights train() has just saved, loaded whole on the same device (a sharded model's forward all-gathers
-    from the other ranks, which have left: it would fail, or hang)."""
+    """The trained model for rank 0 to evaluate after train() has returned: the weights train() has just saved (the
+    EMA's when the run keeps one), loaded whole on the model's device. One rule for every run: after an FSDP2 run
+    the live model is sharded, and its forward would all-gather from the other ranks, which have left (it would
+    fail, or hang); after any run with an EMA the live weights are not the ones saved."""
     from torch.distributed.tensor import DTensor
 
     from checkpoints.io import load_model
 
     first = next(model.parameters())
-    if not isinstance(first, DTensor):
-        return model
-    return load_model(run_dir, kind, first.to_local().device)
+    return load_model(run_dir, kind, (first.to_local() if isinstance(first, DTensor) else first).device)
 
 
 def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra: dict | None = None):

@@ -455,12 +455,18 @@ def test_the_saved_model_holds_the_ema_weights(tmp_path):
     """The run folder's model (what sample / reconstruct load) is the EMA; the checkpoint keeps both."""
     from safetensors.torch import load_file
 
-    train(make_task(), config(steps=3, ema=0.9), tmp_path / "run", quiet=True)
+    from pipelines.train import evaluable
+
+    task = make_task()
+    train(task, config(steps=3, ema=0.9), tmp_path / "run", quiet=True)
     saved = io.load_model(tmp_path / "run", "tokenizer").state_dict()
     ema = load_file(str(tmp_path / "run" / "checkpoint" / "ema.safetensors"))
     raw = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)
+    # what a trainer evaluates after its run is what it saved, the EMA, not the live weights (as after an FSDP2 run)
+    evaluated = evaluable(task.model, tmp_path / "run", "tokenizer").state_dict()
+    assert all(torch.equal(evaluated[k], saved[k]) for k in saved)
 
 
 def test_a_failed_text_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
