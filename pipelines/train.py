@@ -326,6 +326,10 @@ def write_run_meta(run_dir: Path, task: Task, cfg: TrainConfig, step: int, extra
     atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=2))
 
 
+def _not_a_profiler_range_note(record) -> bool:
+    return not str(record.msg).startswith("Profiler record function")
+
+
 def compile_backend() -> str:
     """$SIGMA_COMPILE_BACKEND (default inductor), checked against torch's registry: a typo is one line, not a
     traceback from the first compiled call."""
@@ -335,6 +339,8 @@ def compile_backend() -> str:
 
     # inductor's C++ build looks for CUDA once and logs "No CUDA runtime is found" on CPU-only machines: not ours to act on
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # DDP's forward opens a profiler range, which dynamo skips with a warning on every rank: nothing is lost but the range
+    logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_not_a_profiler_range_note)
     backend = os.environ.get("SIGMA_COMPILE_BACKEND", "inductor")
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:

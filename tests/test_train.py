@@ -561,3 +561,19 @@ def test_sigma_ends_through_exit_process_with_the_commands_exit_code():
         r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
         assert r.returncode == code and r.stdout.startswith(out) and "teardown" not in r.stdout, (args, r.returncode, r.stdout, r.stderr[-500:])
         assert (r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1) if code else not r.stderr, r.stderr
+
+
+def test_compile_drops_dynamos_note_on_ddps_profiler_range_only(caplog, monkeypatch):
+    """--compile under DDP: every rank printed dynamo's 'Profiler record function ... will be ignored'; other warnings
+    of that logger still pass."""
+    import logging
+
+    from pipelines.train import compile_backend
+
+    monkeypatch.delenv("SIGMA_COMPILE_BACKEND", raising=False)
+    compile_backend()
+    log = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Profiler record function %s will be ignored", "record_function")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["something else"]
