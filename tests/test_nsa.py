@@ -132,6 +132,23 @@ def test_auto_backend_falls_back_where_the_triton_tiles_do_not_fit(monkeypatch):
     assert rel(nsa_causal(q, k, v, kc, vc, g1, g2, block=8, top_n=3, backend="auto"), o_ref) < 1e-5
 
 
+def test_pytorch_path_keeps_every_tensor_on_the_inputs_device():
+    """"auto" takes the PyTorch path on CUDA too where the Triton tiles do not fit: its lse, block scores and dK/dV
+    accumulators must live on the inputs' device (made on the CPU, they failed on the first CUDA step). The meta
+    device stands in for CUDA: it refuses a CPU operand in the same way."""
+    from kernels.nsa import cpu
+
+    meta = torch.device("meta")
+    B, H, hkv, N, K, block = 1, 2, 1, 32, 16, 8
+    q, k, v = torch.empty(B, H, N, K, device=meta), torch.empty(B, hkv, N, K, device=meta), torch.empty(B, hkv, N, K, device=meta)
+    kc, vc = torch.empty(B, hkv, N // block, K, device=meta), torch.empty(B, hkv, N // block, K, device=meta)
+    o, lse, scores = cpu.compressed_fwd(q, kc, vc, block)
+    assert {t.device for t in (o, lse, scores, *cpu.compressed_bwd(torch.empty_like(o), q, kc, vc, o, lse))} == {meta}
+    index = torch.zeros(B, hkv, N // block, 2, dtype=torch.int64, device=meta)
+    o, lse = cpu.selected_fwd(q, k, v, index, block)
+    assert {t.device for t in (o, lse, *cpu.selected_bwd(torch.empty_like(o), q, k, v, o, lse, index, block))} == {meta}
+
+
 def test_causal_output_keeps_the_input_dtype():
     """Gates come in fp32 from the module: the output must stay bf16 for a bf16 model (a pure-bf16 LM crashed)."""
     q, k, v, kc, vc, (g1, g2, g3) = causal_inputs()

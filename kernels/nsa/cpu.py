@@ -46,8 +46,8 @@ def compressed_fwd(q, k_cmp, v_cmp, block: int):
     qr, kr, vr = q.reshape(B * H, N, K), _rows(k_cmp, H), _rows(v_cmp, H)
     nb = kr.shape[1]
     o = torch.empty_like(qr)
-    lse = torch.empty(B * H, N, dtype=torch.float32)
-    scores = torch.empty(B * H, N // block, nb, dtype=torch.float32)
+    lse = torch.empty(B * H, N, dtype=torch.float32, device=q.device)
+    scores = torch.empty(B * H, N // block, nb, dtype=torch.float32, device=q.device)
     step = _step(nb * block, N // block) * block  # whole query blocks per tile
     for r in range(B * H):
         kt = kr[r].transpose(0, 1)
@@ -71,8 +71,8 @@ def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
     dor, lser = do.reshape(B * H, N, K), lse.reshape(B * H, N)
     delta = (do.float() * o.float()).sum(-1).reshape(B * H, N)  # rowsum(dO * O) = sum_j P_ij dP_ij
     dq = torch.empty_like(qr)
-    dk = torch.zeros(kr.shape, dtype=torch.float32)
-    dv = torch.zeros(vr.shape, dtype=torch.float32)
+    dk = torch.zeros(kr.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(vr.shape, dtype=torch.float32, device=q.device)
     nb = kr.shape[1]
     step = _step(nb, N)
     for r in range(B * H):
@@ -105,7 +105,7 @@ def selected_fwd(q, k, v, index, block: int):
     kt, vt = _rows(k, H).reshape(-1, block, K), _rows(v, H).reshape(-1, block, K)  # block tables, same numbering
     flat = _flat_index(index, H)  # [R*NB, S]
     o = torch.empty_like(qb)
-    lse = torch.empty(qb.shape[:2], dtype=torch.float32)
+    lse = torch.empty(qb.shape[:2], dtype=torch.float32, device=q.device)
     step = _step(block * S * block, len(qb))
     for a in range(0, len(qb), step):
         ids = flat[a : a + step].reshape(-1)
@@ -131,8 +131,8 @@ def selected_bwd(do, q, k, v, o, lse, index, block: int):
     kt, vt = _rows(k, H).reshape(-1, block, K), _rows(v, H).reshape(-1, block, K)
     flat = _flat_index(index, H)
     dq = torch.empty_like(qb)
-    dkt = torch.zeros(kt.shape, dtype=torch.float32)  # accumulated over the query blocks that chose each block
-    dvt = torch.zeros(vt.shape, dtype=torch.float32)
+    dkt = torch.zeros(kt.shape, dtype=torch.float32, device=q.device)  # accumulated over the query blocks that chose each block
+    dvt = torch.zeros(vt.shape, dtype=torch.float32, device=q.device)
     step = _step(block * S * block, len(qb))
     for a in range(0, len(qb), step):
         ids = flat[a : a + step].reshape(-1)
