@@ -149,6 +149,20 @@ def test_pytorch_path_keeps_every_tensor_on_the_inputs_device():
     assert {t.device for t in (o, lse, *cpu.selected_bwd(torch.empty_like(o), q, k, v, o, lse, index, block))} == {meta}
 
 
+def test_nsa_3d_takes_a_forced_mask_made_on_the_cpu():
+    """cube_neighbourhood makes the mask on the CPU; nsa_3d selects on the inputs' device (meta standing in for CUDA,
+    where the selection's masked_fill refused the CPU mask in every backend but the reference)."""
+    meta = torch.device("meta")
+    B, H, N, K, block = 1, 2, 64, 16, 16
+    q = torch.empty(B, H, N, K, device=meta)
+    kc, g = torch.empty(B, 1, N // block, K, device=meta), torch.empty(B, H, N, device=meta)
+    forced = cube_neighbourhood((1, 2, 2), (0, 0, 0))
+    for backend in ("cpu", "triton"):  # on meta the custom ops run their fake implementations
+        o = nsa_3d(q, q[:, :1], q[:, :1], kc, kc, g, g, block=block, top_n=1, forced=forced, backend=backend,
+                   n_select=selection_size(1, forced))
+        assert o.device == meta and o.shape == q.shape
+
+
 def test_causal_output_keeps_the_input_dtype():
     """Gates come in fp32 from the module: the output must stay bf16 for a bf16 model (a pure-bf16 LM crashed)."""
     q, k, v, kc, vc, (g1, g2, g3) = causal_inputs()

@@ -213,9 +213,10 @@ def nsa_3d(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, *, block: int, top_n: int, force
     if forced.shape != (N // block, N // block):
         raise ValueError(f"NSA: {N} tokens make {N // block} cubes of {block}, but the forced cube mask is "
                          f"{'x'.join(map(str, forced.shape))} (a layer built for another grid?)")
+    forced = forced.to(q.device)  # (cube_neighbourhood makes it on the CPU; NSA3D's buffer is already there)
     backend = resolve_backend(backend, q.device, K, block)
     if backend == "reference":
-        o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced.to(q.device))
+        o, index = nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block, top_n, forced)
         return (o, index) if return_index else o
     branch = ("triton" if q.is_cuda else "cpu") if backend == "flex" else backend
     o_cmp, _, scores = _compressed(q, k_cmp, v_cmp, block, branch)
