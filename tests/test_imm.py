@@ -528,6 +528,18 @@ def test_alignment_head_reads_early_tokens_only_in_training():
     assert alignment_loss(clip_target, teacher, clips).abs() < 1e-6
 
 
+def test_alignment_teacher_runs_on_the_pixels_device():
+    """IMMTask loads the REPA teacher where the model is when the task is built (the CPU: train() moves the model
+    later); on CUDA its first loss then met CUDA pixels. The meta device stands in for CUDA."""
+    from pipelines.evaluation.classifier import ShapesClassifier
+    from pipelines.imm.trainer import alignment_loss
+
+    teacher = ShapesClassifier(image_size=16, width=8, feature_dim=16).eval()
+    meta = torch.device("meta")
+    loss = alignment_loss(torch.empty(2, 16, device=meta), teacher, torch.empty(2, 3, 1, 16, 16, device=meta))
+    assert loss.device == meta and next(teacher.parameters()).device == meta
+
+
 def test_two_step_midpoint_sets_the_middle_time_only():
     sched = IMMScheduler(midpoint=0.65)
     sched.set_timesteps(2)

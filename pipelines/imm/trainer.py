@@ -203,9 +203,10 @@ def stage_from_pipeline(config) -> dict:
 
 def alignment_loss(pred: torch.Tensor, teacher, x: torch.Tensor) -> torch.Tensor:
     """REPA's loss, 1 - cosine, between the align head's output pred [B, F] and the frozen teacher's pooled
-    features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips)."""
+    features of the clean pixels x [B, C, T, H, W] (averaged over frames for clips). The teacher runs on x's device
+    (IMMTask loads it where the model is before train() moves the model there)."""
     with torch.no_grad():
-        target = teacher.features(x).float().view(x.shape[0], x.shape[2], -1).mean(1)  # [B, F]
+        target = teacher.to(x.device).features(x).float().view(x.shape[0], x.shape[2], -1).mean(1)  # [B, F]
     return 1 - F.cosine_similarity(pred.float(), target, dim=-1).mean()
 
 
