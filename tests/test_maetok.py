@@ -127,6 +127,20 @@ def test_teacher_targets_follow_patchify_order_and_average_tubelets():
     assert torch.allclose(out[1, t * 16 + h * 4 + w], maps[:, :, h, w].mean(0), atol=1e-6)
 
 
+def test_teacher_runs_on_the_pixels_device():
+    """The tokenizer task loads its feature teacher before train() moves the model to the GPU: the teacher follows
+    the batch instead of computing every step's targets on the CPU (the meta device stands in for CUDA)."""
+    from pipelines.evaluation.classifier import ShapesClassifier
+    from pipelines.maetok.teacher import FeatureTeacher
+
+    teacher = FeatureTeacher.__new__(FeatureTeacher)
+    teacher.net, teacher.dim = ShapesClassifier(image_size=16, width=8, feature_dim=8).eval(), 8
+    meta = torch.device("meta")
+    out = teacher.targets(torch.empty(2, 3, 4, 16, 16, device=meta), (2, 4, 4), tubelet=2)
+    assert out.device == meta and out.shape == (2, 2 * 4 * 4, 8)
+    assert teacher.net.head.weight.device == meta
+
+
 def test_linear_probe_finds_a_linear_class_code_and_not_noise():
     from pipelines.data import make_dataset
     from pipelines.maetok.trainer import linear_probe

@@ -20,9 +20,9 @@ class FeatureTeacher:
     @torch.no_grad()
     def targets(self, x: torch.Tensor, grid: tuple[int, int, int], tubelet: int) -> torch.Tensor:
         """x [B, C, T, H, W] in [-1, 1] -> [B, N, dim] in patchify's (t', h', w') order; the frames of a tubelet
-        are averaged."""
+        are averaged. The teacher runs on x's device (the tokenizer task loads it before train() moves the model)."""
         B, T = x.shape[0], x.shape[2]
-        maps = self.net.feature_map(x.to(self.net.head.weight.device)).float()  # [B*T, F, h, w]
+        maps = self.net.to(x.device).feature_map(x).float()  # [B*T, F, h, w]
         maps = F.interpolate(maps, size=grid[1:], mode="bilinear", align_corners=False)  # [B*T, F, H', W']
         maps = maps.view(B, T // tubelet, tubelet, self.dim, *grid[1:]).mean(2)  # [B, T', F, H', W']
         return maps.permute(0, 1, 3, 4, 2).reshape(B, -1, self.dim).to(x.device)
