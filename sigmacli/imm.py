@@ -224,7 +224,7 @@ def train_imm(
     torch.manual_seed(cfg.seed)
     train_set = make_dataset(data, image_size=image_size, frames=frames, split="train", seed=cfg.seed)
     heldout = make_dataset(data, image_size=image_size, frames=frames, split="heldout", seed=cfg.seed)
-    dev = resolve_device(cfg.device)
+    dev = rank_device(resolve_device(cfg.device))  # under torchrun on CUDA: this rank's GPU (the statistics below run on it)
     if resume:
         check_classes(model.config, train_set, f"the run in '{out}'", RESUME_CLASSES_HINT)
     if resume and cache_latents is not None:  # the one data-path choice a resumed run may change (e.g. memory)
