@@ -257,23 +257,23 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
             and isinstance(mod, nn.ModuleList) for block in mod]
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, world: int, bf16: bool):
+def apply_fsdp(model: nn.Module, device: torch.device, world: int):
     """fully_shard each block, then the root, on an explicit 1D mesh (the default mesh would move a gloo model
-    to CUDA); bf16 parameters with fp32 gradient reduction on CUDA."""
+    to CUDA). Parameters, their all-gathers and the gradient reduction stay fp32, and bf16 comes from the autocast
+    every run computes under, as with DDP: FSDP2's bf16 MixedPrecisionPolicy would also cast the forward's inputs,
+    IMM's times among them (t near 1 rounded to steps of 2^-8, coarser than r's step back from t), and run IMM's
+    fp32 target in bf16."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     # FSDP2 warns when the root returns a view (a Linear's 3-D output is one), since an in-place op on it would skip
     # the pre-backward all-gather. No trainer here writes into a model's output (tests/test_distributed.py: FSDP2
     # weights equal one process's), so the warning would only alarm.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world,))
-    kw = {"mesh": mesh}
-    if bf16 and device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in shard_units(model):
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -417,9 +417,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
                 load_state_checked(model, ckpt / "model.safetensors")
                 if ema is not None:
                     load_state_checked(ema, ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors"))
-            apply_fsdp(model, device, ddp.world, use_bf16)
+            apply_fsdp(model, device, ddp.world)
             if ema is not None:  # sharded alike, so the EMA update runs on local shards
-                apply_fsdp(ema, device, ddp.world, False)
+                apply_fsdp(ema, device, ddp.world)
         optimizer = task.make_optimizer(model, cfg) if hasattr(task, "make_optimizer") else make_optimizer(model, cfg)
         start = 0
         if resume:
