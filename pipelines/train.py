@@ -108,7 +108,8 @@ class TrainConfig:
 
 class Task(Protocol):
     kind: str  # "tokenizer", "imm", "lm": written to sigma.json
-    # optional: model_subfolder = "transformer" saves the weights there (a diffusers pipeline folder);
+    # optional: label, the progress bar's name where it is not kind (IMM's flow-matching baseline);
+    # model_subfolder = "transformer" saves the weights there (a diffusers pipeline folder);
     # make_optimizer(model, cfg) replaces the default AdamW; after_step(model, step) runs after each update
     model: nn.Module
     samples_per_step: int  # global images (or tokens) per step, for throughput
@@ -476,7 +477,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path | str, resume: bool = Fals
 
             progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True))
-            bar = progress.add_task(task.kind, total=cfg.steps, completed=start, info="")
+            bar = progress.add_task(getattr(task, "label", task.kind), total=cfg.steps, completed=start, info="")
             progress.start()
     except BaseException:  # (no rank is inside a collective of this run yet, or it fails there too)
         ddp.close(clean=False)

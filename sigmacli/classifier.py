@@ -82,6 +82,6 @@ def train_classifier(
     emit(result, as_json, [
         f"{steps_done(result)} in {result['seconds']:.0f} s ({result['samples_per_s']:.0f} samples/s), "
         f"final loss {result['final_loss']:.4f}",
-        f"held-out accuracy {100 * result.get('accuracy', float('nan')):.2f} % on {result.get('num')} "
-        f"{heldout.name} samples; weights: {out}/",
+        f"held-out accuracy {100 * result.get('accuracy', float('nan')):.2f} % on {result.get('num')} samples "
+        f"of {heldout.name.removeprefix('folder:')}; weights: {out}/",
     ])

@@ -149,10 +149,12 @@ def test_resume_extends_a_run(runs, cli, tmp_path):
 
 
 def test_resume_without_out_finds_the_default_folder_silently(runs, cli, tmp_path, monkeypatch):
-    """--objective flow-matching chose runs/fm; on --resume without --out it is not an ignored option."""
+    """--objective flow-matching chose runs/fm; on --resume without --out it is not an ignored option. Its progress
+    bar is named for the objective (it said imm)."""
     root, _ = runs
     monkeypatch.chdir(tmp_path)
-    last_json(cli("train-imm", "--objective", "flow-matching", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--json"))
+    r = cli("train-imm", "--objective", "flow-matching", "--tokenizer", root / "tok", *TINY_DIT, "--steps", "2", "--sample-every", "0")
+    assert r.exit_code == 0 and r.stderr.lstrip().startswith("flow-matching ━"), r.stderr
     r = cli("train-imm", "--objective", "flow-matching", "--resume", "--steps", "3", "--json")
     assert last_json(r)["steps"] == 3 and (tmp_path / "runs" / "fm").is_dir() and not r.stderr.strip(), r.stderr
 

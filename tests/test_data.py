@@ -171,7 +171,7 @@ def test_image_folder_classes_and_formats(tmp_path, capsys):
     assert err.strip().splitlines() == [
         f"note: 1 image directly in {root.resolve()} forms a class 'all' beside its sub-folders' classes",
         f"note: only 9 images in {root.resolve()}: fewer than 10, so the held-out split is the training data",
-        f"warning: skipped 1 unreadable files (corrupt, or over Pillow's decompression-bomb size limit) in {root.resolve()}"]
+        f"warning: skipped 1 unreadable file (corrupt, or over Pillow's decompression-bomb size limit) in {root.resolve()}"]
     make_dataset(str(root), image_size=16, split="heldout")  # the same files: nothing said twice
     assert capsys.readouterr().err == ""
     assert ds.name == f"folder:{root.resolve()}"
@@ -316,7 +316,7 @@ def test_video_folder(tmp_path, capsys):
     _gif(root / "spin.gif", [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)])
 
     ds = make_dataset(str(root), frames=3, image_size=8)
-    assert "skipped 1 unreadable or too-short clips" in capsys.readouterr().err
+    assert "skipped 1 unreadable or too-short clip (fewer" in capsys.readouterr().err
     assert ds.paths == ["clip_a", "spin.gif"] and ds.class_names == ["all"] and ds.frames == 3
     x, y = ds.get_batch(torch.arange(2))
     assert x.shape == (2, 3, 3, 8, 8) and torch.equal(y, torch.zeros(2, dtype=torch.int64))

@@ -252,8 +252,10 @@ def _note_small(count: int, what: str, root: Path) -> None:
 
 
 def _warn_skipped(skipped: int, what: str, root: Path, split: str, count: int) -> None:
-    """One line per split; a folder of fewer than 10 items has one split in effect, so one line in all."""
+    """One line per split; a folder of fewer than 10 items has one split in effect, so one line in all. `what` holds
+    {s} where a plural takes an s."""
     if skipped:
+        what = what.format(s="" if skipped == 1 else "s")
         say(f"warning: skipped {skipped} {what} in {root}" + (f" ({split} split)" if count >= 10 else ""), once=True)
 
 
@@ -307,7 +309,7 @@ def image_folder(path: str | Path, *, image_size: int, split: str) -> CachedData
         raise DataError(f"no readable images in the {split} split of '{root}' (all {skipped} of its files are unreadable;"
                         " every 10th file, sorted, is held out)")
     _note_small(len(files), "images", root)
-    _warn_skipped(skipped, "unreadable files (corrupt, or over Pillow's decompression-bomb size limit)", root, split, len(files))
+    _warn_skipped(skipped, "unreadable file{s} (corrupt, or over Pillow's decompression-bomb size limit)", root, split, len(files))
     _warn_empty_classes(labels, class_names, "images", root, split)
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths
@@ -357,7 +359,7 @@ def video_folder(path: str | Path, *, image_size: int, frames: int, split: str) 
     if not arrays:
         raise DataError(f"no readable clips of at least {frames} frames in '{root}' ({split} split)")
     _note_small(len(clips), "clips", root)
-    _warn_skipped(skipped, f"unreadable or too-short clips (fewer than {frames} frames)", root, split, len(clips))
+    _warn_skipped(skipped, f"unreadable or too-short clip{{s}} (fewer than {frames} frames)", root, split, len(clips))
     _warn_empty_classes(labels, class_names, "clips", root, split, f"unreadable or too short: fewer than {frames} frames")
     ds = _build(f"folder:{root}", root, arrays, labels, class_names, split)
     ds.paths = paths

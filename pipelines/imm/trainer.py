@@ -222,6 +222,7 @@ class IMMTask:
             raise ValueError(f"groups must be one of {GROUPINGS}, not {stage.groups!r}")
         self.model, self.schedule, self.stage, self.data, self.heldout = model, schedule, stage, data, heldout
         self.tokenizer, self.batch_size, self.seed, self.data_spec = tokenizer, batch_size, seed, data_spec
+        self.label = stage.objective  # the progress bar's name: imm, or flow-matching for the baseline
         self.latents = latents  # [N, L, c] from `encode_dataset`, or None: encode each batch
         if latents is not None and model.config.space != "latent":
             raise ValueError("cached latents are for a latent-space model")
