@@ -402,11 +402,14 @@ def test_cli_own_text_files(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "has changed since the run last saved" in r.stderr, r.stderr
 
 
-def test_big_endian_utf16_text_is_refused_naming_its_encoding(tmp_path):
+@pytest.mark.parametrize("encoding", ["utf-16-be", "utf-32-be", "utf-32"])
+def test_big_endian_utf16_and_utf32_text_is_refused_naming_its_encoding(tmp_path, encoding):
+    """UTF-32-BE's mark starts with NUL bytes: it was called binary."""
     from pipelines.errors import SigmaError
     from pipelines.lm.data import load_text
 
-    (tmp_path / "be.txt").write_bytes(b"\xfe\xff" + ("some text\n" * 20).encode("utf-16-be"))
+    bom = {"utf-16-be": b"\xfe\xff", "utf-32-be": b"\x00\x00\xfe\xff", "utf-32": b""}[encoding]  # utf-32 writes its own
+    (tmp_path / "be.txt").write_bytes(bom + ("some text\n" * 20).encode(encoding))
     with pytest.raises(SigmaError, match="UTF-16 or UTF-32 text"):
         load_text(str(tmp_path / "be.txt"))
 

@@ -46,7 +46,7 @@ def load_text(spec: str | None) -> tuple[str, torch.Tensor]:
     raw = path.read_bytes()
     if not raw.strip():
         raise SigmaError(f"--data '{spec}' is empty")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # UTF-16 LE/BE (UTF-32-LE's too), UTF-32-BE
         raise SigmaError(f"--data '{spec}' is UTF-16 or UTF-32 text (it starts with a byte-order mark); the model "
                          "reads bytes as UTF-8: save it as UTF-8 first")
     if b"\x00" in raw[:65536]:
