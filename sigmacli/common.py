@@ -29,9 +29,10 @@ def _seed(value: int) -> int:
 SeedOpt = Annotated[int, typer.Option("--seed", callback=_seed, help="Random seed (data order, masks, sampling).")]
 
 def picture_file(value) -> Path:
-    """A picture's --out (a Typer parser). Path() drops a trailing separator, so `--out runs/` would have written
-    runs.png; a name that ends in one says a folder, and is refused as an existing folder is (output_picture)."""
-    if isinstance(value, str) and value.endswith(("/", os.sep)):
+    """A picture's --out (a Typer parser). Path() drops a trailing separator and a last '.', so `--out runs/` or
+    `--out runs/.` would have written runs.png; a name that ends in one (or in '..') says a folder, and is refused as
+    an existing folder is (output_picture)."""
+    if isinstance(value, str) and value and os.path.basename(value) in ("", ".", ".."):
         raise typer.BadParameter(f"'{value}' names a folder; give the picture a file name, e.g. '{Path(value) / 'picture.png'}'")
     return Path(value)
 

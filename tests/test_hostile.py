@@ -220,6 +220,20 @@ def test_a_picture_named_as_a_folder_is_a_usage_error(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["runs/", "runs/.", "runs/./", "runs/.."])
+def test_a_picture_name_that_ends_as_a_folder_is_refused(name):
+    """Path() drops a last '.' as it drops a trailing '/': `--out runs/.` wrote runs.png, `runs/..` a file '...png'."""
+    from pathlib import Path
+
+    import typer
+
+    from sigmacli.common import picture_file
+
+    with pytest.raises(typer.BadParameter, match="names a folder"):
+        picture_file(name)
+    assert picture_file("runs/a") == Path("runs/a") and picture_file("a.png") == Path("a.png")
+
+
 def test_seed_beyond_64_bits_is_a_usage_error(cli, tmp_path, monkeypatch, capsys):
     import sys
 
