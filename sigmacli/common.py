@@ -28,6 +28,7 @@ def _seed(value: int) -> int:
 
 SeedOpt = Annotated[int, typer.Option("--seed", callback=_seed, help="Random seed (data order, masks, sampling).")]
 
+
 def picture_file(value) -> Path:
     """A picture's --out (a Typer parser). Path() drops a trailing separator and a last '.', so `--out runs/` or
     `--out runs/.` would have written runs.png; a name that ends in one (or in '..') says a folder, and is refused as

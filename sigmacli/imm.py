@@ -315,10 +315,10 @@ def train_imm(
     cfg.precision = precision or cfg.precision
     latents = None
     if stage.cache_latents:  # every process encodes the whole set (and holds it): simple, and cheap next to training
-        enc_dev, bf16 = rank_device(dev), uses_bf16(cfg.precision, dev)
-        warn_slow_half(torch.bfloat16 if bf16 else None, enc_dev)
+        bf16 = uses_bf16(cfg.precision, dev)  # (dev: this rank's device)
+        warn_slow_half(torch.bfloat16 if bf16 else None, dev)
         release_notes()  # the encoding takes a while: a slow-bf16 warning held until training starts would come after it
-        latents = encode_dataset(tok.to(enc_dev), train_set, enc_dev, bf16=bf16,
+        latents = encode_dataset(tok.to(dev), train_set, dev, bf16=bf16,
                                  show_progress=not as_json and is_main_rank())
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents,
                    compile_encoder=cfg.compile)

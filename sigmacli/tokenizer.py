@@ -190,7 +190,7 @@ def reconstruct(
         n = min(grid, num)
         written = save_media(side_by_side(x[:n], recon[:n]), out, nrow=8)
     result = {"model": str(model), "data": heldout.name, **metrics, "picture": str(written) if written else None}
-    lines = [f"{metrics['num']} held-out samples of {heldout.name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
+    lines = [f"{metrics['num']} held-out samples of {heldout.name.removeprefix('folder:')}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}",
              *([f"picture: {written} (originals left, reconstructions right)"] if written else []),
              *([f"tokenizer: {model} (the default; --model chooses another)"] if defaulted else [])]
     if probe:
