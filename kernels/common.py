@@ -1,6 +1,7 @@
 """Small helpers shared by the attention ops and the models that call them."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,3 +29,16 @@ def triton_interpreted() -> bool:
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):
         return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def on_tensor_device(fn):
+    """Run a Triton host function on its first argument's GPU: Triton launches on the current CUDA device (and its
+    stream), so tensors on another GPU (a pipeline moved to cuda:1) would be read by a kernel on cuda:0."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if args[0].device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(args[0].device):
+            return fn(*args, **kwargs)
+
+    return wrapped

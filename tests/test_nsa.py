@@ -2,6 +2,7 @@
 
 Errors are relative RMS, ||out - ref|| / ||ref||, per tensor (o, dq, dk, dv, dk_cmp, dv_cmp, gate grads).
 """
+import inspect
 import math
 
 import pytest
@@ -473,3 +474,38 @@ def test_selection_size_from_the_grid_alone_and_on_the_meta_device(radius):
     assert layer.n_select == selection_size(3, layer.forced)
     with torch.device("meta"):
         assert NSA3D(16, 2, 8, grid=(2, 8, 8), cube=(1, 2, 2), top_n=3, radius=radius).n_select == layer.n_select
+
+
+@pytest.mark.parametrize("name", ["compressed_fwd", "compressed_bwd", "selected_fwd", "selected_bwd", "causal_selected_fwd",
+                                  "causal_selected_bwd", "mta_fwd", "mta_bwd"])
+def test_triton_host_functions_launch_on_the_tensors_gpu(monkeypatch, name):
+    """Triton launches on the current CUDA device: tensors on another GPU (an IMMPipeline moved to cuda:1) need the
+    host function to switch to theirs first. No GPU here: a stand-in first argument on cuda:1, and torch.cuda.device
+    replaced by one that records where it was asked to go and stops the call there."""
+    import kernels.mta.triton as mta_triton
+
+    class Entered(Exception):
+        pass
+
+    asked = []
+
+    class Device:
+        def __init__(self, device):
+            asked.append(torch.device(device))
+
+        def __enter__(self):
+            raise Entered
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    fn = getattr(nsa_triton if hasattr(nsa_triton, name) else mta_triton, name)
+    first = type("OnSecondGpu", (), {"device": torch.device("cuda", 1)})()
+    with pytest.raises(Entered):
+        fn(first, *[None] * (len(inspect.signature(fn).parameters) - 1))
+    assert asked == [torch.device("cuda", 1)]
+    asked.clear()  # a CPU tensor (the interpreter) goes straight through (here into the missing arguments)
+    with pytest.raises((TypeError, AttributeError, ValueError)):
+        fn(torch.zeros(1), *[None] * (len(inspect.signature(fn).parameters) - 1))
+    assert asked == []

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import on_tensor_device
+
 from .reference import kq_padding
 
 BLOCK = 16  # rows and columns of a score tile: small, since a program holds H of them
@@ -479,18 +481,7 @@ def _consts(q, k, v, w1, w2, head_group: int, causal: bool) -> dict:
                 CH=head_group, CAUSAL=causal)
 
 
-def _on_device(fn):
-    """Launch on the inputs' GPU (Triton launches on the current device otherwise)."""
-    def wrapped(*args):
-        if args[0].device.type != "cuda":
-            return fn(*args)
-        with torch.cuda.device(args[0].device):
-            return fn(*args)
-
-    return wrapped
-
-
-@_on_device
+@on_tensor_device
 def mta_fwd(q, k, v, w1, m1, w2, m2, head_group: int, causal: bool):
     """O = P V of MTA (fp32) and lse [B, H, S]. w1, w2: [H, c_q, c_k] key-query kernels (a [H, 1, 1] ones kernel
     is no convolution); m1, m2: [H, H] head mixing (m2 block-diagonal in groups of head_group)."""
@@ -508,7 +499,7 @@ def mta_fwd(q, k, v, w1, m1, w2, m2, head_group: int, causal: bool):
     return o, lse
 
 
-@_on_device
+@on_tensor_device
 def mta_bwd(do, q, k, v, w1, m1, w2, m2, lse, head_group: int, causal: bool):
     """Gradients (fp32) of mta_fwd's O: dq, dk, dv, dw1, dm1, dw2, dm2."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import on_tensor_device
+
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, IDX, sm_scale, NQ, NK, NQB, S, H, HKV,
@@ -354,6 +356,7 @@ def dense_index(B: int, hkv: int, nqb: int, nk: int, tile: int, device) -> torch
     return torch.arange(triton.cdiv(nk, tile), device=device, dtype=torch.int32).expand(B, hkv, nqb, -1)
 
 
+@on_tensor_device
 def compressed_fwd(q, k_cmp, v_cmp, block: int):
     """o [B, H, N, D], lse [B, H, N] and scores [B, H, N // block, NB] (fp32) of the compressed branch."""
     B, H, N, D = q.shape
@@ -370,6 +373,7 @@ def compressed_fwd(q, k_cmp, v_cmp, block: int):
     return o, lse, scores
 
 
+@on_tensor_device
 def compressed_bwd(do, q, k_cmp, v_cmp, o, lse):
     B, H, N, D = q.shape
     hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
@@ -398,12 +402,14 @@ def _whole_cubes(k: torch.Tensor, block: int):
         raise ValueError(f"{k.shape[2]} keys do not split into cubes of {block}")
 
 
+@on_tensor_device
 def selected_fwd(q, k, v, index, block: int):
     _whole_cubes(k, block)
     index, tile = tile_index(index, block, max_tile(q))
     return sparse_fwd(q, k, v, index, tile, tile)
 
 
+@on_tensor_device
 def selected_bwd(do, q, k, v, o, lse, index, block: int):
     _whole_cubes(k, block)
     index, tile = tile_index(index, block, max_tile(q))
@@ -415,6 +421,7 @@ def _group_rows(H: int, hkv: int) -> tuple[int, int]:
     return G, max(16, triton.next_power_of_2(G))
 
 
+@on_tensor_device
 def causal_selected_fwd(q, k, v, index, block: int):
     """o [B, H, N, D] and lse [B, H, N] (fp32) of causal per-token selected attention; index [B, Hkv, N, S]
     (KV block ids, -1 = unused slot)."""
@@ -430,6 +437,7 @@ def causal_selected_fwd(q, k, v, index, block: int):
     return o, lse
 
 
+@on_tensor_device
 def causal_selected_bwd(do, q, k, v, o, lse, index, block: int):
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     B, H, N, D = q.shape
