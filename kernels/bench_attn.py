@@ -35,7 +35,7 @@ class BenchConfig:
     reference_max_tokens: int = 4096  # the references materialise N x N: skip them above this
     mta: bool = False  # also Multi-Token Attention (bidirectional, key-query kernel mta_kernel)
     mta_kernel: tuple = (6, 11)
-    mta_backends: list | None = None  # default: triton on CUDA, cpu, reference
+    mta_backends: list | None = None  # default: triton on CUDA (where the heads and head dim fit it), cpu, reference
 
 
 def available_nsa_backends(device: str, with_optional: bool = False) -> list[str]:
@@ -44,8 +44,17 @@ def available_nsa_backends(device: str, with_optional: bool = False) -> list[str
     return out + ["reference"] + (["flex"] if with_optional else [])
 
 
-def available_mta_backends(device: str) -> list[str]:
-    return (["triton"] if device == "cuda" else []) + ["cpu", "reference"]
+def available_mta_backends(device: str, heads: int | None = None, head_dim: int | None = None) -> list[str]:
+    """The default set: the fused kernel on CUDA where it takes the heads and head dim (a power-of-two number of
+    heads, head dim >= 16; given both), the chunked path and the reference."""
+    fits = heads is None or head_dim is None or _mta_shapes_ok(heads, head_dim)
+    return (["triton"] if device == "cuda" and fits else []) + ["cpu", "reference"]
+
+
+def _mta_shapes_ok(heads: int, head_dim: int) -> bool:
+    from kernels.mta.triton import shapes_ok  # imported here: triton is optional
+
+    return shapes_ok(heads, head_dim)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ def methods(cfg: BenchConfig, grid) -> dict:
             continue
         m = nsa_module(cfg, grid, backend)
         out[f"nsa-{backend}"] = (m, list(m.parameters()))
-    for backend in (cfg.mta_backends or available_mta_backends(cfg.device)) if cfg.mta else []:
+    for backend in (cfg.mta_backends or available_mta_backends(cfg.device, cfg.heads, cfg.head_dim)) if cfg.mta else []:
         if backend == "reference" and math.prod(grid) > cfg.reference_max_tokens:
             continue
         m = mta_module(cfg, backend)
@@ -215,7 +224,7 @@ def check_backends(cfg: BenchConfig) -> dict:
     if cfg.mta:  # MTA backends against the MTA reference on 32 tokens (two tiles of the Triton kernel)
         x, q, k, v, do = _inputs(small, (1, 4, 8), requires_grad=True, seed=2)
         ref = None
-        for backend in ["reference"] + [b for b in (cfg.mta_backends or available_mta_backends(cfg.device)) if b != "reference"]:
+        for backend in ["reference"] + [b for b in (cfg.mta_backends or available_mta_backends(cfg.device, cfg.heads, cfg.head_dim)) if b != "reference"]:
             m = mta_module(small, backend)
             o = m(x, q, k, v)
             grads = torch.autograd.grad(o, [q, k, v, *m.parameters()], do)

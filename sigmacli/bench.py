@@ -25,7 +25,7 @@ def bench_attn(
     backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the minimum is reported).")] = 3,
     mta: Annotated[bool, typer.Option(help="Also Multi-Token Attention (bidirectional).")] = False,
-    mta_backends: Annotated[str, typer.Option(help="MTA backends, comma-separated: triton (fused kernel; CUDA, or the interpreter), cpu, reference. Default: triton on CUDA, cpu, reference.")] = "",
+    mta_backends: Annotated[str, typer.Option(help="MTA backends, comma-separated: triton (fused kernel; CUDA, or the interpreter), cpu, reference. Default: triton on CUDA (a power-of-two number of heads, head dim >= 16), cpu, reference.")] = "",
     mta_kernel: Annotated[str, typer.Option(help="MTA key-query kernel QxK (query rows x key columns).")] = "6x11",
     reference_max_tokens: Annotated[int, typer.Option(help="Skip the materialising references above this many tokens.")] = 4096,
     out: Annotated[Path, typer.Option(parser=picture_file, metavar="<path>", help="PNG plot of time and speed-up against tokens.")] = Path("bench-attn.png"),

@@ -91,3 +91,13 @@ def test_bench_attn_with_mta(cli, tmp_path):
     for b in ("mta-cpu", "mta-triton"):
         assert res["check"][b]["o"] < 1e-5 and res["check"][b]["dparams"] < 1e-5
     assert {"mta-triton", "mta-cpu", "mta-reference"} <= set(res["rows"][0]["methods"])
+
+
+def test_bench_attn_default_mta_backends_on_cuda_only_take_the_kernel_where_it_fits():
+    """On CUDA the default MTA backends held the fused kernel whatever the heads: `bench-attn --mta --heads 6` then
+    stopped in the kernel's shape check with a traceback (the NSA kernel's shapes are checked up front)."""
+    from kernels.bench_attn import available_mta_backends
+
+    assert available_mta_backends("cuda", 8, 64) == ["triton", "cpu", "reference"]
+    assert available_mta_backends("cuda", 6, 64) == available_mta_backends("cuda", 8, 24) == ["cpu", "reference"]
+    assert available_mta_backends("cpu", 8, 64) == ["cpu", "reference"]
