@@ -5,7 +5,9 @@
 # `tests/gpu/device_check.sh` there. Pure Python.
 set -eu
 cd "$(git rev-parse --show-toplevel)"
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+exclude="$(git rev-parse --git-path info/exclude)"  # (in a worktree .git is a file, not a folder)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 -d .whl "diffusers==${DIFFUSERS_VERSION:-0.42.1}"
 ls -l .whl
