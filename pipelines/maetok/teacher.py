@@ -25,4 +25,4 @@ class FeatureTeacher:
         maps = self.net.to(x.device).feature_map(x).float()  # [B*T, F, h, w]
         maps = F.interpolate(maps, size=grid[1:], mode="bilinear", align_corners=False)  # [B*T, F, H', W']
         maps = maps.view(B, T // tubelet, tubelet, self.dim, *grid[1:]).mean(2)  # [B, T', F, H', W']
-        return maps.permute(0, 1, 3, 4, 2).reshape(B, -1, self.dim).to(x.device)
+        return maps.permute(0, 1, 3, 4, 2).reshape(B, -1, self.dim)
