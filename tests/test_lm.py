@@ -235,6 +235,8 @@ def test_cli_train_resume_generate_eval(cli, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["bits_per_byte"] > 0
     r = cli("train-lm", "--dense", "--optimizer", "muon", *common[:-1], tmp_path / "dense", "--steps", "1", "--json")
     assert r.exit_code == 0, r.stderr
+    r = cli("train-lm", "--precision", "bf16", *common[:-1], tmp_path / "bf16", "--steps", "1", "--json")
+    assert r.exit_code == 0, r.stderr  # the grouped matmuls in bf16 under autocast, forward and backward
 
 
 def test_visible_shows_control_characters_as_symbols():
@@ -421,3 +423,28 @@ def test_text_file_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text("hello text\n")
     name, ids = load_text("~/t.txt")
     assert name == "t.txt" and bytes(ids.tolist()) == b"hello text\n"
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="no torch._grouped_mm")
+def test_grouped_dispatch_runs_in_the_autocast_dtype():
+    """torch._grouped_mm is on none of autocast's lists: under autocast it stayed fp32 (on CUDA only bf16 takes the
+    fused kernel). moe_ffn casts as autocast does for `@` (bf16 matmuls, the sum over the k experts in x's fp32), gradients
+    back in the parameters' fp32; a width grouped_mm cannot read in bf16 falls back to the sorted loop."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = [torch.randn(4, 16, 16, generator=g, requires_grad=True), torch.randn(4, 8, 16, generator=g, requires_grad=True)]
+    gate, idx = torch.rand(40, 4, generator=g).topk(2, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe_ffn(x, *w, idx, gate, "grouped")
+        loop = moe_ffn(x, *w, idx, gate, "sorted-loop")  # matmuls autocast casts by itself
+    by_hand = moe_ffn(x.bfloat16(), *(t.bfloat16() for t in w), idx, gate, "grouped").float()
+    assert out.dtype == torch.float32
+    assert rel(out, by_hand) < 1e-2 and rel(out, loop) < 1e-2
+    assert rel(out, moe_ffn(x, *w, idx, gate, "grouped")) > 1e-3  # it did compute in bf16 (was 0: fp32)
+    grads = torch.autograd.grad(out.square().sum(), [x, *w])
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # rows of 12 bf16 values are not whole 16-byte units
+        x12, w12 = torch.randn(40, 12), [torch.randn(4, 12, 16), torch.randn(4, 8, 12)]
+        assert torch.equal(moe_ffn(x12, *w12, idx, gate), moe_ffn(x12, *w12, idx, gate, "sorted-loop"))
+        with pytest.raises(ValueError, match="multiples of 8 in torch.bfloat16"):
+            moe_ffn(x12, *w12, idx, gate, "grouped")

@@ -9,7 +9,8 @@ folded into the hidden activations (F wide, not D) -> index_add back; dropless),
 fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
 expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
 every token), "auto" = grouped when this torch has it and its rows are whole 16-byte units (grouped_mm_fits),
-else sorted-loop. index_add_ is sequential on the CPU, so every path is deterministic there (on CUDA it uses
+else sorted-loop. Under autocast the grouped matmuls run in autocast's dtype (autocast_dtype: grouped_mm is on none
+of its lists), the sum over the k experts in x's. index_add_ is sequential on the CPU, so every path is deterministic there (on CUDA it uses
 atomics: not bitwise reproducible).
 """
 from __future__ import annotations
@@ -27,6 +28,15 @@ def grouped_mm_fits(dim: int, hidden: int, element_size: int) -> bool:
     """torch._grouped_mm reads rows of whole 16-byte units only: the width and the experts' hidden size, in bytes,
     must be multiples of 16 (e.g. of 4 in fp32, of 8 in bf16)."""
     return dim * element_size % 16 == 0 and hidden * element_size % 16 == 0
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of x in. torch._grouped_mm is not on autocast's lists, so under
+    autocast it stayed fp32, and on CUDA only bf16 takes its fused kernel (SM90+): fp32 ran a loop of mm."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _grouped_mm(x, w, offs):
@@ -55,12 +65,13 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         raise ValueError(f"unknown MoE backend {backend!r} (have: {', '.join(BACKENDS)})")
     if backend == "reference":
         return moe_reference(x, w_in, w_out, topk_idx, topk_gate)
-    fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], x.element_size())  # (autocast leaves grouped_mm at x's dtype)
+    compute = autocast_dtype(x)
+    fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], compute.itemsize)
     if backend == "auto":
         backend = "grouped" if HAS_GROUPED_MM and fits else "sorted-loop"
     if backend == "grouped" and not fits:
         raise ValueError(f"MoE backend 'grouped': width {x.shape[-1]} and expert hidden size {w_out.shape[1]} must be "
-                         f"multiples of {16 // x.element_size()} in {x.dtype} (torch._grouped_mm reads 16-byte "
+                         f"multiples of {16 // compute.itemsize} in {compute} (torch._grouped_mm reads 16-byte "
                          "units); use 'auto' or 'sorted-loop'")
     E = w_in.shape[0]
     if backend == "loop":
@@ -76,6 +87,7 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     gate = topk_gate.reshape(-1)[order].to(x.dtype)[:, None]
     if backend == "grouped":
         offs = counts.cumsum(0).to(torch.int32)
+        xs, w_in, w_out, gate = (t.to(compute) for t in (xs, w_in, w_out, gate))  # what autocast does for `@`
         ys = _grouped_mm(swiglu(_grouped_mm(xs, w_in, offs)) * gate, w_out, offs)
     else:
         ys = torch.cat([swiglu(part @ w_in[e]) * g @ w_out[e]
