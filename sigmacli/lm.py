@@ -176,7 +176,7 @@ def generate(
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ):
-    """Continue a prompt with a trained LM (KV cache for dense attention)."""
+    """Continue a prompt with a trained LM (KV cache for every attention kind)."""
     import torch
 
     from checkpoints.io import load_model

@@ -361,6 +361,9 @@ def test_sparse_stage_detaches_the_indexer_input_and_attends_to_the_top_k():
     scores = torch.tensor([[[1.0, -1, -1, -1], [0.5, 2.0, -1, -1], [3.0, 1.0, 2.0, -1], [0.0, 5.0, 4.0, 1.0]]])
     scores = scores.masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
     assert topk_mask(scores, 2)[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]]
+    # ties (equal, or equal to bf16's precision: 1 + 2^-12) go to the latest tokens, wherever they sit in the row
+    ties = torch.tensor([[[0.0, 2.0, 0.0, 1.0, 0.0, 1.0 + 2**-12, -1.0]]])
+    assert topk_mask(ties, 4)[0, 0].int().tolist() == [0, 1, 0, 1, 1, 1, 0]
 
 
 # ---- Muon ---------------------------------------------------------------------------------------------------

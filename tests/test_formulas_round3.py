@@ -306,7 +306,7 @@ def test_lm_kernel_attention_repeats_kv_heads_grouped(attn):
     got = {}
 
     class Rec(torch.nn.Module):
-        def forward(self, x, q, k, v):
+        def forward(self, x, q, k, v, cache=None):
             got["k"], got["v"] = k, v
             return q
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reference import attention_probs, indexer_kl, indexer_scores, topk_mask
+from .reference import attention_probs, causal_mask, indexer_kl, indexer_scores, topk_mask
 
 STAGES = ("warmup", "sparse")
 
@@ -26,14 +26,20 @@ class DSA(nn.Module):
     def indexer_parameters(self):
         return [*self.index_q.parameters(), *self.index_k.parameters(), *self.index_w.parameters()]
 
-    def forward(self, x, q, k, v):
-        """x: [B, T, D]; q, k, v: [B, H, T, K] (k, v expanded to H heads). Returns [B, H, T, K]."""
+    def forward(self, x, q, k, v, cache: dict | None = None):
+        """x: [B, T, D]; q: [B, H, T, K]; k, v: [B, H, S, K] (expanded to H heads), S = T, or with a cache the
+        S tokens so far, of which x and q are the last T. Returns [B, H, T, K]."""
         B, T, _ = x.shape
         xi = x.detach() if self.stage == "sparse" else x  # sparse stage: the indexer learns only from its KL
-        scores = indexer_scores(self.index_q(xi).view(B, T, self.index_heads, self.index_dim), self.index_k(xi),
+        index_k = self.index_k(xi)
+        if cache is not None:  # decoding: the indexer's keys of the earlier tokens, beside the layer's K and V
+            if "index_k" in cache:
+                index_k = torch.cat([cache["index_k"], index_k], 1)
+            cache["index_k"] = index_k
+        scores = indexer_scores(self.index_q(xi).view(B, T, self.index_heads, self.index_dim), index_k,
                                 self.index_w(xi) * self.index_heads**-0.5)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        support = causal.expand(B, T, T) if self.stage == "warmup" else topk_mask(scores, self.top_k)
+        causal = causal_mask(T, k.shape[2], x.device)
+        support = causal.expand(B, *causal.shape) if self.stage == "warmup" else topk_mask(scores, self.top_k)
         p = attention_probs(q, k, support)  # the selection again includes the causal mask
         self.indexer_loss = indexer_kl(p, scores, support) if self.training else None
         return (p.to(v.dtype) @ v)

@@ -13,25 +13,35 @@ import torch
 import torch.nn.functional as F
 
 
+def causal_mask(queries: int, keys: int, device=None) -> torch.Tensor:
+    """[T, S] bool, True where key s is not in query t's future; the T queries are the last T of the S tokens
+    (T = S when training; fewer when decoding with a cache)."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
+
+
 def indexer_scores(q_idx, k_idx, w):
-    """q_idx: [B, T, J, E]; k_idx: [B, T, E]; w: [B, T, J] -> I: [B, T(query), T(key)], future keys -inf."""
-    T = q_idx.shape[1]
-    dots = F.relu(torch.einsum("btje,bse->btjs", q_idx, k_idx))  # [B, T, J, T]
+    """q_idx: [B, T, J, E]; k_idx: [B, S, E]; w: [B, T, J] -> I: [B, T(query), S(key)], future keys -inf (the
+    queries are the last T of the S tokens)."""
+    dots = F.relu(torch.einsum("btje,bse->btjs", q_idx, k_idx))  # [B, T, J, S]
     scores = torch.einsum("btj,btjs->bts", w, dots)
-    future = torch.ones(T, T, dtype=torch.bool, device=q_idx.device).triu(1)
-    return scores.masked_fill(future, float("-inf"))
+    return scores.masked_fill(~causal_mask(q_idx.shape[1], k_idx.shape[1], q_idx.device), float("-inf"))
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, T, T] causal-masked scores -> bool [B, T, T]: each query's top-k past tokens (all of them if fewer)."""
+    """[B, T, S] causal-masked scores -> bool [B, T, S]: each query's top-k past tokens (all of them if fewer).
+    Scores equal to bf16's precision rank as ties, and ties go to the latest tokens. Ties are common: a key whose
+    ReLU terms are all 0 scores exactly 0, and at the first layer equal bytes have equal keys. topk's order among
+    them is unspecified, and decoding with a cache must choose as the full forward does, although its matmuls
+    round the same dot product differently in the last bit (bf16 makes those equal again)."""
     k = min(k, scores.shape[-1])
-    top = scores.topk(k, dim=-1)
-    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True)
+    ranked = scores.to(torch.bfloat16).flip(-1)
+    latest_first = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.shape[-1] - 1 - latest_first, True)
     return mask & torch.isfinite(scores)  # early queries have fewer than k past tokens: never pick a -inf
 
 
 def attention_probs(q, k, mask):
-    """q, k: [B, H, T, K] (k already expanded to H heads); mask: [B, T, T] or [T, T] bool -> P [B, H, T, T]."""
+    """q: [B, H, T, K], k: [B, H, S, K] (k already expanded to H heads); mask: [B, T, S] or [T, S] bool -> P [B, H, T, S]."""
     s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     m = mask[:, None] if mask.dim() == 3 else mask
     return torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1)

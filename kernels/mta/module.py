@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mta
-from .reference import identity_kq
+from .reference import identity_kq, mta_reference
 
 
 class MTA(nn.Module):
@@ -46,11 +46,22 @@ class MTA(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, D] (for the gate); q, k, v: [B, H, S, K]. Returns [B, H, S, K]."""
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: dict | None = None) -> torch.Tensor:
+        """x: [B, T, D] (for the gate); q: [B, H, T, K]; k, v: [B, H, S, K], S = T, or when decoding with a cache
+        (causal) the S tokens so far, of which x and q are the last T. Returns [B, H, T, K]."""
         kq_pre = self.kq_pre if self.use_kq else None
         kq_post = self.kq_post if self.use_kq else None
-        o = mta(q, k, v, kq_pre, self.head_pre, kq_post, self.head_post, self.causal, self.backend)
+        T, S = q.shape[2], k.shape[2]
+        if cache is not None:  # row t of the two query convolutions reads the 2 (c_q - 1) queries before it
+            history = 2 * (self.kernel[0] - 1) if self.use_kq else 0
+            q_all = torch.cat([cache["q"], q], 2) if "q" in cache else q
+            cache["q"] = q_all[:, :, max(0, q_all.shape[2] - history):]
+            q = q_all
+        if T < S:  # decoding: the reference on the new queries and the ones the convolutions read
+            o = mta_reference(q, k, v, kq_pre, self.head_pre, kq_post, self.head_post, self.causal)[:, :, -T:]
+        else:
+            o = mta(q, k, v, kq_pre, self.head_pre, kq_post, self.head_post, self.causal, self.backend)
         o = F.rms_norm(o, (o.shape[-1],)) * self.norm[:, None].to(o.dtype)  # per-head RMS group norm
         gate = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # [B, H, S, 1]
         return o * (self.out_scale * gate).to(o.dtype)

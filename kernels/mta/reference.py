@@ -59,10 +59,14 @@ def head_conv(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def mta_reference(q, k, v, kq_pre=None, head_pre=None, kq_post=None, head_post=None, causal: bool = False):
     """q, k, v: [B, H, S, K]; kq_pre, kq_post: [H, c_q, c_k] or None (skipped); head_pre: [H, H] or None;
-    head_post: [H / c_h, c_h, c_h] or None. Returns O = P V: [B, H, S, K] (before the norm and gate)."""
-    S = q.shape[2]
+    head_post: [H / c_h, c_h, c_h] or None. Returns O = P V: [B, H, S, K] (before the norm and gate).
+    Causal, q may hold only the last T of the S queries (decoding): row t of the result is then exact when the
+    2 (c_q - 1) queries before it are among them (the convolutions see zeros above the first row)."""
+    T, S = q.shape[2], k.shape[2]
+    if T != S and not causal:
+        raise ValueError(f"MTA: {T} queries for {S} keys; only causal attention takes the last queries alone")
     a = (up(q) @ up(k).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (1)
-    future = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1) if causal else None
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1) if causal else None
     if kq_pre is not None:  # (2)
         if causal:
             a = a.masked_fill(future, 0.0)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cube_neighbourhood, nsa_3d, nsa_causal, selection_size
+from . import cube_neighbourhood, nsa_3d, nsa_causal, nsa_causal_reference, selection_size
 
 
 class Compressor(nn.Module):
@@ -104,10 +104,17 @@ class NSACausal(nn.Module):
 
     init_weights = NSA3D.init_weights
 
-    def forward(self, x, q, k, v):
+    def forward(self, x, q, k, v, cache: dict | None = None):
+        """x: [B, T, D]; q: [B, H, T, K]; k, v: [B, Hkv, N, K]: N = T, or when decoding with a cache the N tokens
+        so far, of which x and q are the last T (then the reference runs: T x N scores are small)."""
         N = k.shape[2]
         full = N // self.block * self.block  # only complete blocks are compressed
         gates = torch.sigmoid(self.gate(x).float()).transpose(1, 2).chunk(3 if self.window else 2, dim=1)
-        return nsa_causal(q, k, v, self.compress_k(k[:, :, :full]), self.compress_v(v[:, :, :full]), gates[0], gates[1],
-                          block=self.block, top_n=self.top_n, window=self.window,
-                          g_win=gates[2] if self.window else None, backend=self.backend)
+        k_cmp, v_cmp = self.compress_k(k[:, :, :full]), self.compress_v(v[:, :, :full])
+        g_win = gates[2] if self.window else None
+        if q.shape[2] < N:
+            o = nsa_causal_reference(q, k, v, k_cmp, v_cmp, gates[0], gates[1], self.block, self.top_n, self.window,
+                                     g_win)[0]
+            return o.to(q.dtype)
+        return nsa_causal(q, k, v, k_cmp, v_cmp, gates[0], gates[1], block=self.block, top_n=self.top_n,
+                          window=self.window, g_win=g_win, backend=self.backend)

@@ -92,8 +92,10 @@ def nsa_3d_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n: int
 
 
 # ---- 1D causal (LM) ---------------------------------------------------------------------------------------
-def select_causal(scores: torch.Tensor, top_n: int, block: int, n_initial: int = 1, n_local: int = 2) -> torch.Tensor:
-    """Per-token block selection for causal NSA. scores: [B, Hkv, N, NB] (summed over the group's heads).
+def select_causal(scores: torch.Tensor, top_n: int, block: int, n_initial: int = 1, n_local: int = 2,
+                  start: int = 0) -> torch.Tensor:
+    """Per-token block selection for causal NSA. scores: [B, Hkv, N, NB] (summed over the group's heads) for the
+    tokens at positions start, ..., start + N - 1 (start > 0 when decoding with a cache).
 
     Token t may pick blocks whose first token is <= t (its own block is partly in the future: the causal mask
     inside the selected attention handles that). The first `n_initial` blocks and the `n_local` blocks ending
@@ -102,7 +104,7 @@ def select_causal(scores: torch.Tensor, top_n: int, block: int, n_initial: int =
     """
     B, Hkv, N, nb = scores.shape
     count = min(top_n, nb)
-    t = torch.arange(N, device=scores.device)[:, None]
+    t = torch.arange(start, start + N, device=scores.device)[:, None]
     j = torch.arange(nb, device=scores.device)[None, :]
     own = t // block
     allowed = j <= own  # [N, NB]
@@ -115,27 +117,28 @@ def select_causal(scores: torch.Tensor, top_n: int, block: int, n_initial: int =
 
 def nsa_causal_reference(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, block: int, top_n: int, window: int = 0,
                          g_win=None, n_initial: int = 1, n_local: int = 2):
-    """Causal 1D NSA. q: [B, H, N, K]; k, v: [B, Hkv, N, K]; k_cmp, v_cmp: [B, Hkv, N // block, K] where
-    compressed token j summarises tokens [j*block, (j+1)*block); g_*: [B, H, N]. N need not divide by block.
-    Returns (o, index [B, Hkv, N, S])."""
-    B, H, N, K = q.shape
-    nb = k_cmp.shape[2]
-    t = torch.arange(N, device=q.device)
+    """Causal 1D NSA. q: [B, H, T, K]; k, v: [B, Hkv, N, K]; k_cmp, v_cmp: [B, Hkv, N // block, K] where
+    compressed token j summarises tokens [j*block, (j+1)*block); g_*: [B, H, T]. N need not divide by block.
+    The T queries are the last T of the N tokens (T = N, or fewer when decoding with a cache).
+    Returns (o, index [B, Hkv, T, S])."""
+    B, H, T, K = q.shape
+    N, nb = k.shape[2], k_cmp.shape[2]
+    t, s = torch.arange(N - T, N, device=q.device), torch.arange(N, device=q.device)  # query and key positions
     # a query sees compressed block j only once the whole block is in its past
-    cmp_mask = ((torch.arange(nb, device=q.device) + 1) * block - 1)[None, :] <= t[:, None]  # [N, NB]
+    cmp_mask = ((torch.arange(nb, device=q.device) + 1) * block - 1)[None, :] <= t[:, None]  # [T, NB]
     o_cmp, p_cmp = attend(q, expand_kv(k_cmp, H), expand_kv(v_cmp, H), cmp_mask)
-    scores = p_cmp.view(B, k.shape[1], H // k.shape[1], N, nb).sum(2)  # [B, Hkv, N, NB] (NB may be 0)
+    scores = p_cmp.view(B, k.shape[1], H // k.shape[1], T, nb).sum(2)  # [B, Hkv, T, NB] (NB may be 0)
     nb_sel = -(-N // block)  # a trailing partial block has no compressed token but can be selected (it is local)
     scores = torch.nn.functional.pad(scores, (0, nb_sel - nb))
-    index = select_causal(scores, top_n, block, n_initial, n_local)
-    sel = torch.zeros(B, k.shape[1], N, nb_sel + 1, dtype=torch.bool, device=q.device)
+    index = select_causal(scores, top_n, block, n_initial, n_local, start=N - T)
+    sel = torch.zeros(B, k.shape[1], T, nb_sel + 1, dtype=torch.bool, device=q.device)
     sel.scatter_(-1, index % (nb_sel + 1), True)  # slot -1 lands in the spare last column
-    token_mask = sel[..., :nb_sel].repeat_interleave(block, dim=-1)[..., :N]  # [B, Hkv, N, N]
-    causal = t[None, :] <= t[:, None]
+    token_mask = sel[..., :nb_sel].repeat_interleave(block, dim=-1)[..., :N]  # [B, Hkv, T, N]
+    causal = s[None, :] <= t[:, None]
     o_slc, _ = attend(q, expand_kv(k, H), expand_kv(v, H), expand_kv(token_mask, H) & causal)
     o = g_cmp[..., None] * up(o_cmp) + g_slc[..., None] * up(o_slc)
     if window > 0:
-        win = causal & (t[:, None] - t[None, :] < window)
+        win = causal & (t[:, None] - s[None, :] < window)
         o_win, _ = attend(q, expand_kv(k, H), expand_kv(v, H), win)
         o = o + g_win[..., None] * up(o_win)
     return o.to(q.dtype), index

@@ -127,14 +127,14 @@ class Attention(nn.Module):
         H, Hkv, K = self.heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, K).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # [B, h, T, K]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # KV cache (dense attention): append this call's keys and values
+        if cache is not None:  # KV cache: append this call's keys and values (the sparse kinds keep more in it)
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
         if self.op_layer is not None:
             if self.attn in ("mta", "dsa") and Hkv != H:
                 k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-            o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous())
+            o = self.op_layer(x, q.contiguous(), k.contiguous(), v.contiguous(), cache)
         else:
             # new queries sit at the end: with a cache and one new token it sees every key; from an empty cache
             # (or none) the usual causal mask applies
@@ -229,8 +229,9 @@ class MoELM(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """prompt: [B, T0] -> [B, T0 + max_new_tokens]. The KV cache serves dense attention; sparse kinds
-        (and prompts past the context) recompute the window each step."""
+        """prompt: [B, T0] -> [B, T0 + max_new_tokens]. With use_cache every attention kind keeps its keys and values
+        (DSA its indexer's keys too, MTA the queries its convolutions read) and runs one new token a step; past the
+        context the window is recomputed each step."""
         was_training = self.training
         self.eval()  # sampled tokens must not count as router load (the aux-loss-free update reads it)
         try:
@@ -241,10 +242,9 @@ class MoELM(ModelMixin, ConfigMixin):
     def _generate(self, prompt, max_new_tokens, temperature, top_k, generator, use_cache):
         idx = prompt
         ctx = self.config.context
-        cache_ok = use_cache and self.config.attn == "dense"
         caches, pos = None, 0
         for _ in range(max_new_tokens):
-            if cache_ok and idx.shape[1] <= ctx:
+            if use_cache and idx.shape[1] <= ctx:
                 if caches is None:  # prefill
                     caches = [{} for _ in self.blocks]
                     logits = self(idx, caches, 0)
