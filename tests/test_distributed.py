@@ -1,5 +1,5 @@
 """Two gloo processes (DDP and FSDP2) give the weights of one process on the combined batch, for the tokenizer,
-IMM and the LM (with AdamW and Muon); a checkpoint saved under FSDP2 loads in a single process and resumes under FSDP2."""
+IMM and the LM (with AdamW and Muon, and DSA's sparse stage); a checkpoint saved under FSDP2 loads in a single process and resumes under FSDP2."""
 import faulthandler
 import json
 import os
@@ -21,7 +21,9 @@ def free_port() -> int:
 def make_task(kind: str):
     """A tiny model + task of each trainer, identical in every process (fixed seeds); "imm-muon" and "lm-muon" train
     with Muon, "imm-fm" with velocity groups (4 groups: 2 a rank); "tokenizer-tail" switches to decoder fine-tuning at
-    its second step (the encoder's gradients stop)."""
+    its second step (the encoder's gradients stop); "lm-dsa" is DSA's sparse stage, whose indexers learn only from
+    their KL loss on a detached input (a path to the loss that bypasses the block's input, where FSDP2's post-backward
+    hook sits: their gradients still arrive before it reduce-scatters)."""
     from pipelines.train import TrainConfig
 
     kind, _, variant = kind.partition("-")
@@ -62,7 +64,13 @@ def make_task(kind: str):
         from pipelines.lm.model import MoELM
         from pipelines.lm.trainer import LMStage, LMTask
 
-        model = MoELM(width=32, depth=2, heads=2, context=16, experts=4, expert_hidden=8, top_k=2)
+        arch = dict(width=32, depth=2, heads=2, context=16, experts=4, expert_hidden=8, top_k=2)
+        model = MoELM(**arch)
+        if variant == "dsa":  # DSA's sparse stage from a (here untrained) dense model, as `train-lm --init` builds it
+            dense = model
+            model = MoELM(**arch, attn="dsa", attn_config={"stage": "sparse", "top_k": 4})
+            missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+            assert not unexpected and all(".index_" in n for n in missing)
         task = LMTask(model, ByteCorpus(None, 16), LMStage(optimizer=optimizer), cfg.batch_size, None, cfg)
     return task, cfg
 
@@ -115,7 +123,7 @@ def assert_same_weights(a, b, atol=2e-5):
         assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), (k, (sa[k] - sb[k]).abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["tokenizer", "tokenizer-tail", "imm", "imm-fm", "lm", "imm-muon", "lm-muon"])
+@pytest.mark.parametrize("kind", ["tokenizer", "tokenizer-tail", "imm", "imm-fm", "lm", "imm-muon", "lm-muon", "lm-dsa"])
 def test_ddp_and_fsdp2_match_one_process(kind, tmp_path):
     one = run(kind, tmp_path / "one")
     ddp = run(kind, tmp_path / "ddp", world=2)
