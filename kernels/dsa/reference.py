@@ -32,7 +32,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     Scores equal to bf16's precision rank as ties, and ties go to the latest tokens. Ties are common: a key whose
     ReLU terms are all 0 scores exactly 0, and at the first layer equal bytes have equal keys. topk's order among
     them is unspecified, and decoding with a cache must choose as the full forward does, although its matmuls
-    round the same dot product differently in the last bit (bf16 makes those equal again)."""
+    round the same dot product differently in the last bit (bf16 makes those equal again, except for a score within
+    that last bit of a bf16 rounding midpoint: rare, not ruled out)."""
     k = min(k, scores.shape[-1])
     ranked = scores.to(torch.bfloat16).flip(-1)
     latest_first = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
