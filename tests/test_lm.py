@@ -183,9 +183,7 @@ def test_kv_cache_decodes_every_attention_kind_as_the_full_forward(attn):
     at that position (NSA: selection past the forced blocks, the window, blocks completed while decoding;
     MTA: the query convolutions across the trimmed query history; DSA: the indexer's cached keys)."""
     m = woken_lm(attn, context=64)
-    # 30 different bytes: at the first layer equal bytes have equal indexer keys, and DSA's top-k among exactly
-    # tied scores is arbitrary (the full forward and the cached step may round a tie either way)
-    idx = torch.stack([torch.randperm(256)[:30] for _ in range(2)])
+    idx = torch.randint(0, 16, (2, 30))  # many repeated bytes: equal indexer keys at the first layer, DSA's ties
     full = m(idx)
     caches = [{} for _ in m.blocks]
     with torch.no_grad():
@@ -193,6 +191,8 @@ def test_kv_cache_decodes_every_attention_kind_as_the_full_forward(attn):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
     if attn == "mta":  # only the 2 (c_q - 1) latest queries are kept
         assert all(c["q"].shape[2] == 10 for c in caches)
+    if attn == "nsa":  # every complete block compressed once, as it completed
+        assert all(c["k_cmp"].shape[2] == c["v_cmp"].shape[2] == 30 // 4 for c in caches)
 
 
 @pytest.mark.parametrize("attn", list(CACHE_KINDS))
@@ -471,6 +471,9 @@ def test_grouped_dispatch_runs_in_the_autocast_dtype():
     assert rel(out, moe_ffn(x, *w, idx, gate, "grouped")) > 1e-3  # it did compute in bf16 (was 0: fp32)
     grads = torch.autograd.grad(out.square().sum(), [x, *w])
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 alone; grouped_mm refuses it: the loop
+        x64, w64 = x.detach().double(), [t.detach().double() for t in w]
+        torch.testing.assert_close(moe_ffn(x64, *w64, idx, gate.double()), moe_reference(x64, *w64, idx, gate.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # rows of 12 bf16 values are not whole 16-byte units
         x12, w12 = torch.randn(40, 12), [torch.randn(4, 12, 16), torch.randn(4, 8, 12)]
         assert torch.equal(moe_ffn(x12, *w12, idx, gate), moe_ffn(x12, *w12, idx, gate, "sorted-loop"))

@@ -22,6 +22,7 @@ from .reference import expert_ffn, moe_reference, swiglu
 
 BACKENDS = ("auto", "grouped", "sorted-loop", "loop", "reference")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (not fp64: gradcheck runs the sorted loop)
 
 
 def grouped_mm_fits(dim: int, hidden: int, element_size: int) -> bool:
@@ -34,8 +35,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a matmul of x in. torch._grouped_mm is not on autocast's lists, so under
     autocast it stayed fp32, and on CUDA only bf16 takes its fused kernel (SM90+): fp32 ran a loop of mm."""
     device = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)  # (autocast leaves fp64 alone)
     return x.dtype
 
 
@@ -68,7 +69,7 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
     compute = autocast_dtype(x)
     fits = grouped_mm_fits(x.shape[-1], w_out.shape[1], compute.itemsize)
     if backend == "auto":
-        backend = "grouped" if HAS_GROUPED_MM and fits else "sorted-loop"
+        backend = "grouped" if HAS_GROUPED_MM and fits and compute in GROUPED_MM_DTYPES else "sorted-loop"
     if backend == "grouped" and not fits:
         raise ValueError(f"MoE backend 'grouped': width {x.shape[-1]} and expert hidden size {w_out.shape[1]} must be "
                          f"multiples of {16 // compute.itemsize} in {compute} (torch._grouped_mm reads 16-byte "

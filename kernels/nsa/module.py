@@ -110,7 +110,12 @@ class NSACausal(nn.Module):
         N = k.shape[2]
         full = N // self.block * self.block  # only complete blocks are compressed
         gates = torch.sigmoid(self.gate(x).float()).transpose(1, 2).chunk(3 if self.window else 2, dim=1)
-        k_cmp, v_cmp = self.compress_k(k[:, :, :full]), self.compress_v(v[:, :, :full])
+        done = cache["k_cmp"].shape[2] * self.block if cache is not None and "k_cmp" in cache else 0
+        k_cmp, v_cmp = self.compress_k(k[:, :, done:full]), self.compress_v(v[:, :, done:full])
+        if cache is not None:  # decoding: each block is compressed once, when its last token arrives
+            if done:
+                k_cmp, v_cmp = torch.cat([cache["k_cmp"], k_cmp], 2), torch.cat([cache["v_cmp"], v_cmp], 2)
+            cache["k_cmp"], cache["v_cmp"] = k_cmp, v_cmp
         g_win = gates[2] if self.window else None
         if q.shape[2] < N:
             o = nsa_causal_reference(q, k, v, k_cmp, v_cmp, gates[0], gates[1], self.block, self.top_n, self.window,
