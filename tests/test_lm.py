@@ -474,6 +474,7 @@ def test_grouped_dispatch_runs_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 alone; grouped_mm refuses it: the loop
         x64, w64 = x.detach().double(), [t.detach().double() for t in w]
         torch.testing.assert_close(moe_ffn(x64, *w64, idx, gate.double()), moe_reference(x64, *w64, idx, gate.double()))
+    torch.testing.assert_close(moe_ffn(x64, *w64, idx, gate.double()), moe_reference(x64, *w64, idx, gate.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # rows of 12 bf16 values are not whole 16-byte units
         x12, w12 = torch.randn(40, 12), [torch.randn(4, 12, 16), torch.randn(4, 8, 12)]
         assert torch.equal(moe_ffn(x12, *w12, idx, gate), moe_ffn(x12, *w12, idx, gate, "sorted-loop"))
