@@ -9,9 +9,9 @@ folded into the hidden activations (F wide, not D) -> index_add back; dropless),
 fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
 expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
 every token), "auto" = grouped when this torch has it and its rows are whole 16-byte units (grouped_mm_fits),
-else sorted-loop. Under autocast the grouped matmuls run in autocast's dtype (autocast_dtype: grouped_mm is on none
-of its lists), the sum over the k experts in x's. index_add_ is sequential on the CPU, so every path is deterministic there (on CUDA it uses
-atomics: not bitwise reproducible).
+else sorted-loop. Under autocast the grouped matmuls run in autocast's dtype (autocast_dtype: grouped_mm is on
+none of its lists), the sum over the k experts in x's. index_add_ is sequential on the CPU, so every path is
+deterministic there (on CUDA it uses atomics: not bitwise reproducible).
 """
 from __future__ import annotations
 

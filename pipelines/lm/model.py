@@ -230,8 +230,8 @@ class MoELM(ModelMixin, ConfigMixin):
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """prompt: [B, T0] -> [B, T0 + max_new_tokens]. With use_cache every attention kind keeps its keys and values
-        (DSA its indexer's keys too, MTA the queries its convolutions read) and runs one new token a step; past the
-        context the window is recomputed each step."""
+        (NSA its compressed blocks too, DSA its indexer's keys, MTA the queries its convolutions read) and runs one new
+        token a step; past the context the window is recomputed each step."""
         was_training = self.training
         self.eval()  # sampled tokens must not count as router load (the aux-loss-free update reads it)
         try:
@@ -242,7 +242,7 @@ class MoELM(ModelMixin, ConfigMixin):
     def _generate(self, prompt, max_new_tokens, temperature, top_k, generator, use_cache):
         idx = prompt
         ctx = self.config.context
-        caches, pos = None, 0
+        caches = None
         for _ in range(max_new_tokens):
             if use_cache and idx.shape[1] <= ctx:
                 if caches is None:  # prefill
@@ -263,5 +263,4 @@ class MoELM(ModelMixin, ConfigMixin):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             idx = torch.cat([idx, nxt], 1)
-            pos += 1
         return idx
