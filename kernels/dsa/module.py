@@ -38,8 +38,10 @@ class DSA(nn.Module):
             cache["index_k"] = index_k
         scores = indexer_scores(self.index_q(xi).view(B, T, self.index_heads, self.index_dim), index_k,
                                 self.index_w(xi) * self.index_heads**-0.5)
-        causal = causal_mask(T, k.shape[2], x.device)
-        support = causal.expand(B, *causal.shape) if self.stage == "warmup" else topk_mask(scores, self.top_k)
+        if self.stage == "warmup":
+            support = causal_mask(T, k.shape[2], x.device).expand(B, -1, -1)
+        else:
+            support = topk_mask(scores, self.top_k)
         p = attention_probs(q, k, support)  # the selection again includes the causal mask
         self.indexer_loss = indexer_kl(p, scores, support) if self.training else None
         return (p.to(v.dtype) @ v)
