@@ -32,8 +32,7 @@ def bench_attn(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):
-    """Time dense SDPA, 3D NSA and (--mta) Multi-Token Attention, forward and forward + backward; check each
-    backend against its reference first."""
+    """Time dense SDPA, 3D NSA and (--mta) Multi-Token Attention, forward and forward + backward; check each backend against its reference first."""
     import math
 
     from kernels.bench_attn import DTYPES, BenchConfig, available_nsa_backends, run

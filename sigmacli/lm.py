@@ -238,8 +238,7 @@ def bench_moe(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ):
-    """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same
-    active size: tokens/s, forward and forward + backward."""
+    """Grouped dispatch vs the per-expert loop (and our sorted matmul-loop fallback) vs the dense FFN of the same active size: tokens/s, forward and forward + backward."""
     import torch
 
     from kernels.moe import HAS_GROUPED_MM, grouped_mm_fits
