@@ -283,7 +283,7 @@ def test_lm_bad_inputs_fail_with_one_line(cli, tmp_path, runs_tok=None):
     save_model(ShapesClassifier(), tmp_path / "clf")
     cases = [(("train-lm", "--data", tmp_path / "empty.txt", "--out", tmp_path / "a"), "is empty"),
              (("train-lm", "--data", tmp_path / "bin.txt", "--out", tmp_path / "b"), "looks binary"),
-             (("train-lm", "--data", tmp_path / "missing.txt", "--out", tmp_path / "c"), "is not a text file"),
+             (("train-lm", "--data", tmp_path / "missing.txt", "--out", tmp_path / "c"), "missing.txt' does not exist"),
              (("generate", "--model", tmp_path / "clf"), "holds a classifier model, but this needs an lm model"),
              (("train-lm", "--attn", "flash", "--out", tmp_path / "d"), "not available for the LM"),
              (("bench-moe", "--top-k", "20"), "--top-k at most --experts")]

@@ -41,6 +41,8 @@ def load_text(spec: str | None) -> tuple[str, torch.Tensor]:
 
         return DEFAULT, encode("\n\n".join(topics[k] for k in sorted(topics)))
     path = Path(spec).expanduser()  # "~/x" quoted past the shell (the run records it expanded, as absolute_spec does)
+    if not path.exists():
+        raise SigmaError(f"--data '{spec}' does not exist")
     if not path.is_file():
         raise SigmaError(f"--data '{spec}' is not a text file")
     raw = path.read_bytes()
