@@ -100,6 +100,7 @@ def train_imm(
 
     out = out or Path("runs/fm" if objective == "flow-matching" else "runs/imm")
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    show_progress = not as_json and is_main_rank()  # bars for the encoding passes before training (stderr)
     if resume and init is not None:
         raise SigmaError("--init starts a new run and --resume continues one: pass one of them")
     init_model = None
@@ -286,14 +287,14 @@ def train_imm(
                 if not 0 <= stage.pca_whiten <= 1:
                     raise SigmaError(f"--pca-whiten must be in [0, 1], not {stage.pca_whiten}")
                 mean, std, basis = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev, pca=k,
-                                                     whiten=stage.pca_whiten)
+                                                     whiten=stage.pca_whiten, show_progress=show_progress)
                 model = make_dit(space="latent", num_tokens=k // tc.latent_dim, token_dim=tc.latent_dim, grid=grid,
                             latent_mean=mean, latent_std=std, latent_pca=k,
                             latent_shape=(tc.num_latents, tc.latent_dim), **common)
                 model.set_latent_basis(basis)
             else:
                 mean, std = latent_statistics(tok.to(dev), train_set, stage.latent_stats_samples, dev,
-                                              per_token=stage.latent_norm == "token")
+                                              per_token=stage.latent_norm == "token", show_progress=show_progress)
                 model = make_dit(space="latent", num_tokens=tc.num_latents, token_dim=tc.latent_dim, grid=grid,
                             latent_mean=mean, latent_std=std, **common)
         else:
@@ -319,7 +320,7 @@ def train_imm(
         warn_slow_half(torch.bfloat16 if bf16 else None, dev)
         release_notes()  # the encoding takes a while: a slow-bf16 warning held until training starts would come after it
         latents = encode_dataset(tok.to(dev), train_set, dev, bf16=bf16,
-                                 show_progress=not as_json and is_main_rank())
+                                 show_progress=show_progress)
     task = IMMTask(model, sched, stage, train_set, heldout, tok, cfg.batch_size, cfg.seed, data_spec=data, latents=latents,
                    compile_encoder=cfg.compile)
     result = train(task, cfg, out, resume=resume, quiet=as_json)

@@ -32,7 +32,7 @@ def train_tokenizer(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the preset's).")] = None,
     hog_weight: Annotated[float, typer.Option(help="Weight of the auxiliary HOG loss on masked patches.")] = 1.0,
     finetune_tail: Annotated[Optional[float], typer.Option(help="Fraction of the steps, at the end, spent on decoder fine-tuning (encoder frozen, no masking; default: the preset's).")] = None,
-    finetune_decoder: Annotated[bool, typer.Option("--finetune-decoder", help="Last stage: freeze the encoder of --init, no masking, train the pixel decoder.")] = False,
+    finetune_decoder: Annotated[bool, typer.Option("--finetune-decoder", help="Last stage: freeze the encoder of --init (default runs/tokenizer), no masking, train the pixel decoder.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Tokenizer folder to start from: the encoder to freeze with --finetune-decoder, else a warm start (its config, its weights; a new feature decoder if --feature-teacher).")] = None,
     feature_teacher: Annotated[Optional[Path], typer.Option(help="A classifier folder (sigma train-classifier) whose feature maps an auxiliary decoder predicts on the masked patches (MAETok's DINOv2 / SigLIP target).")] = None,
     feature_weight: Annotated[float, typer.Option(help="Weight of the teacher-feature loss (1 - cosine) on masked patches.")] = 1.0,

@@ -107,7 +107,7 @@ CACHE_LIMIT_BYTES = 2 * 2**30  # automatic latent caches stay below this (fp32 o
 
 
 def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, per_token: bool = False,
-                      pca: int = 0, whiten: float = 0.0) -> tuple:
+                      pca: int = 0, whiten: float = 0.0, show_progress: bool = False) -> tuple:
     """Mean and std of the tokenizer's latents z [B, L, c] over `num` training samples: per channel, [c]
     (default), or per (token, channel), [L][c]. A 1D tokenizer's latent tokens are not exchangeable: on the
     shapes tokenizer each token's mean sits a median 0.7 channel-stds off the channel's mean and its std is a
@@ -121,7 +121,8 @@ def latent_statistics(tokenizer, data, num: int, device, batch_size: int = 256, 
     the K components a mean variance of 1."""
     from pipelines.maetok.trainer import encode_first, principal_components
 
-    z, _ = encode_first(tokenizer, data, num, device, batch_size)  # [B, L, c]; a folder may hold fewer than num
+    z, _ = encode_first(tokenizer, data, num, device, batch_size,  # [B, L, c]; a folder may hold fewer than num
+                        progress="measuring the latent statistics" if show_progress else None)
     if pca:
         mean, std, directions = principal_components(z)
         std = std[:pca].clamp_min(1e-6)
@@ -162,15 +163,11 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     deterministically (the VAE mean, no masking) and here under the training's autocast (`bf16`), so a
     cached latent is what a step would compute (up to rounding), without the encoder's ~25 % of a CPU
     training step (BENCHMARKS.md)."""
-    from rich.console import Console
-    from rich.progress import track
+    from pipelines.maetok.trainer import with_progress
 
     n = len(data)
     out = torch.empty(n, tokenizer.config.num_latents, tokenizer.config.latent_dim)
-    starts = range(0, n, batch_size)
-    console = Console(stderr=True)  # as the training bar: stdout holds the results only
-    if show_progress and console.is_terminal:  # (off a terminal a transient bar leaves only a blank line)
-        starts = track(starts, description="encoding the data set once", transient=True, console=console)
+    starts = with_progress(range(0, n, batch_size), "encoding the data set once" if show_progress else None)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for start in starts:
             x, _ = data.get_batch(torch.arange(start, min(n, start + batch_size)))

@@ -145,13 +145,27 @@ def evaluate_reconstruction(model: MAETok, heldout, num: int, device) -> tuple[d
     return metrics, x, recon
 
 
-def encode_first(model: MAETok, ds, num: int, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def with_progress(items, description: str | None):
+    """`items`, behind a transient progress bar on stderr when `description` is given and stderr is a terminal
+    (stdout holds a command's results only; off a terminal a transient bar would leave a blank line)."""
+    if description is None:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    console = Console(stderr=True)
+    return track(items, description=description, transient=True, console=console) if console.is_terminal else items
+
+
+def encode_first(model: MAETok, ds, num: int, device, batch_size: int = 256, progress: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Latents z [B, L, c] (float32, CPU) and labels (None if the data set has none) of the first `num` items
-    of a data set (fewer if it is smaller), no masking; read and encoded `batch_size` at a time."""
+    of a data set (fewer if it is smaller), no masking; read and encoded `batch_size` at a time (behind a
+    progress bar named `progress`, if given: 4,096 clips of 8 frames take about a minute on a 2-core CPU)."""
     zs, ys = [], []
     num = min(num, len(ds))
     with torch.no_grad():
-        for start in range(0, num, batch_size):
+        for start in with_progress(range(0, num, batch_size), progress):
             x, y = ds.get_batch(torch.arange(start, min(num, start + batch_size)))
             zs.append(model.encode(x.to(device))[0].float().cpu())
             ys.append(y)
