@@ -106,6 +106,19 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (backend: $SIGMA_COMPILE_BACKEND, default inductor)
 
 
+def with_progress(items, description: str | None):
+    """`items`, behind a transient progress bar on stderr when `description` is given and stderr is a terminal
+    (as the training bar: stdout holds a command's results only; off a terminal a transient bar would leave a blank
+    line). For the passes before training that take a while, e.g. encoding thousands of items."""
+    if description is None:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    console = Console(stderr=True)
+    return track(items, description=description, transient=True, console=console) if console.is_terminal else items
+
+
 class Task(Protocol):
     kind: str  # "tokenizer", "imm", "lm": written to sigma.json
     # optional: label, the progress bar's name where it is not kind (IMM's flow-matching baseline);

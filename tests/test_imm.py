@@ -592,7 +592,7 @@ def test_encoding_passes_show_a_bar_only_on_a_terminal(monkeypatch):
     minute for 4,096 clips on a 2-core CPU): on a terminal they show a transient bar on stderr, elsewhere nothing."""
     import rich.console
 
-    from pipelines.maetok.trainer import with_progress
+    from pipelines.train import with_progress
 
     items = range(3)
     assert with_progress(items, None) is items

@@ -163,7 +163,7 @@ def encode_dataset(tokenizer, data, device, batch_size: int = 256, show_progress
     deterministically (the VAE mean, no masking) and here under the training's autocast (`bf16`), so a
     cached latent is what a step would compute (up to rounding), without the encoder's ~25 % of a CPU
     training step (BENCHMARKS.md)."""
-    from pipelines.maetok.trainer import with_progress
+    from pipelines.train import with_progress
 
     n = len(data)
     out = torch.empty(n, tokenizer.config.num_latents, tokenizer.config.latent_dim)

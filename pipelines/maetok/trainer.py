@@ -9,6 +9,7 @@ import torch
 
 from pipelines.data import absolute_spec
 from pipelines.maetok.model import PRESETS, MAETok, maetok_loss
+from pipelines.train import with_progress
 
 # schedule per preset (the model sizes are in model.PRESETS); tuned for 32x32 shapes on a 2-core CPU
 TRAIN_PRESETS: dict[str, dict] = {
@@ -143,18 +144,6 @@ def evaluate_reconstruction(model: MAETok, heldout, num: int, device) -> tuple[d
     p, s = psnr(recon, x), ssim(recon, x)
     metrics = {"psnr": p.mean().item(), "ssim": s.mean().item(), "psnr_min": p.min().item(), "num": num}
     return metrics, x, recon
-
-
-def with_progress(items, description: str | None):
-    """`items`, behind a transient progress bar on stderr when `description` is given and stderr is a terminal
-    (stdout holds a command's results only; off a terminal a transient bar would leave a blank line)."""
-    if description is None:
-        return items
-    from rich.console import Console
-    from rich.progress import track
-
-    console = Console(stderr=True)
-    return track(items, description=description, transient=True, console=console) if console.is_terminal else items
 
 
 def encode_first(model: MAETok, ds, num: int, device, batch_size: int = 256, progress: str | None = None
