@@ -197,7 +197,7 @@ def reconstruct(
         train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
         if train_set.num_classes < 2:
             raise SigmaError(f"--probe needs labelled data with at least 2 classes; {train_set.name} has {train_set.num_classes}")
-        result.update(linear_probe(tokenizer, train_set, heldout, 4000, num, dev))
+        result.update(linear_probe(tokenizer, train_set, heldout, 4000, num, dev, show_progress=not as_json))
         lines.append(f"linear probe of the class on the latents: {result['probe_accuracy']:.1%} held-out "
                      f"({result['num_classes']} classes, {result['probe_num_train']} training samples)")
     if spectrum:
@@ -212,7 +212,7 @@ def reconstruct(
         if list(clf.config.class_names or []) != list(train_set.class_names or []):  # else its accuracy means nothing
             raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the data "
                              f"{train_set.class_names}: pass --classifier trained on this data (sigma train-classifier --data ...)")
-        result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev))
+        result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev, show_progress=not as_json))
         cut = ", ".join(f"{k.split('_')[1]}: {v:.1%}" for k, v in result.items()
                         if k.startswith("spectrum_") and k.split("_")[1].isdigit())
         lines.append(f"classifier on decoded latents: all {c.num_latents * c.latent_dim} components "

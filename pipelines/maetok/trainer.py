@@ -170,11 +170,12 @@ def principal_components(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return mean, singular / max(1, len(flat) - 1) ** 0.5, directions
 
 
-def linear_probe(model: MAETok, train, heldout, num_train: int, num_heldout: int, device, steps: int = 200) -> dict:
+def linear_probe(model: MAETok, train, heldout, num_train: int, num_heldout: int, device, steps: int = 200,
+                 show_progress: bool = False) -> dict:
     """How linearly the latents carry the class (MAETok's argument: a discriminative latent space is easier for a
     diffusion model to learn). A multinomial logistic regression on the flattened, standardised latents of
     `num_train` training samples (L-BFGS, a small L2 penalty), scored on `num_heldout` held-out samples."""
-    z_train, y_train = encode_first(model, train, num_train, device)
+    z_train, y_train = encode_first(model, train, num_train, device, progress="encoding for the probe" if show_progress else None)
     z_test, y_test = encode_first(model, heldout, num_heldout, device)
     z_train, z_test = z_train.flatten(1), z_test.flatten(1)
     mean, std = z_train.mean(0), z_train.std(0) + 1e-6
@@ -199,7 +200,7 @@ def linear_probe(model: MAETok, train, heldout, num_train: int, num_heldout: int
 
 @torch.no_grad()
 def spectrum_probe(model: MAETok, classifier, train, heldout, num_train: int, num_heldout: int, device,
-                   dims: tuple[int, ...] = (32, 64, 128, 192, 256)) -> dict:
+                   dims: tuple[int, ...] = (32, 64, 128, 192, 256), show_progress: bool = False) -> dict:
     """Where the latent keeps what decides the class, measured with a classifier (`sigma train-classifier`).
 
     The principal components of the flattened latents of `num_train` training samples are fitted; held-out
@@ -210,7 +211,7 @@ def spectrum_probe(model: MAETok, classifier, train, heldout, num_train: int, nu
     IMM model trained with `--latent-norm pca --pca-dims K`."""
     from pipelines.evaluation.classifier import predict
 
-    z_train, _ = encode_first(model, train, num_train, device)
+    z_train, _ = encode_first(model, train, num_train, device, progress="encoding for the spectrum" if show_progress else None)
     z, y = encode_first(model, heldout, num_heldout, device)
     mean, _, directions = principal_components(z_train)  # directions: rows by falling variance
 
