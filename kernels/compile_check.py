@@ -8,7 +8,7 @@ has would only show on the first GPU run. This check closes that gap on any mach
 backend (its bundled ptxas; no driver needed). Two steps, each in its own process, since one process cannot mix
 interpreted and compiled kernels:
 
-1. record: with TRITON_INTERPRET=1, run the public ops (NSA 3D and causal, MTA), forward and backward, on CPU
+1. record: with TRITON_INTERPRET=1, run the public ops (NSA 3D and causal, MTA, the MoE experts), forward and backward, on CPU
    tensors at the shapes the GPU suite and the toolkit use, and record each kernel launch's argument types and
    compile-time constants instead of running it (so the shapes can be GPU-sized and the step still takes
    seconds; the outputs are left unwritten, which only the values, never the next launch's types, depend on);
@@ -103,11 +103,23 @@ def _cases(quick: bool):
             torch.autograd.grad(o, inputs, torch.zeros_like(o))
         return f"mta {str(dtype)[6:]} H{H} D{D} kernel {kernel} causal={causal_}", run
 
+    def moe(dtype, T, D, F, E, k):
+        def run():
+            from kernels.moe import moe_ffn
+
+            r = lambda *s: torch.zeros(*s, dtype=dtype, requires_grad=True)  # noqa: E731
+            inputs = [r(T, D), r(E, D, 2 * F), r(E, F, D), r(T, k)]
+            idx = torch.arange(T * k).remainder(E).view(T, k)
+            o = moe_ffn(*inputs[:3], idx, inputs[3], backend="triton")
+            torch.autograd.grad(o, inputs, torch.zeros_like(o))
+        return f"moe {str(dtype)[6:]} T{T} D{D} F{F} E{E} top-{k}", run
+
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.bfloat16 if quick else torch.float16
     cases = [nsa3d(bf16, 8, 8, 64, (4, 4, 4), (2, 4, 4)), nsa3d(f32, 8, 2, 64, (4, 4, 4), (2, 4, 4)),
              causal(bf16, 8, 2, 64, 32, 256), causal(f32, 16, 1, 64, 32, 256),
              multi_token(bf16, 8, 64, (6, 11), False), multi_token(f32, 8, 64, (6, 11), True),
-             nsa3d(bf16, 8, 8, 64, (4, 8, 8), (2, 2, 2), top_n=2)]  # a cube of 256 tokens: tiles, not one tile
+             nsa3d(bf16, 8, 8, 64, (4, 8, 8), (2, 2, 2), top_n=2),  # a cube of 256 tokens: tiles, not one tile
+             moe(bf16, 4096, 256, 128, 16, 4), moe(f32, 4096, 256, 128, 16, 4)]
     if not quick:  # the other dtypes, head dims and cube sizes the toolkit's models and benchmarks launch
         cases += [nsa3d(f16, 8, 8, 64, (4, 4, 4), (2, 4, 4)), nsa3d(bf16, 4, 4, 32, (2, 4, 4), (2, 4, 4)),
                   nsa3d(bf16, 8, 8, 128, (4, 4, 4), (4, 4, 4)), nsa3d(bf16, 16, 16, 64, (1, 4, 4), (1, 8, 8)),
@@ -115,7 +127,8 @@ def _cases(quick: bool):
                   causal(bf16, 8, 2, 64, 128, 512),
                   causal(bf16, 8, 8, 64, 16, 256), causal(bf16, 8, 2, 128, 64, 512), causal(f16, 4, 1, 32, 16, 128),
                   multi_token(f16, 8, 64, (6, 11), False), multi_token(bf16, 4, 128, (6, 11), True),
-                  multi_token(bf16, 16, 32, (3, 5), False), multi_token(bf16, 2, 64, (1, 1), True)]
+                  multi_token(bf16, 16, 32, (3, 5), False), multi_token(bf16, 2, 64, (1, 1), True),
+                  moe(f16, 4096, 256, 128, 16, 4), moe(bf16, 2048, 128, 64, 16, 2)]  # bench-moe; the LM's defaults
     return cases
 
 
@@ -131,6 +144,9 @@ def record(quick: bool) -> list[dict]:
     import kernels.nsa.triton as nsa_triton
 
     nsa_triton.FILL_NAN = False
+    import kernels.moe.triton as moe_triton
+
+    moe_triton.FILL_NAN = False
     for label, thunk in _cases(quick):
         before = len(launches)
         thunk()

@@ -266,4 +266,7 @@ def bench_moe(
     if "grouped_vs_loop_ceiling" in r:
         lines.append(f"loop / grouped matmuls alone (the most any dispatch could gain over the loop here): "
                      f"{r['grouped_vs_loop_ceiling']:.2f}")
+    if "triton_vs_grouped" in r:
+        lines.append(f"triton / grouped (fwd+bwd): {r['triton_vs_grouped']:.2f}; triton / loop: {r['triton_vs_loop']:.2f} "
+                     f"(max |triton - reference| = {r['triton_check_max_abs']:.1e})")
     emit(r, as_json, lines)

@@ -42,10 +42,11 @@ def check(*args, pythonpath=ROOT):
 
 
 def launchable_kernels() -> set[str]:
+    import kernels.moe.triton as moe
     import kernels.mta.triton as mta
     import kernels.nsa.triton as nsa
 
-    return {name for module in (nsa, mta) for name, obj in vars(module).items()
+    return {name for module in (nsa, mta, moe) for name, obj in vars(module).items()
             if name.endswith("_kernel") and hasattr(obj, "fn")}
 
 

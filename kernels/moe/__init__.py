@@ -9,7 +9,9 @@ folded into the hidden activations (F wide, not D) -> index_add back; dropless),
 fallback where grouped_mm is missing), "loop" (the usual per-expert loop of reference MoE code: find each
 expert's tokens with a mask, gather, compute, scatter-add; the baseline), "reference" (every expert on
 every token), "auto" = grouped when this torch has it and its rows are whole 16-byte units (grouped_mm_fits),
-else sorted-loop. Under autocast the grouped matmuls run in autocast's dtype (autocast_dtype: grouped_mm is on
+else sorted-loop; "triton" (kernels/moe/triton.py: the gather, SwiGLU, gate and scatter-add done inside the
+grouped matmuls' loads and epilogues; CUDA tensors, or any under TRITON_INTERPRET=1 for the tests; opt-in, since
+no GPU has measured it against grouped_mm yet). Under autocast the grouped matmuls run in autocast's dtype (autocast_dtype: grouped_mm is on
 none of its lists), the sum over the k experts in x's. index_add_ is sequential on the CPU, so every path is
 deterministic there (on CUDA it uses atomics: not bitwise reproducible).
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from .reference import expert_ffn, moe_reference, swiglu
 
-BACKENDS = ("auto", "grouped", "sorted-loop", "loop", "reference")
+BACKENDS = ("auto", "grouped", "sorted-loop", "loop", "reference", "triton")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (not fp64: gradcheck runs the sorted loop)
 
@@ -84,6 +86,8 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
                 out.index_add_(0, token, y.to(x.dtype))  # in place, as the usual loop does (a copy of out per expert would slow the baseline)
         return out
     order, token, counts = dispatch(topk_idx, E)
+    if backend == "triton":
+        return _triton_ffn(x, w_in, w_out, topk_gate, order, token, counts, compute)
     xs = x.index_select(0, token)  # [T*k, D], grouped by expert
     gate = topk_gate.reshape(-1)[order].to(x.dtype)[:, None]
     if backend == "grouped":
@@ -94,6 +98,19 @@ def moe_ffn(x, w_in, w_out, topk_idx, topk_gate, backend: str = "auto"):
         ys = torch.cat([swiglu(part @ w_in[e]) * g @ w_out[e]
                         for e, (part, g) in enumerate(zip(xs.split(counts.tolist()), gate.split(counts.tolist())))])
     return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # autocast may have made ys bf16
+
+
+def _triton_ffn(x, w_in, w_out, topk_gate, order, token, counts, compute):
+    from kernels.common import triton_interpreted
+
+    if x.device.type != "cuda" and not triton_interpreted():
+        raise ValueError(f"MoE backend 'triton' runs on CUDA tensors (these are on {x.device}); use 'auto'")
+    if compute not in GROUPED_MM_DTYPES:
+        raise ValueError(f"MoE backend 'triton' takes fp32, bf16 or fp16, not {compute}; use 'auto'")
+    from .triton import expert_ffn_triton  # (imports triton: only when asked for)
+
+    gate = topk_gate.reshape(-1)[order]
+    return expert_ffn_triton(*(t.to(compute) for t in (x, w_in, w_out, gate)), token, counts, out_dtype=x.dtype)
 
 
 __all__ = ["moe_ffn", "moe_reference", "dispatch", "grouped_mm_fits", "BACKENDS", "HAS_GROUPED_MM"]

@@ -5,7 +5,8 @@ backward, in tokens per second.
 
 With grouped_mm it also times the grouped path's matmuls alone (the two forward and four backward grouped
 matmuls on the same routing, nothing else): no dispatch can beat that floor on this machine, so
-loop / floor is the most any grouped dispatch could gain over the per-expert loop here.
+loop / floor is the most any grouped dispatch could gain over the per-expert loop here. On CUDA it also times the
+Triton path (kernels/moe/triton.py: the dispatch inside the matmuls), checked against the reference first.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def _time_round_robin(fns: dict, device: str, repeats: int) -> dict:
     return best
 
 
-def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtype: str, device: str, repeats: int) -> dict:
+def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtype: str, device: str, repeats: int,
+              triton: bool | None = None) -> dict:
+    """triton: time the Triton path too (default: on CUDA; the tests also run it interpreted on the CPU)."""
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
     make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dt).requires_grad_()  # noqa: E731
@@ -75,9 +78,13 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
         "loop": (lambda: moe_ffn(x, w_in, w_out, idx, gate, "loop"), [x, w_in, w_out]),
         "dense": (lambda: (F.silu(x @ dense_g) * (x @ dense_u)) @ dense_d, [x, dense_g, dense_u, dense_d]),
     }
+    triton_check = {}
     with torch.no_grad():
         ref = moe_ffn(x, w_in, w_out, idx, gate, "reference")
         check = (moe_ffn(x, w_in, w_out, idx, gate, "grouped") - ref).abs().max().item()
+        if device == "cuda" if triton is None else triton:
+            fns["triton"] = (lambda: moe_ffn(x, w_in, w_out, idx, gate, "triton"), [x, w_in, w_out])
+            triton_check = {"triton_check_max_abs": (moe_ffn(x, w_in, w_out, idx, gate, "triton") - ref).abs().max().item()}
     fwd = {name: fn for name, (fn, _) in fns.items()}
     fwd_bwd = {name: (lambda fn=fn, leaves=leaves: torch.autograd.grad(fn(), leaves, dy)) for name, (fn, leaves) in fns.items()}
     if HAS_GROUPED_MM:
@@ -88,8 +95,10 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     methods = {name: {"forward_s": t_f[name], "forward_backward_s": t_fb[name], "forward_tokens_per_s": tokens / t_f[name],
                       "forward_backward_tokens_per_s": tokens / t_fb[name]} for name in t_f}
     m = methods
-    ceiling = {"grouped_vs_loop_ceiling": t_fb["loop"] / t_fb["grouped-matmuls-only"]} if HAS_GROUPED_MM else {}
-    return {**ceiling, "tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
+    extra = {"grouped_vs_loop_ceiling": t_fb["loop"] / t_fb["grouped-matmuls-only"]} if HAS_GROUPED_MM else {}
+    if "triton" in t_fb:
+        extra.update(triton_check, triton_vs_grouped=t_fb["grouped"] / t_fb["triton"], triton_vs_loop=t_fb["loop"] / t_fb["triton"])
+    return {**extra, "tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k, "dtype": dtype,
             "device": device, "check_max_abs": check, "methods": methods,
             "grouped_vs_dense": m["grouped"]["forward_backward_tokens_per_s"] / m["dense"]["forward_backward_tokens_per_s"],
             "grouped_vs_loop": m["grouped"]["forward_backward_tokens_per_s"] / m["loop"]["forward_backward_tokens_per_s"]}

@@ -145,6 +145,28 @@ def test_triton_mta_matches_reference(causal, dtype, tol):
         assert rel(a, b) < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_triton_moe_matches_reference(dtype, tol):
+    """bench-moe's sizes with an uneven routing: an expert of several row tiles, one with none."""
+    from kernels.moe import moe_ffn, moe_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, D, F, E, k = 4096, 256, 128, 16, 4
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
+    scores = torch.rand(T, E, generator=g, device="cuda")
+    scores[:, 0] += 0.3
+    scores[:, 5] = -1
+    gate, idx = scores.topk(k, -1)
+    leaves = [t.to(dtype).requires_grad_() for t in (r(T, D), r(E, D, 2 * F, scale=D**-0.5), r(E, F, D, scale=F**-0.5), gate)]
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    o_ref = moe_reference(*ref_in[:3], idx, ref_in[3])
+    o = moe_ffn(*leaves[:3], idx, leaves[3], "triton")
+    assert rel(o, o_ref) < tol
+    do = r(T, D)
+    for a, b in zip(torch.autograd.grad(o, leaves, do.to(dtype)), torch.autograd.grad(o_ref, ref_in, do.double())):
+        assert rel(a, b) < tol
+
+
 def test_full_selection_equals_flash_sdpa():
     from kernels.nsa import cube_neighbourhood, nsa_3d
 
