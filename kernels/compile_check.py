@@ -58,6 +58,8 @@ def _describe(fn, args, kwargs) -> dict:
             described[name] = {"float": value}
         elif value is None:
             described[name] = {"none": None}
+        elif isinstance(value, str):  # a constexpr option (tl.dot's input precision)
+            described[name] = {"str": value}
         else:
             raise TypeError(f"{fn.__name__}: cannot describe argument {name} of type {type(value).__name__}")
     params = inspect.signature(fn.fn).parameters

@@ -50,7 +50,7 @@ def test_triton_matches_reference_forward_and_gradients(dtype, tol, split_rows, 
         assert a.dtype == dtype and rel(a, b) < tol, name
 
 
-def test_triton_gradients_only_where_asked():
+def test_triton_gradients_only_where_asked(monkeypatch):
     """Frozen weights (DSA's warm-up, a frozen LM): the weight-gradient kernels are skipped, the rest is unchanged."""
     (x, w_in, w_out, gate), idx = routed_inputs(T=40, D=16, F=16, E=4, k=2)
     w_in.requires_grad_(False)
@@ -58,6 +58,40 @@ def test_triton_gradients_only_where_asked():
     dx, dgate = torch.autograd.grad(moe_ffn(x, w_in, w_out, idx, gate, "triton").sum(), [x, gate])
     rx, rgate = torch.autograd.grad(moe_reference(x, w_in, w_out, idx, gate).sum(), [x, gate])
     assert rel(dx, rx) < 1e-5 and rel(dgate, rgate) < 1e-5
+    x.requires_grad_(False)  # only w_out: its gradient needs no dh, so the SwiGLU backward is skipped
+    gate = gate.detach()
+    w_out.requires_grad_(True)
+    launches = []
+    real = moe_triton._rows_launch
+    monkeypatch.setattr(moe_triton, "_rows_launch", lambda *a, **k: launches.append(k) or real(*a, **k))
+    (dw,) = torch.autograd.grad(moe_ffn(x, w_in, w_out, idx, gate, "triton").sum(), [w_out])
+    (rw,) = torch.autograd.grad(moe_reference(x, w_in, w_out, idx, gate).sum(), [w_out])
+    assert rel(dw, rw) < 1e-5 and not any(k.get("swiglu_bwd") for k in launches) and len(launches) == 2
+
+
+def test_triton_inference_keeps_no_pre_activations(monkeypatch):
+    """Under no_grad (generation) the forward writes no au [S, 2F]: nothing will read it."""
+    (x, w_in, w_out, gate), idx = routed_inputs(T=40, D=16, F=16, E=4, k=2)
+    shapes = []
+    real = moe_triton._empty
+    monkeypatch.setattr(moe_triton, "_empty", lambda *s, **k: shapes.append(s) or real(*s, **k))
+    with torch.no_grad():
+        out = moe_ffn(x, w_in, w_out, idx, gate, "triton")
+    assert rel(out, moe_reference(x, w_in, w_out, idx, gate)) < 1e-5
+    assert shapes == [(80, 16)]  # h only
+    moe_ffn(x, w_in, w_out, idx, gate, "triton")
+    assert shapes[1:] == [(80, 16), (80, 32)]  # h and au when a backward may come
+
+
+def test_fp32_dots_follow_torch_matmul_precision():
+    """Triton's fp32 tl.dot defaults to TF32 on a GPU; the kernels use IEEE unless torch's fp32 matmuls may use TF32."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert moe_triton._precision(torch.float32) == "ieee" and moe_triton._precision(torch.bfloat16) is None
+        torch.set_float32_matmul_precision("high")
+        assert moe_triton._precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_moe_layer_runs_the_triton_backend():

@@ -55,7 +55,8 @@ def dispatch(topk_idx: torch.Tensor, num_experts: int):
     """Sort the T*k (token, slot) pairs by expert. Returns (order, token of each sorted pair, counts [E])."""
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    # (not bincount: on CUDA it reads the largest id back to size its output, a host sync every layer)
     return order, order // topk_idx.shape[1], counts
 
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels.common import on_tensor_device
 
 BM, BN, BK = 64, 64, 32  # row tile (sorted pairs), column tile, reduction tile: tl.dot needs >= 16 each
-SPLIT_ROWS, SPLIT_PROGRAMS = 256, 512  # the weight gradients' row chunks (see _weights_launch)
+SPLIT_ROWS, SPLIT_PROGRAMS = 64, 512  # the weight gradients' row chunks (see _weights_launch)
 FILL_NAN = False  # tests set this: buffers start as NaN, so a tile a kernel forgets to write cannot pass
 
 
@@ -60,9 +61,10 @@ def _expert_of_tile(COUNTS, i_m, E, E2: tl.constexpr, BM: tl.constexpr):
 def _rows_kernel(A, B, C, C2, TOKEN, COUNTS, GATE, AU, PART, S, K, N, E,
           s_am, s_ak, s_be, s_bk, s_bn,
           E2: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
-          SWIGLU_BWD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+          SWIGLU_BWD: tl.constexpr, STORE_AU: tl.constexpr, PREC: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """C[rows] (op)= A[rows or token[rows]] @ B[e] over one expert's row tile and a BN column tile.
-    SWIGLU: B is [E, K, 2N] (gate | up); C = au [S, 2N], C2 = h [S, N] = silu(a) * u * gate.
+    SWIGLU: B is [E, K, 2N] (gate | up); C = au [S, 2N] (if STORE_AU: for a backward), C2 = h [S, N] = silu(a) * u * gate.
     SWIGLU_BWD: A @ B is dh [., N]; AU is the forward's au; C = dau [S, 2N]; PART [N tiles, S] the dgate partials.
     SCATTER_C: C [T, N] fp32, C[token[rows]] += A[rows] @ B[e]. Otherwise C [S, N] = A @ B."""
     i_m, i_n = tl.program_id(0), tl.program_id(1)
@@ -85,18 +87,19 @@ def _rows_kernel(A, B, C, C2, TOKEN, COUNTS, GATE, AU, PART, S, K, N, E,
         b_a = tl.load(A + src[:, None] * s_am + o_k[None, :] * s_ak, mask=m_r[:, None] & m_k[None, :], other=0.0)
         m_kn = m_k[:, None] & m_n[None, :]
         b_b = tl.load(p_b + o_k[:, None] * s_bk + o_n[None, :] * s_bn, mask=m_kn, other=0.0)
-        acc = tl.dot(b_a, b_b.to(b_a.dtype), acc)
+        acc = tl.dot(b_a, b_b.to(b_a.dtype), acc, input_precision=PREC)
         if SWIGLU:  # the up half, columns N + o_n of the same expert
             b_u = tl.load(p_b + o_k[:, None] * s_bk + (N + o_n)[None, :] * s_bn, mask=m_kn, other=0.0)
-            acc_u = tl.dot(b_a, b_u.to(b_a.dtype), acc_u)
+            acc_u = tl.dot(b_a, b_u.to(b_a.dtype), acc_u, input_precision=PREC)
     m = m_r[:, None] & m_n[None, :]
     if SCATTER_C:
-        tl.atomic_add(C + tok[:, None] * N + o_n[None, :], acc, mask=m)
+        tl.atomic_add(C + tok[:, None] * N + o_n[None, :], acc, mask=m, sem="relaxed")  # a sum: no ordering needed
     elif SWIGLU:
         b_g = tl.load(GATE + rows, mask=m_r, other=0.0).to(tl.float32)
-        p_au = C + rows[:, None] * (2 * N) + o_n[None, :]
-        tl.store(p_au, acc.to(C.dtype.element_ty), mask=m)
-        tl.store(p_au + N, acc_u.to(C.dtype.element_ty), mask=m)
+        if STORE_AU:
+            p_au = C + rows[:, None] * (2 * N) + o_n[None, :]
+            tl.store(p_au, acc.to(C.dtype.element_ty), mask=m)
+            tl.store(p_au + N, acc_u.to(C.dtype.element_ty), mask=m)
         b_h = acc * tl.sigmoid(acc) * acc_u * b_g[:, None]
         tl.store(C2 + rows[:, None] * N + o_n[None, :], b_h.to(C2.dtype.element_ty), mask=m)
     elif SWIGLU_BWD:  # acc = dh, the gradient of the gated hidden h = silu(a) * u * gate
@@ -106,7 +109,7 @@ def _rows_kernel(A, B, C, C2, TOKEN, COUNTS, GATE, AU, PART, S, K, N, E,
         b_g = tl.load(GATE + rows, mask=m_r, other=0.0).to(tl.float32)
         b_sig = tl.sigmoid(b_a)
         b_silu = b_a * b_sig
-        tl.store(PART + i_n * S + rows, tl.sum(acc * b_silu * b_u, 1), mask=m_r)
+        tl.store(PART + i_n.to(tl.int64) * S + rows, tl.sum(acc * b_silu * b_u, 1), mask=m_r)
         b_dh = acc * b_g[:, None]
         p_dau = C + rows[:, None] * (2 * N) + o_n[None, :]
         tl.store(p_dau, (b_dh * b_u * b_sig * (1 + b_a * (1 - b_sig))).to(C.dtype.element_ty), mask=m)
@@ -117,7 +120,7 @@ def _rows_kernel(A, B, C, C2, TOKEN, COUNTS, GATE, AU, PART, S, K, N, E,
 
 @triton.jit
 def _weights_kernel(A, G, DW, TOKEN, COUNTS, K, N, E, SPLIT, s_am, s_gm,
-             E2: tl.constexpr, GATHER_A: tl.constexpr, GATHER_G: tl.constexpr,
+             E2: tl.constexpr, GATHER_A: tl.constexpr, GATHER_G: tl.constexpr, PREC: tl.constexpr,
              BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     """DW[s, e] [K, N] = A[rows]^T @ G[rows] over the s-th of SPLIT chunks of expert e's sorted rows, each side read
     through token[rows] when gathered. A program loops over its chunk's rows; the chunks' partial sums are added
@@ -143,9 +146,20 @@ def _weights_kernel(A, G, DW, TOKEN, COUNTS, K, N, E, SPLIT, s_am, s_gm,
         g_rows = tok if GATHER_G else rows
         b_a = tl.load(A + a_rows[:, None] * s_am + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_g = tl.load(G + g_rows[:, None] * s_gm + o_n[None, :], mask=m_r[:, None] & m_n[None, :], other=0.0)
-        acc = tl.dot(tl.trans(b_a), b_g.to(b_a.dtype), acc)
+        acc = tl.dot(tl.trans(b_a), b_g.to(b_a.dtype), acc, input_precision=PREC)
     tl.store(DW + (i_s * E + e).to(tl.int64) * K * N + o_k[:, None] * N + o_n[None, :], acc.to(DW.dtype.element_ty),
              mask=m_k[:, None] & m_n[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision: for fp32, what torch's own fp32 matmuls do (IEEE unless the user allowed TF32, as
+    grouped_mm would then use it too; Triton's default would be TF32 always); other dtypes have one."""
+    if dtype != torch.float32:
+        return None
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:  # (torch >= 2.9 refuses to read it after the new fp32_precision API set a mix)
+        return "ieee"
 
 
 def _grid_rows(S: int, E: int, N: int):
@@ -153,7 +167,7 @@ def _grid_rows(S: int, E: int, N: int):
 
 
 def _rows_launch(a, b, c, token, counts, *, n, gather_a=False, scatter_c=False, c2=None, gate=None, au=None,
-                 part=None, swiglu=False, swiglu_bwd=False):
+                 part=None, swiglu=False, swiglu_bwd=False, store_au=True):
     """b: [E, K, n] or its transpose view (any strides); a: [rows, K] contiguous."""
     S, E, K = token.numel(), counts.numel(), a.shape[1]
     dummy = c
@@ -162,7 +176,7 @@ def _rows_launch(a, b, c, token, counts, *, n, gather_a=False, scatter_c=False, 
         au if au is not None else dummy, part if part is not None else dummy, S, K, n, E,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         E2=triton.next_power_of_2(E), GATHER_A=gather_a, SCATTER_C=scatter_c, SWIGLU=swiglu, SWIGLU_BWD=swiglu_bwd,
-        BM=BM, BN=BN, BK=BK)
+        STORE_AU=store_au, PREC=_precision(a.dtype), BM=BM, BN=BN, BK=BK)
 
 
 def _weights_launch(a, g, token, counts, *, gather_a=False, gather_g=False, dtype):
@@ -173,7 +187,8 @@ def _weights_launch(a, g, token, counts, *, gather_a=False, gather_g=False, dtyp
     dw = _empty(split, E, K, N, like=a, dtype=dtype if split == 1 else torch.float32)
     _weights_kernel[(E * split, *grid_kn)](
         a, g, dw, token, counts, K, N, E, split, a.stride(0), g.stride(0),
-        E2=triton.next_power_of_2(E), GATHER_A=gather_a, GATHER_G=gather_g, BK=2 * BK, BN=BN, BR=BK)
+        E2=triton.next_power_of_2(E), GATHER_A=gather_a, GATHER_G=gather_g, PREC=_precision(a.dtype), BK=2 * BK, BN=BN,
+        BR=BK)
     return dw[0] if split == 1 else dw.sum(0).to(dtype)
 
 
@@ -181,25 +196,29 @@ class _ExpertFFN(torch.autograd.Function):
     """out [T, D] = sum over sorted pairs i of gate_i * expert_{e(i)}(x[token_i]) (moe_ffn's dispatch order)."""
 
     @staticmethod
-    def forward(ctx, x, w_in, w_out, gate, token, counts, out_dtype):
+    def forward(ctx, x, w_in, w_out, gate, token, counts, out_dtype, backward):
         (T, D), F, S = x.shape, w_out.shape[1], token.numel()
-        au, h = _empty(S, 2 * F, like=x), _empty(S, F, like=x)
-        _rows_launch(x, w_in, au, token, counts, n=F, gather_a=True, c2=h, gate=gate, swiglu=True)
+        h = _empty(S, F, like=x)
+        au = _empty(S, 2 * F, like=x) if backward else h  # (no backward to come: h as a placeholder, not written)
+        _rows_launch(x, w_in, au, token, counts, n=F, gather_a=True, c2=h, gate=gate, swiglu=True, store_au=backward)
         out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
         _rows_launch(h, w_out, out, token, counts, n=D, scatter_c=True)
         ctx.save_for_backward(x, w_in, w_out, gate, token, counts, au, h)
         return out.to(out_dtype)  # (the sum over the k experts stays fp32 until here)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, w_in, w_out, gate, token, counts, au, h = ctx.saved_tensors
         dout = dout.to(x.dtype).contiguous()
         (T, D), F, S = x.shape, w_out.shape[1], token.numel()
-        dau = _empty(S, 2 * F, like=x)
-        part = _empty(triton.cdiv(F, BN), S, like=x, dtype=torch.float32)
-        _rows_launch(dout, w_out.transpose(1, 2), dau, token, counts, n=F, gather_a=True, gate=gate, au=au, part=part,
-                     swiglu_bwd=True)
-        dx = dw_in = dw_out = None
+        dx = dw_in = dw_out = dgate = None
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 3)):  # all but w_out's gradient go through dh
+            dau = _empty(S, 2 * F, like=x)
+            part = _empty(triton.cdiv(F, BN), S, like=x, dtype=torch.float32)
+            _rows_launch(dout, w_out.transpose(1, 2), dau, token, counts, n=F, gather_a=True, gate=gate, au=au,
+                         part=part, swiglu_bwd=True)
+            dgate = part.sum(0).to(gate.dtype)
         if ctx.needs_input_grad[0]:
             dx = torch.zeros(T, D, dtype=torch.float32, device=x.device)
             _rows_launch(dau, w_in.transpose(1, 2), dx, token, counts, n=D, scatter_c=True)
@@ -208,7 +227,7 @@ class _ExpertFFN(torch.autograd.Function):
             dw_in = _weights_launch(x, dau, token, counts, gather_a=True, dtype=w_in.dtype)
         if ctx.needs_input_grad[2]:
             dw_out = _weights_launch(h, dout, token, counts, gather_g=True, dtype=w_out.dtype)
-        return dx, dw_in, dw_out, part.sum(0).to(gate.dtype), None, None, None
+        return dx, dw_in, dw_out, dgate, None, None, None, None
 
 
 @on_tensor_device
@@ -216,5 +235,6 @@ def expert_ffn_triton(x, w_in, w_out, gate, token, counts, out_dtype=None):
     """x [T, D], w_in [E, D, 2F], w_out [E, F, D], gate [S] and token [S] in dispatch order, counts [E]; the
     matmuls run in x's dtype (cast the four to the compute dtype first), the output comes in out_dtype (x's)."""
     x, w_in, w_out, gate = (t.contiguous() for t in (x, w_in, w_out, gate))
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, w_out, gate))
     return _ExpertFFN.apply(x, w_in, w_out, gate, token.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(),
-                            out_dtype or x.dtype)
+                            out_dtype or x.dtype, backward)
