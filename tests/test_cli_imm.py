@@ -412,6 +412,32 @@ def test_eval_reports_fd_floor_and_accuracy(runs, cli):
     assert list(r["per_class_accuracy"]) == ["circle", "square", "triangle", "ring", "cross", "star"]
 
 
+def test_eval_maps_the_classifiers_classes_by_name(runs, cli, tmp_path):
+    """A model of the shapes classes in another order (a folder's classes are sorted) is scored by class name: the
+    same samples, the confusion matrix's columns in the model's order. Other class sets are still refused."""
+    import json
+    import shutil
+
+    from checkpoints import SHIPPED
+
+    root, _ = runs
+    args = ("--num", "12", "--classifier", SHIPPED["classifier"], "--json")
+    plain = last_json(cli("eval", "--model", root / "imm", *args))
+    shutil.copytree(root / "imm", tmp_path / "imm")
+    config = tmp_path / "imm" / "transformer" / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["class_names"] = cfg["class_names"][::-1]
+    config.write_text(json.dumps(cfg))
+    reordered = last_json(cli("eval", "--model", tmp_path / "imm", *args))
+    assert list(reordered["per_class_accuracy"]) == ["star", "cross", "ring", "triangle", "square", "circle"]
+    assert torch.equal(torch.tensor(reordered["confusion"]), torch.tensor(plain["confusion"]).flip(1))
+    assert reordered["fd"] == plain["fd"]
+    cfg["class_names"][0] = "comet"
+    config.write_text(json.dumps(cfg))
+    r = cli("eval", "--model", tmp_path / "imm", "--num", "12", "--classifier", SHIPPED["classifier"])
+    assert r.exit_code == 1 and "knows classes" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_latent_cache_on_a_folder_gives_the_same_training(runs, cli, tmp_path):
     """A finite set is encoded once (`--cache-latents`, automatic when the run sees it twice): the loss
     matches per-step encoding; an endless set cannot be cached."""

@@ -277,7 +277,7 @@ def test_image_folder_split_and_bad_folders(tmp_path, capsys, monkeypatch):
     train = make_dataset(str(root), split="train", image_size=8)
     held = make_dataset(str(root), split="heldout", image_size=8)
     assert train.class_names == held.class_names == ["all"]
-    assert held.paths == ["img09.png", "img19.png"] and len(train) == 21
+    assert sorted(held.paths) == ["img09.png", "img19.png"] and len(train) == 21
     assert not set(train.paths) & set(held.paths)
 
     bad = tmp_path / "bad"
@@ -491,3 +491,17 @@ def test_indices_for_step_epochs(fake_mnist):
     fresh = make_dataset(f"mnist:{root}", image_size=28)  # resuming at step 5 replays the same batch
     assert torch.equal(fresh.indices_for_step(5, B, seed=5), stream[40:48])
     assert not torch.equal(ds.indices_for_step(0, B, seed=6), stream[:8])
+
+
+def test_a_folders_held_out_split_is_a_fair_sample_in_any_prefix(tmp_path):
+    """Sorted by path a folder runs class by class; its held-out split is shuffled (fixed), so the first n items,
+    which eval's FD reference sets, the classifier's held-out accuracy and reconstruct take, hold every class."""
+    for c in range(4):
+        for i in range(50):
+            _solid(tmp_path / "pics" / f"class{c}" / f"{i:02d}.png", "L", 60 * c)
+    held = make_dataset(str(tmp_path / "pics"), split="heldout", image_size=8)
+    assert len(held) == 20 and sorted(held.labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    assert set(held.labels[:10].tolist()) == {0, 1, 2, 3} and set(held.labels[10:].tolist()) == {0, 1, 2, 3}
+    again = make_dataset(str(tmp_path / "pics"), split="heldout", image_size=8)
+    assert held.paths == again.paths and torch.equal(held.data, again.data)  # the same order every time
+    assert [p.split("/")[0] for p in held.paths] == [f"class{c}" for c in held.labels.tolist()]  # paths, labels aligned

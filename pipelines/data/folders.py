@@ -11,6 +11,7 @@ Folder layout and splits:
   So a folder with no sub-folders has the one class ["all"]; class names are sorted.
 - Held-out split: the items, sorted by relative path; with N >= 10 items every 10th (i % 10 == 9) is
   held out and left out of training. With N < 10 there is nothing to spare: both splits use all items.
+  The held-out split comes in a fixed shuffled order (a fair sample of every class in any prefix of it).
 """
 from __future__ import annotations
 
@@ -237,11 +238,16 @@ def _class_names(rels: list[Path], root: Path, what: str) -> list[str]:
 
 
 def _split(items: list, split: str) -> list:
-    """Every 10th item is held out when there are at least 10; otherwise both splits use all of them (`_note_small`)."""
-    if len(items) < 10:
-        return items
-    keep = (lambda i: i % 10 == 9) if split == "heldout" else (lambda i: i % 10 != 9)
-    return [item for i, item in enumerate(items) if keep(i)]
+    """Every 10th item is held out when there are at least 10; otherwise both splits use all of them (`_note_small`).
+    The held-out items come in a fixed shuffled order: sorted by path they run class by class, and the first n of
+    them (eval's two FD reference sets, the classifier's held-out accuracy, reconstruct) must be a fair sample of
+    every class, not the first classes alone."""
+    if len(items) >= 10:
+        keep = (lambda i: i % 10 == 9) if split == "heldout" else (lambda i: i % 10 != 9)
+        items = [item for i, item in enumerate(items) if keep(i)]
+    if split == "heldout":
+        items = [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()]
+    return items
 
 
 def _note_small(count: int, what: str, root: Path) -> None:
