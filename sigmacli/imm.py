@@ -501,7 +501,7 @@ def eval_(
     from checkpoints.io import load_model
     from pipelines.data import make_dataset
     from pipelines.errors import SigmaError
-    from pipelines.evaluation.classifier import extract_features, predict
+    from pipelines.evaluation.classifier import class_order, extract_features, predict
     from pipelines.imm.sampling import generate
     from pipelines.metrics import class_accuracy, confusion_matrix, frechet_distance
     from pipelines.train import resolve_device
@@ -520,11 +520,8 @@ def eval_(
                          "two reference sets of at least 2 (a folder of at least ~40 images)")
     clf_dir = classifier or trained_or_shipped("classifier")
     clf = load_model(clf_dir, "classifier", dev)
-    clf_names, model_names = list(clf.config.class_names or []), list(c.class_names or [])
-    # the same classes in another order (a folder's classes are sorted, the shapes classifier's are not): map by name
-    to_model = torch.tensor([model_names.index(n) for n in clf_names]) if (
-        clf_names != model_names and sorted(clf_names) == sorted(model_names) and len(set(model_names)) == len(model_names)) else None
-    if clf_names != model_names and to_model is None:
+    to_model = class_order(clf, c.class_names)  # the same classes in any order are matched by name
+    if to_model is None:
         mismatch = f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the model {c.class_names}"
         if c.num_classes < 2:  # train-classifier refuses one class: pointing there would lead to a second error
             raise SigmaError(f"{mismatch}: sigma eval needs a classifier of the model's classes, and a classifier needs "
@@ -541,9 +538,7 @@ def eval_(
     feats = {name: extract_features(clf, v.to(dev)) for name, v in (("gen", x), ("a", real_a), ("b", real_b))}
     fd = frechet_distance(feats["gen"], feats["a"])
     floor = frechet_distance(feats["b"], feats["a"])
-    pred = predict(clf, x.to(dev)).cpu()  # per frame
-    if to_model is not None:
-        pred = to_model[pred]  # the classifier's class index -> the model's index of the same name
+    pred = to_model[predict(clf, x.to(dev)).cpu()]  # per frame, in the model's class numbering
     asked = labels.repeat_interleave(x.shape[2])
     accuracy = class_accuracy(pred, asked)
     # which classes the model draws well and what it draws instead: rows = asked for, columns = classified as

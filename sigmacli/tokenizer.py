@@ -201,6 +201,7 @@ def reconstruct(
         lines.append(f"linear probe of the class on the latents: {result['probe_accuracy']:.1%} held-out "
                      f"({result['num_classes']} classes, {result['probe_num_train']} training samples)")
     if spectrum:
+        from pipelines.evaluation.classifier import class_order
         from pipelines.maetok.trainer import spectrum_probe
 
         clf_dir = classifier or trained_or_shipped("classifier")
@@ -209,10 +210,12 @@ def reconstruct(
             raise SigmaError(f"the classifier in '{clf_dir}' reads {clf.config.image_size} px images, the tokenizer "
                              f"makes {c.image_size} px")
         train_set = make_dataset(data, image_size=c.image_size, frames=c.frames, split="train", seed=seed)
-        if list(clf.config.class_names or []) != list(train_set.class_names or []):  # else its accuracy means nothing
+        to_data = class_order(clf, train_set.class_names)  # the same classes in any order are matched by name
+        if to_data is None:  # else its accuracy means nothing
             raise SigmaError(f"the classifier in '{clf_dir}' knows classes {clf.config.class_names}, the data "
                              f"{train_set.class_names}: pass --classifier trained on this data (sigma train-classifier --data ...)")
-        result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev, show_progress=not as_json))
+        result.update(spectrum_probe(tokenizer, clf, train_set, heldout, 4000, num, dev, show_progress=not as_json,
+                                     to_data=to_data))
         cut = ", ".join(f"{k.split('_')[1]}: {v:.1%}" for k, v in result.items()
                         if k.startswith("spectrum_") and k.split("_")[1].isdigit())
         lines.append(f"classifier on decoded latents: all {c.num_latents * c.latent_dim} components "

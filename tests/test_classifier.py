@@ -223,3 +223,17 @@ def test_a_folder_of_one_class_is_refused(cli, tmp_path):
     r = cli("train-tokenizer", "--image-size", "16", "--batch-size", "4", "--steps", "1", "--sample-every", "0",
             "--data", tmp_path / "one", "--out", tmp_path / "tok")
     assert r.exit_code == 0 and "note: only 5 images" in r.stderr, r.stderr
+
+
+def test_class_order_matches_classes_by_name():
+    """eval and reconstruct --spectrum score a model or data whose classes are the classifier's in another order (a
+    folder's are sorted) by name; other class sets get None, which both refuse with one line."""
+    from types import SimpleNamespace
+
+    from pipelines.evaluation.classifier import class_order
+
+    clf = SimpleNamespace(config=SimpleNamespace(class_names=["circle", "square", "ring"]))
+    assert class_order(clf, ["circle", "square", "ring"]).tolist() == [0, 1, 2]
+    assert class_order(clf, ["ring", "circle", "square"]).tolist() == [1, 2, 0]  # classifier index -> the names' index
+    assert class_order(clf, ["circle", "square"]) is None and class_order(clf, ["circle", "square", "star"]) is None
+    assert class_order(clf, None) is None

@@ -237,6 +237,10 @@ def test_spectrum_probe_finds_a_class_kept_in_a_low_variance_direction():
     result = spectrum_probe(Tok(), Classifier(), Data(), Data(), 2000, 500, "cpu", dims=(4, 7))
     assert result["spectrum_all"] == 1.0 and result["spectrum_7"] > 0.95
     assert result["spectrum_4"] < 0.7  # the top 4 directions are nuisance: the class is lost
+    # a classifier of the same two classes numbered the other way round: class_order's map puts it right
+    unmapped = spectrum_probe(Tok(), Classifier(), Data(), Data(), 2000, 500, "cpu", dims=(7,), to_data=torch.tensor([0, 1]))
+    swapped = spectrum_probe(Tok(), Classifier(), Data(), Data(), 2000, 500, "cpu", dims=(7,), to_data=torch.tensor([1, 0]))
+    assert unmapped["spectrum_all"] == 1.0 and swapped["spectrum_all"] == 0.0
 
 
 def test_compiled_training_pass_runs_the_masked_encoder_eager():

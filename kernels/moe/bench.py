@@ -40,6 +40,7 @@ def _time_round_robin(fns: dict, device: str, repeats: int) -> dict:
 def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtype: str, device: str, repeats: int,
               triton: bool | None = None) -> dict:
     """triton: time the Triton path too (default: on CUDA; the tests also run it interpreted on the CPU)."""
+    triton = device == "cuda" if triton is None else triton
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
     make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dt).requires_grad_()  # noqa: E731
@@ -82,7 +83,7 @@ def run_bench(tokens: int, dim: int, experts: int, hidden: int, top_k: int, dtyp
     with torch.no_grad():
         ref = moe_ffn(x, w_in, w_out, idx, gate, "reference")
         check = (moe_ffn(x, w_in, w_out, idx, gate, "grouped") - ref).abs().max().item()
-        if device == "cuda" if triton is None else triton:
+        if triton:
             fns["triton"] = (lambda: moe_ffn(x, w_in, w_out, idx, gate, "triton"), [x, w_in, w_out])
             triton_check = {"triton_check_max_abs": (moe_ffn(x, w_in, w_out, idx, gate, "triton") - ref).abs().max().item()}
     fwd = {name: fn for name, (fn, _) in fns.items()}

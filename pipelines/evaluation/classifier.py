@@ -85,6 +85,15 @@ def extract_features(model: ShapesClassifier, x: torch.Tensor, batch_size: int =
     return torch.cat([model.features(c.to(model.device)).double().cpu() for c in frames.split(batch_size)])
 
 
+def class_order(model: ShapesClassifier, class_names: list[str] | None) -> torch.Tensor | None:
+    """The classifier's class index -> the index of the same class in `class_names`, int64 [C]: the same classes
+    in any order (a folder's classes are sorted, the shapes classifier's are not). None if the class sets differ."""
+    known, names = list(model.config.class_names or []), list(class_names or [])
+    if sorted(known) != sorted(names) or len(set(names)) != len(names):
+        return None
+    return torch.tensor([names.index(n) for n in known], dtype=torch.int64)
+
+
 @torch.no_grad()
 def predict(model: ShapesClassifier, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """x [B, 3, (T,) H, W] in [-1, 1] -> predicted class per frame, int64 [B*T] on the CPU."""

@@ -200,7 +200,8 @@ def linear_probe(model: MAETok, train, heldout, num_train: int, num_heldout: int
 
 @torch.no_grad()
 def spectrum_probe(model: MAETok, classifier, train, heldout, num_train: int, num_heldout: int, device,
-                   dims: tuple[int, ...] = (32, 64, 128, 192, 256), show_progress: bool = False) -> dict:
+                   dims: tuple[int, ...] = (32, 64, 128, 192, 256), show_progress: bool = False,
+                   to_data: torch.Tensor | None = None) -> dict:
     """Where the latent keeps what decides the class, measured with a classifier (`sigma train-classifier`).
 
     The principal components of the flattened latents of `num_train` training samples are fitted; held-out
@@ -217,7 +218,9 @@ def spectrum_probe(model: MAETok, classifier, train, heldout, num_train: int, nu
 
     def accuracy(latent):
         recon = torch.cat([model.decode(c.to(device)).clamp(-1, 1).cpu() for c in latent.split(256)])
-        return (predict(classifier, recon) == y.repeat_interleave(recon.shape[2])).float().mean().item()
+        pred = predict(classifier, recon)
+        pred = pred if to_data is None else to_data[pred]  # (class_order: the classifier's numbering -> the data's)
+        return (pred == y.repeat_interleave(recon.shape[2])).float().mean().item()
 
     result = {"spectrum_all": accuracy(z)}
     centred = z.flatten(1).double() - mean
